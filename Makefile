@@ -1,0 +1,35 @@
+# The two set-up commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO := demo
+
+.PHONY: install demo test lint bench clean
+
+# torch is pinned to the CPU wheel this machine carries; on a GPU box install torch first and
+# the pin is satisfied by what is there (pip keeps an installed torch that meets >=2.1).
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+install: $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+
+demo: install
+	$(PY) -m relex_stream synth --out $(DEMO)/trajectory --steps 10-80:10 --overwrite
+	$(PY) -m relex_stream run --base $(DEMO)/trajectory/base --runs $(DEMO)/trajectory/runs \
+		--target 200,400 --out $(DEMO)/out --overwrite --rebuild
+	$(PY) -c "import json,sys; print('demo output config:', json.load(open('$(DEMO)/out/step-200/config.json'))['architectures'])"
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(PY) -m ruff check relex_stream tests bench
+
+bench: install
+	$(PY) bench/bench_run.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) bench/out .pytest_cache

@@ -1,0 +1,138 @@
+"""The command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import RelexError
+from .units import parse_steps
+
+log = logging.getLogger("relex_stream")
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="predict checkpoints at target steps from observed ones",
+        description="Predict the checkpoint at each --target step from the observed checkpoints "
+        "(RELEX rank-1). Works from sources (--base with --runs or --ckpt) or from a store "
+        "(--cache) alone.",
+    )
+    p.add_argument("--base", help="the checkpoint the RL run started from (step 0)")
+    p.add_argument("--runs", help="directory of step checkpoints (checkpoint-N, global_step_N, ...)")
+    p.add_argument("--ckpt", action="append", metavar="STEP=PATH",
+                   help="an observed checkpoint, named explicitly (repeatable; instead of --runs)")
+    p.add_argument("--target", required=True, help="target step(s): 500 or 500,750,1000")
+    p.add_argument("--out", required=True, help="output directory; one step-T/ per target")
+    p.add_argument("--steps", help="observed steps to use: ranges and lists, e.g. 1-75 or 10,20,40")
+    p.add_argument("--window", type=int, help="keep only the last N observed steps")
+    p.add_argument("--cache", help="trajectory store to use or build (default OUT/trajectory.zarr)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the store from the sources")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--max-memory", default="4G", help="host memory budget for buffers (e.g. 4G)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="output dtype of floating-point tensors (default: the base's)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output directories")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write a small synthetic RL trajectory (no network)",
+        description="Write OUT/base and OUT/runs/checkpoint-N: a tiny Qwen2-style model whose "
+        "deltas follow a planted rank-1 direction with a linear coefficient plus noise.",
+    )
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--steps", default="10-80:10", help="steps to write (default 10-80:10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    p.add_argument("--vocab", type=int, default=512, help="vocabulary size (default 512)")
+    p.add_argument("--noise", type=float, default=0.1,
+                   help="noise relative to the drift at the last step (default 0.1)")
+    p.add_argument("--tied", action="store_true", help="tie lm_head to embed_tokens")
+    p.add_argument("--shard-size", default=None,
+                   help="split the model into shards of about this size (e.g. 2M)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m relex_stream",
+        description="Extrapolate RLVR checkpoints along rank-1 trajectories, streaming.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_synth(sub)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .engine import extrapolate
+
+    summary = extrapolate(
+        base=args.base,
+        runs=args.runs,
+        ckpts=args.ckpt,
+        targets=args.target,
+        out=args.out,
+        steps=parse_steps(args.steps) if args.steps else None,
+        window=args.window,
+        cache=args.cache,
+        device=args.device,
+        max_memory=args.max_memory,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        rebuild=args.rebuild,
+        quiet=args.quiet,
+    )
+    if not args.quiet:
+        for line in summary.lines():
+            print(line)
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from .synth import write_trajectory
+    from .units import parse_bytes
+
+    path = write_trajectory(
+        args.out,
+        steps=parse_steps(args.steps),
+        seed=args.seed,
+        hidden=args.hidden,
+        layers=args.layers,
+        vocab=args.vocab,
+        noise=args.noise,
+        tied=args.tied,
+        shard_bytes=parse_bytes(args.shard_size) if args.shard_size else None,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote synthetic trajectory to {path} (base/ and runs/)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handlers = {"run": _run, "synth": _synth}
+    try:
+        handlers[args.command](args)
+    except RelexError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted; finished tensors are kept in the store, so the same command "
+            "continues where it stopped",
+            file=sys.stderr,
+        )
+        return 130
+    return 0

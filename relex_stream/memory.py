@@ -1,0 +1,48 @@
+"""How many columns of a tensor to hold at once, from the --max-memory budget."""
+
+from __future__ import annotations
+
+from .errors import RelexError
+from .kernels import GRAM_BLOCK_COLS
+from .units import format_bytes
+
+
+def chunk_bytes(cols: int, n_rows: int, itemsize: int, n_outputs: int, out_itemsize: int) -> int:
+    """Host bytes the engine holds for one chunk of `cols` columns, scratch included.
+
+    Rows are held once as read and once more while a store chunk is encoded or decoded; the
+    float64 delta scratch is bounded by the Gram block, not by the chunk.
+    """
+    block = min(cols, GRAM_BLOCK_COLS)
+    scratch = block * (n_rows * (8 + 8) + n_outputs * 16)
+    per_col = 2 * n_rows * itemsize + 2 * itemsize + n_outputs * out_itemsize
+    return scratch + cols * per_col
+
+
+def plan_chunk_cols(
+    numel: int,
+    n_rows: int,
+    itemsize: int,
+    n_outputs: int,
+    out_itemsize: int,
+    budget_bytes: int,
+    store_chunk_cols: int,
+) -> int:
+    """Columns per chunk: the whole tensor when it fits (one read), else the most that fit.
+
+    Chunks start on multiples of the store's chunk (or at least of the Gram block grid).
+    """
+    args = (n_rows, itemsize, n_outputs, out_itemsize)
+    if chunk_bytes(numel, *args) <= budget_bytes:
+        return numel
+    smallest = min(GRAM_BLOCK_COLS, numel)
+    if chunk_bytes(smallest, *args) > budget_bytes:
+        raise RelexError(
+            f"--max-memory {format_bytes(budget_bytes)} is too small to hold one chunk of "
+            f"{n_rows} checkpoints; give at least {format_bytes(chunk_bytes(smallest, *args))}"
+        )
+    per_col = chunk_bytes(2, *args) - chunk_bytes(1, *args)
+    fixed = chunk_bytes(smallest, *args) - smallest * per_col
+    cols = (budget_bytes - fixed) // per_col
+    align = store_chunk_cols if cols >= store_chunk_cols else GRAM_BLOCK_COLS
+    return max(smallest, cols // align * align)

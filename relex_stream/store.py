@@ -1,0 +1,177 @@
+"""The zarr v3 trajectory store: per tensor the base row, the K observed rows and the Gram matrix.
+
+Rows are kept as the checkpoint's bits (bf16 as uint16), losslessly compressed, in chunks of one
+row by about a megabyte so new checkpoints can be appended without rewriting old chunks. The
+store also keeps the model layout and small files (config, tokenizer), so a run can work from it
+alone after the sources are gone. Every tensor carries a completion mark written after its data;
+the store-wide mark is written last.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+
+from .checkpoints import ModelLayout
+from .errors import RelexError
+from .kernels import GRAM_BLOCK_COLS
+from .safetensors_io import DTYPES
+
+STORE_FORMAT = "relex_stream.trajectory/1"
+ROW_CHUNK_BYTES = 1 << 20
+
+
+def row_chunk_cols(dtype_code: str, numel: int) -> int:
+    """Columns per stored chunk: ~1 MiB of one row, a multiple of the Gram block grid."""
+    cols = max(GRAM_BLOCK_COLS, ROW_CHUNK_BYTES // DTYPES[dtype_code][1].itemsize)
+    return max(1, min(cols, numel))
+
+
+def _compressors():
+    return ZstdCodec(level=1)
+
+
+def create(
+    path: Path,
+    layout: ModelLayout,
+    steps: list[int],
+    sources: dict,
+    aux_files: dict[str, bytes],
+    aliases: dict[str, str],
+) -> zarr.Group:
+    """A new, empty store for `steps`; overwrites nothing (the caller removed any old one)."""
+    root = zarr.open_group(str(path), mode="w-")
+    root.attrs.update(
+        {
+            "format": STORE_FORMAT,
+            "steps": list(steps),
+            "layout": layout.to_json(),
+            "aliases": aliases,
+            "sources": sources,
+            "tensor_ids": {name: i for i, name in enumerate(layout.tensors)},
+            "complete": False,
+        }
+    )
+    files = root.create_group("files")
+    for i, (name, content) in enumerate(aux_files.items()):
+        data = np.frombuffer(content, dtype=np.uint8)
+        files.create_array(
+            str(i), data=data, chunks=(max(1, data.size),), attributes={"name": name}
+        )
+    root.create_group("base")
+    root.create_group("rows")
+    root.create_group("gram")
+    return root
+
+
+def open_existing(path: Path) -> zarr.Group | None:
+    """The store at `path`, or None if there is none; a non-store directory is an error."""
+    if not path.exists():
+        return None
+    try:
+        root = zarr.open_group(str(path), mode="a")
+    except Exception:  # zarr raises several types for a directory that is not a group
+        raise RelexError(
+            f"{path} exists but is not a relex_stream store; pass another --cache or remove it"
+        ) from None
+    if root.attrs.get("format") != STORE_FORMAT:
+        raise RelexError(
+            f"{path} is not a relex_stream store (format {root.attrs.get('format')!r}); "
+            "pass another --cache or remove it"
+        )
+    return root
+
+
+def remove(path: Path) -> None:
+    """Delete a store directory (for --rebuild)."""
+    shutil.rmtree(path)
+
+
+def attrs(root: zarr.Group) -> dict:
+    return root.attrs.asdict()
+
+
+def aux_files(root: zarr.Group) -> dict[str, bytes]:
+    files = root["files"]
+    return {
+        files[key].attrs["name"]: files[key][:].tobytes()
+        for key in sorted(files.array_keys(), key=int)
+    }
+
+
+def _key(root: zarr.Group, name: str) -> str:
+    return str(root.attrs["tensor_ids"][name])
+
+
+def is_complete(root: zarr.Group, name: str) -> bool:
+    """True once the tensor's base, rows and Gram matrix are all written."""
+    key = _key(root, name)
+    return key in root["gram"] and bool(root["gram"][key].attrs.get("complete", False))
+
+
+def prepare_tensor(root: zarr.Group, name: str, dtype_code: str, numel: int, float_rows: bool) -> None:
+    """(Re)create the arrays of one tensor, dropping any partial data from an interrupted run."""
+    key = _key(root, name)
+    bits = DTYPES[dtype_code][1]
+    chunk = row_chunk_cols(dtype_code, numel)
+    root["base"].create_array(
+        key, shape=(numel,), chunks=(chunk,), dtype=bits, compressors=_compressors(), overwrite=True
+    )
+    if float_rows:
+        n_steps = len(root.attrs["steps"])
+        root["rows"].create_array(
+            key,
+            shape=(n_steps, numel),
+            chunks=(1, chunk),
+            dtype=bits,
+            compressors=_compressors(),
+            overwrite=True,
+        )
+
+
+def write_chunk(root: zarr.Group, name: str, start: int, base: np.ndarray, rows: np.ndarray | None) -> None:
+    """Store base (c,) and rows (K, c) bits for columns [start, start + c)."""
+    key = _key(root, name)
+    stop = start + base.shape[0]
+    root["base"][key][start:stop] = base
+    if rows is not None:
+        root["rows"][key][:, start:stop] = rows
+
+
+def read_base(root: zarr.Group, name: str, start: int, stop: int) -> np.ndarray:
+    return root["base"][_key(root, name)][start:stop]
+
+
+def read_rows(root: zarr.Group, name: str, row_ids: list[int], start: int, stop: int) -> np.ndarray:
+    """Rows `row_ids` of columns [start, stop): (len(row_ids), stop - start) bits."""
+    array = root["rows"][_key(root, name)]
+    if row_ids == list(range(array.shape[0])):
+        return array[:, start:stop]
+    return array.oindex[row_ids, start:stop]
+
+
+def finish_tensor(root: zarr.Group, name: str, gram: torch.Tensor | None) -> None:
+    """Write the Gram matrix (K, K) float64 and the tensor's completion mark, in that order."""
+    n_steps = len(root.attrs["steps"])
+    data = (
+        gram.detach().cpu().numpy().astype(np.float64)
+        if gram is not None
+        else np.zeros((n_steps, n_steps))
+    )
+    array = root["gram"].create_array(
+        _key(root, name), data=data, chunks=data.shape or (1,), overwrite=True
+    )
+    array.attrs["complete"] = True
+
+
+def read_gram(root: zarr.Group, name: str) -> torch.Tensor:
+    return torch.from_numpy(root["gram"][_key(root, name)][:].astype(np.float64))
+
+
+def mark_complete(root: zarr.Group) -> None:
+    root.attrs["complete"] = True
