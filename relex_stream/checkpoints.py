@@ -101,13 +101,14 @@ def _explain_non_safetensors(directory: Path) -> str:
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         return (
             f"{directory} holds .bin/.pt weights; relex_stream reads safetensors only (pickle "
-            "files can run code). Convert with `model.save_pretrained(dir, safe_serialization=True)`"
+            "files can run code). Convert with "
+            "`model.save_pretrained(dir, safe_serialization=True)`"
         )
     return f"{directory} holds no model.safetensors or {INDEX_NAME}"
 
 
 def find_model_dir(directory: Path) -> Path:
-    """The directory holding the safetensors model: DIR, DIR/huggingface or DIR/actor/huggingface."""
+    """The safetensors model's directory: DIR, DIR/huggingface or DIR/actor/huggingface."""
     for sub in MODEL_SUBDIRS:
         candidate = (directory / sub).resolve()
         if (candidate / INDEX_NAME).is_file() or (candidate / SINGLE_NAME).is_file():
@@ -132,7 +133,9 @@ def open_model(directory: Path) -> ModelFiles:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise RelexError(f"{index_path} is not a valid safetensors index (no weight_map)") from None
+            raise RelexError(
+                f"{index_path} is not a valid safetensors index (no weight_map)"
+            ) from None
         shard_names = list(dict.fromkeys(weight_map.values()))
         sharded = True
     else:
@@ -198,7 +201,9 @@ def parse_ckpt_args(pairs: list[str]) -> dict[int, Path]:
     for pair in pairs:
         step_text, sep, path = pair.partition("=")
         if not sep or not step_text.strip().isdigit():
-            raise RelexError(f"--ckpt {pair!r} must look like STEP=PATH, e.g. --ckpt 100=run/ckpt100")
+            raise RelexError(
+                f"--ckpt {pair!r} must look like STEP=PATH, e.g. --ckpt 100=run/ckpt100"
+            )
         step = int(step_text)
         if step in found:
             raise RelexError(f"step {step} is given twice with --ckpt; each step must be distinct")
@@ -206,9 +211,7 @@ def parse_ckpt_args(pairs: list[str]) -> dict[int, Path]:
     return found
 
 
-def select_steps(
-    available: list[int], steps: list[int] | None, window: int | None
-) -> list[int]:
+def select_steps(available: list[int], steps: list[int] | None, window: int | None) -> list[int]:
     """Apply --steps then --window (keep the last N) to the sorted available steps."""
     chosen = sorted(available)
     if steps is not None:

@@ -21,9 +21,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "(--cache) alone.",
     )
     p.add_argument("--base", help="the checkpoint the RL run started from (step 0)")
-    p.add_argument("--runs", help="directory of step checkpoints (checkpoint-N, global_step_N, ...)")
-    p.add_argument("--ckpt", action="append", metavar="STEP=PATH",
-                   help="an observed checkpoint, named explicitly (repeatable; instead of --runs)")
+    p.add_argument(
+        "--runs", help="directory of step checkpoints (checkpoint-N, global_step_N, ...)"
+    )
+    p.add_argument(
+        "--ckpt",
+        action="append",
+        metavar="STEP=PATH",
+        help="an observed checkpoint, named explicitly (repeatable; instead of --runs)",
+    )
     p.add_argument("--target", required=True, help="target step(s): 500 or 500,750,1000")
     p.add_argument("--out", required=True, help="output directory; one step-T/ per target")
     p.add_argument("--steps", help="observed steps to use: ranges and lists, e.g. 1-75 or 10,20,40")
@@ -32,8 +38,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rebuild", action="store_true", help="rebuild the store from the sources")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--max-memory", default="4G", help="host memory budget for buffers (e.g. 4G)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="output dtype of floating-point tensors (default: the base's)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="output dtype of floating-point tensors (default: the base's)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output directories")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
@@ -51,11 +61,18 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     p.add_argument("--vocab", type=int, default=512, help="vocabulary size (default 512)")
-    p.add_argument("--noise", type=float, default=0.1,
-                   help="noise relative to the drift at the last step (default 0.1)")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.1,
+        help="noise relative to the drift at the last step (default 0.1)",
+    )
     p.add_argument("--tied", action="store_true", help="tie lm_head to embed_tokens")
-    p.add_argument("--shard-size", default=None,
-                   help="split the model into shards of about this size (e.g. 2M)")
+    p.add_argument(
+        "--shard-size",
+        default=None,
+        help="split the model into shards of about this size (e.g. 2M)",
+    )
     p.add_argument("--overwrite", action="store_true")
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from tqdm import tqdm
 
 from . import store as trajectory_store
 from .checkpoints import (
@@ -31,17 +30,15 @@ from .checkpoints import (
     select_steps,
 )
 from .errors import RelexError
-from .kernels import accumulate_gram, combine, resolve_device
-from .memory import plan_chunk_cols
-from .plan import fit_diagnostics, relex_weights
-from .safetensors_io import DTYPES, FLOAT_CODES, bits_to_torch, read_into
+from .kernels import resolve_device
+from .passes import GAP_WARNING, PassStats, plan_tensor, run_passes
+from .safetensors_io import DTYPES, FLOAT_CODES
 from .units import format_bytes, parse_bytes, parse_targets, step_label
 from .writer import ModelWriter, output_dtypes
 
 log = logging.getLogger("relex_stream")
 
 DTYPE_CHOICES = {"auto": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-GAP_WARNING = 0.9  # σ₂/σ₁ above this: the top direction is poorly defined
 
 
 @dataclass
@@ -86,7 +83,10 @@ class _Sources:
 
 
 def _open_sources(
-    base: Path, runs: Path | None, ckpts: list[str] | None, steps: list[int] | None,
+    base: Path,
+    runs: Path | None,
+    ckpts: list[str] | None,
+    steps: list[int] | None,
     window: int | None,
 ) -> _Sources:
     if runs is not None and ckpts:
@@ -118,7 +118,10 @@ def _tied_aliases(layout: ModelLayout, aux_files: dict[str, bytes]) -> dict[str,
 
 
 def _open_store(
-    path: Path, sources: _Sources | None, steps: list[int] | None, window: int | None,
+    path: Path,
+    sources: _Sources | None,
+    steps: list[int] | None,
+    window: int | None,
     rebuild: bool,
 ):
     """Open or create the store; returns (zarr group, observed steps, their row ids)."""
@@ -131,9 +134,7 @@ def _open_store(
         root = None
     if sources is None:
         if root is None:
-            raise RelexError(
-                f"no store at {path}; give --base and --runs (or --ckpt) to build one"
-            )
+            raise RelexError(f"no store at {path}; give --base and --runs (or --ckpt) to build one")
         stored = list(root.attrs["steps"])
         chosen = select_steps(stored, steps, window)
         return root, chosen, [stored.index(s) for s in chosen]
@@ -199,6 +200,16 @@ def _layout_bytes(layout: ModelLayout, dtypes: dict[str, str]) -> int:
     )
 
 
+def _device_budget(device: torch.device, max_gpu_memory: str | int | None) -> int | None:
+    """GPU bytes a tensor may occupy between the passes: the flag, or free memory less 10%."""
+    if device.type != "cuda":
+        return None
+    if max_gpu_memory is not None:
+        return parse_bytes(max_gpu_memory)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * 0.9) - 2**30
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -215,6 +226,7 @@ def extrapolate(
     cache: str | Path | None = None,
     device: str = "auto",
     max_memory: str | int = "4G",
+    max_gpu_memory: str | int | None = None,
     dtype: str = "auto",
     overwrite: bool = False,
     rebuild: bool = False,
@@ -225,7 +237,9 @@ def extrapolate(
     Works from sources (base plus runs or ckpts) or, with neither, from the store at `cache`.
     """
     started = time.perf_counter()
-    target_steps = parse_targets(targets) if isinstance(targets, str) else [float(t) for t in targets]
+    target_steps = (
+        parse_targets(targets) if isinstance(targets, str) else [float(t) for t in targets]
+    )
     if not target_steps:
         raise RelexError("give at least one --target step")
     if dtype not in DTYPE_CHOICES:
@@ -254,31 +268,31 @@ def extrapolate(
     layout = ModelLayout.from_json(meta["layout"])
     aliases: dict[str, str] = meta["aliases"]
     dtypes = output_dtypes(layout, DTYPE_CHOICES[dtype])
-    if sources is None and not meta["complete"]:
-        raise RelexError(
-            f"the store at {store_path} is incomplete (an interrupted run); rerun with --base "
-            "and --runs to finish it"
-        )
 
     last = observed[-1]
     for t in target_steps:
         if t <= last:
             log.warning(
                 "target %s is not beyond the last observed step %d: this interpolates or "
-                "reconstructs rather than extrapolates", step_label(t), last,
+                "reconstructs rather than extrapolates",
+                step_label(t),
+                last,
             )
     free_ram = psutil.virtual_memory().available
     if budget > free_ram:
         log.warning(
             "--max-memory %s is more than the %s of RAM available now",
-            format_bytes(budget), format_bytes(free_ram),
+            format_bytes(budget),
+            format_bytes(free_ram),
         )
 
     n_stored = len(meta["steps"])
     float_names = [n for n, (d, _) in layout.tensors.items() if d in FLOAT_CODES]
     stored_raw = sum(
-        int(np.prod(layout.tensors[n][1], dtype=np.int64)) * DTYPES[layout.tensors[n][0]][1].itemsize
-        for n in float_names if n not in aliases
+        int(np.prod(layout.tensors[n][1], dtype=np.int64))
+        * DTYPES[layout.tensors[n][0]][1].itemsize
+        for n in float_names
+        if n not in aliases
     )
     if sources is not None and not meta["complete"]:
         _check_disk(store_path, stored_raw * (n_stored + 1), "the trajectory store")
@@ -289,30 +303,47 @@ def extrapolate(
     stale = sorted(out.glob(".step-*.tmp-*"))
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
+    device_budget = _device_budget(torch_device, max_gpu_memory)
+    building = {n: not trajectory_store.is_complete(root, n) for n in layout.tensors}
+    if sources is None and any(building[n] for n in layout.tensors if n not in aliases):
+        raise RelexError(f"the store at {store_path} is incomplete; rerun with --base and --runs")
+    work = [
+        plan_tensor(
+            name,
+            [name] + [a for a, src in aliases.items() if src == name],
+            layout,
+            DTYPES[dtypes[name]][1].itemsize,
+            len(observed),
+            len(target_steps),
+            building[name],
+            budget,
+            device_budget,
+        )
+        for names in layout.shard_tensors.values()
+        for name in names
+        if name not in aliases
+    ]
+    summary.tensors = sum(len(w.out_names) for w in work)
+    summary.input_bytes = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work)
+    stats = PassStats()
     writers: list[ModelWriter] = []
     try:
         for final in final_dirs:
             tmp = out / f".{final.name}.tmp-{os.getpid()}"
             writers.append(ModelWriter(tmp, final, layout, dtypes))
-        names = [n for names in layout.shard_tensors.values() for n in names if n not in aliases]
-        total_bytes = sum(
-            int(np.prod(layout.tensors[n][1], dtype=np.int64)) * DTYPES[layout.tensors[n][0]][1].itemsize
-            * (len(observed) + 1 if n in float_names else 1)
-            for n in names
+        run_passes(
+            work,
+            sources,
+            root,
+            row_ids,
+            steps_tensor,
+            target_steps,
+            writers,
+            torch_device,
+            stats,
+            summary.ill_conditioned,
+            show_progress=not quiet and _stderr_is_tty(),
         )
-        summary.input_bytes = total_bytes
-        disable = quiet or not _stderr_is_tty()
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc="gram pass", disable=disable, position=0) as read_bar, \
-             tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc="materialise", disable=disable, position=1) as write_bar:
-            for name in names:
-                targets_of = [name] + [a for a, src in aliases.items() if src == name]
-                _process_tensor(
-                    name, targets_of, layout, dtypes, sources, root, row_ids, steps_tensor,
-                    target_steps, writers, budget, torch_device, summary, read_bar, write_bar,
-                )
-                summary.tensors += len(targets_of)
         if sources is not None:
             trajectory_store.mark_complete(root)
         aux = sources.base.aux_files() if sources is not None else trajectory_store.aux_files(root)
@@ -323,11 +354,17 @@ def extrapolate(
         for writer in writers:
             writer.abort()
         raise
+    summary.bytes_read = stats.bytes_read
+    summary.bytes_written = stats.bytes_written
+    summary.store_bytes_written = stats.store_bytes_written
     if summary.ill_conditioned:
         worst = max(summary.ill_conditioned, key=lambda item: item[1])
         log.warning(
             "%d tensor(s) have σ₂/σ₁ above %.2f, so their rank-1 direction is ill-defined "
-            "(worst: %s at %.3f)", len(summary.ill_conditioned), GAP_WARNING, *worst,
+            "(worst: %s at %.3f)",
+            len(summary.ill_conditioned),
+            GAP_WARNING,
+            *worst,
         )
     summary.wall_seconds = time.perf_counter() - started
     summary.peak_rss_bytes = _peak_rss_bytes()
@@ -338,113 +375,3 @@ def _stderr_is_tty() -> bool:
     import sys
 
     return sys.stderr.isatty()
-
-
-def _process_tensor(
-    name: str,
-    out_names: list[str],
-    layout: ModelLayout,
-    dtypes: dict[str, str],
-    sources: _Sources | None,
-    root,
-    row_ids: list[int],
-    steps_tensor: torch.Tensor,
-    target_steps: list[float],
-    writers: list[ModelWriter],
-    budget: int,
-    device: torch.device,
-    summary: RunSummary,
-    read_bar: tqdm,
-    write_bar: tqdm,
-) -> None:
-    """Both passes over one tensor: Gram (and store) then materialise into every output."""
-    dtype_code, shape = layout.tensors[name]
-    numel = int(np.prod(shape, dtype=np.int64))
-    bits = DTYPES[dtype_code][1]
-    is_float = dtype_code in FLOAT_CODES
-    n_rows = len(row_ids) if is_float else 0
-    out_itemsize = DTYPES[dtypes[name]][1].itemsize
-    store_chunk = trajectory_store.row_chunk_cols(dtype_code, numel)
-    cols = plan_chunk_cols(
-        numel, n_rows, bits.itemsize, len(writers), out_itemsize, budget, store_chunk
-    )
-    tensor_bytes = numel * bits.itemsize * (n_rows + 1)
-    stored = trajectory_store.is_complete(root, name)
-    building = not stored
-    if building and sources is None:
-        raise RelexError(f"the store lacks tensor {name!r}; rerun with --base and --runs")
-    if building:
-        trajectory_store.prepare_tensor(root, name, dtype_code, numel, is_float)
-
-    rows_buf = np.empty((n_rows, min(cols, numel)), dtype=bits)
-    base_buf = np.empty(min(cols, numel), dtype=bits)
-
-    def read(start: int, stop: int, from_sources: bool) -> tuple[np.ndarray, np.ndarray]:
-        width = stop - start
-        if from_sources:
-            read_into(sources.base.tensors[name], start, base_buf[:width])
-            for k, ckpt in enumerate(sources.checkpoints[:n_rows]):
-                read_into(ckpt.model.tensors[name], start, rows_buf[k, :width])
-            base, rows = base_buf[:width], rows_buf[:, :width]
-        else:
-            base = trajectory_store.read_base(root, name, start, stop)
-            rows = trajectory_store.read_rows(root, name, row_ids, start, stop) if n_rows else rows_buf
-        summary.bytes_read += base.nbytes + (rows.nbytes if n_rows else 0)
-        return base, rows
-
-    chunks = [(s, min(s + cols, numel)) for s in range(0, numel, cols)]
-    resident: tuple[np.ndarray, np.ndarray] | None = None
-
-    # Pass 1: Gram matrix (and the store) unless the store already has this tensor.
-    if building:
-        gram = torch.zeros((n_rows, n_rows), dtype=torch.float64, device=device)
-        for start, stop in chunks:
-            base, rows = read(start, stop, from_sources=True)
-            trajectory_store.write_chunk(root, name, start, base, rows if is_float else None)
-            summary.store_bytes_written += base.nbytes + (rows.nbytes if is_float else 0)
-            if is_float:
-                accumulate_gram(
-                    gram, bits_to_torch(rows, dtype_code), bits_to_torch(base, dtype_code), device
-                )
-            read_bar.update((stop - start) * bits.itemsize * (n_rows + 1))
-            if len(chunks) == 1:
-                resident = (base, rows)
-        trajectory_store.finish_tensor(root, name, gram if is_float else None)
-        gram = gram.cpu()
-    else:
-        full = trajectory_store.read_gram(root, name)
-        gram = full[row_ids][:, row_ids]
-        read_bar.update(tensor_bytes)
-
-    # Plan: combination weights for every target from the K×K Gram matrix.
-    if is_float:
-        weights = relex_weights(gram, steps_tensor, target_steps)  # (T, K)
-        fit = fit_diagnostics(gram, steps_tensor)
-        if fit.sigma[0] > 0 and fit.spectral_gap > GAP_WARNING:
-            summary.ill_conditioned.append((name, fit.spectral_gap))
-
-    # Pass 2: materialise W_0 + w·D into every output.
-    from_sources = sources is not None
-    out_dtype = DTYPES[dtypes[name]][0]
-    for start, stop in chunks:
-        base, rows = resident if resident is not None else read(start, stop, from_sources)
-        if is_float:
-            predicted = combine(
-                weights, bits_to_torch(rows, dtype_code), bits_to_torch(base, dtype_code),
-                out_dtype, device,
-            )  # (T, c)
-            per_target = [_as_bits(predicted[i]) for i in range(len(writers))]
-        else:
-            per_target = [base] * len(writers)
-        for writer, data in zip(writers, per_target):
-            for out_name in out_names:
-                writer.write(out_name, start, data)
-                summary.bytes_written += data.nbytes
-        write_bar.update((stop - start) * bits.itemsize * (n_rows + 1))
-
-
-def _as_bits(tensor: torch.Tensor) -> np.ndarray:
-    """Host numpy view of a tensor's bits (bf16 has no numpy dtype)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy()
-    return tensor.numpy()

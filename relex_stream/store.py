@@ -114,7 +114,9 @@ def is_complete(root: zarr.Group, name: str) -> bool:
     return key in root["gram"] and bool(root["gram"][key].attrs.get("complete", False))
 
 
-def prepare_tensor(root: zarr.Group, name: str, dtype_code: str, numel: int, float_rows: bool) -> None:
+def prepare_tensor(
+    root: zarr.Group, name: str, dtype_code: str, numel: int, float_rows: bool
+) -> None:
     """(Re)create the arrays of one tensor, dropping any partial data from an interrupted run."""
     key = _key(root, name)
     bits = DTYPES[dtype_code][1]
@@ -134,7 +136,9 @@ def prepare_tensor(root: zarr.Group, name: str, dtype_code: str, numel: int, flo
         )
 
 
-def write_chunk(root: zarr.Group, name: str, start: int, base: np.ndarray, rows: np.ndarray | None) -> None:
+def write_chunk(
+    root: zarr.Group, name: str, start: int, base: np.ndarray, rows: np.ndarray | None
+) -> None:
     """Store base (c,) and rows (K, c) bits for columns [start, start + c)."""
     key = _key(root, name)
     stop = start + base.shape[0]

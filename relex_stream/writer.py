@@ -41,14 +41,20 @@ def output_dtypes(layout: ModelLayout, float_dtype: str | None) -> dict[str, str
     }
 
 
-def _header(names: tuple[str, ...], layout: ModelLayout, dtypes: dict[str, str]) -> tuple[bytes, dict]:
+def _header(
+    names: tuple[str, ...], layout: ModelLayout, dtypes: dict[str, str]
+) -> tuple[bytes, dict]:
     entries: dict = {"__metadata__": {"format": "pt"}}
     relative: dict[str, int] = {}
     cursor = 0
     for name in names:
         shape = layout.tensors[name][1]
         n_bytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtypes[name]][1].itemsize
-        entries[name] = {"dtype": dtypes[name], "shape": list(shape), "data_offsets": [cursor, cursor + n_bytes]}
+        entries[name] = {
+            "dtype": dtypes[name],
+            "shape": list(shape),
+            "data_offsets": [cursor, cursor + n_bytes],
+        }
         relative[name] = cursor
         cursor += n_bytes
     raw = json.dumps(entries, separators=(",", ":")).encode()
@@ -73,7 +79,9 @@ class ModelWriter:
             os.ftruncate(fd, len(header) + info["data_bytes"])
             self.total_bytes += info["data_bytes"]
             for name in names:
-                self.slots[name] = OutputSlot(shard, len(header) + info["relative"][name], dtypes[name])
+                self.slots[name] = OutputSlot(
+                    shard, len(header) + info["relative"][name], dtypes[name]
+                )
 
     def write(self, name: str, start_element: int, data: np.ndarray) -> None:
         """Write flattened elements [start_element, start_element + data.size) of a tensor."""

@@ -1,0 +1,281 @@
+"""The two streaming passes over every tensor: Gram (and store) then materialise.
+
+Per tensor: the Gram pass reads its base and K rows chunk by chunk, appends them to the store
+and accumulates G; the combination weights follow from G; the materialise pass writes
+W_0 + wᵀD into every output. A tensor that fits the host budget is one chunk and is read once;
+on CUDA a tensor that fits the GPU budget is kept there after the Gram pass and also read once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import store as trajectory_store
+from .checkpoints import ModelLayout
+from .kernels import accumulate_gram, combine
+from .memory import chunk_bytes, plan_chunk_cols
+from .plan import fit_diagnostics, relex_weights
+from .reader import ChunkRead, ChunkReader, chunk_nbytes
+from .safetensors_io import DTYPES, FLOAT_CODES, bits_to_torch, read_into
+from .writer import ModelWriter
+
+GAP_WARNING = 0.9  # σ₂/σ₁ above this: the top direction is poorly defined
+
+
+@dataclass
+class TensorWork:
+    """Plan and running state of one tensor's passes."""
+
+    name: str
+    out_names: list[str]  # the tensor and its tied aliases
+    dtype_code: str
+    numel: int
+    n_rows: int  # observed rows (0 for non-float tensors, which are copied)
+    cols: int  # columns per host chunk
+    building: bool  # not yet complete in the store: read sources, write store
+    device_resident: bool  # kept on the GPU between the passes
+    gram: torch.Tensor | None = None
+    weights: torch.Tensor | None = None  # (T, K) float64
+    device_base: torch.Tensor | None = None  # (n,) on device when device_resident
+    device_rows: torch.Tensor | None = None  # (K, n) on device when device_resident
+
+    @property
+    def is_float(self) -> bool:
+        return self.n_rows > 0
+
+    @property
+    def bits(self) -> np.dtype:
+        return DTYPES[self.dtype_code][1]
+
+    def chunks(self) -> list[tuple[int, int]]:
+        return [(s, min(s + self.cols, self.numel)) for s in range(0, self.numel, self.cols)]
+
+    def jobs(self) -> list[ChunkRead]:
+        """Every read of this tensor, in order."""
+
+        def make(stage: str) -> list[ChunkRead]:
+            return [
+                ChunkRead(self.name, stage, a, b, self.n_rows, self.bits) for a, b in self.chunks()
+            ]
+
+        if not self.building:
+            return make("materialise")
+        once = len(self.chunks()) == 1 or self.device_resident or not self.is_float
+        return make("gram") + ([] if once else make("materialise"))
+
+
+@dataclass
+class PassStats:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    store_bytes_written: int = 0
+
+
+def plan_tensor(
+    name: str,
+    out_names: list[str],
+    layout: ModelLayout,
+    output_itemsize: int,
+    n_rows: int,
+    n_outputs: int,
+    building: bool,
+    host_budget: int,
+    device_budget: int | None,
+) -> TensorWork:
+    """Chunking and residency of one tensor under the memory budgets."""
+    dtype_code, shape = layout.tensors[name]
+    numel = int(np.prod(shape, dtype=np.int64))
+    rows = n_rows if dtype_code in FLOAT_CODES else 0
+    itemsize = DTYPES[dtype_code][1].itemsize
+    cols = plan_chunk_cols(
+        numel,
+        rows,
+        itemsize,
+        n_outputs,
+        output_itemsize,
+        host_budget,
+        trajectory_store.row_chunk_cols(dtype_code, numel),
+    )
+    device_resident = (
+        device_budget is not None
+        and rows > 0
+        and cols < numel
+        and chunk_bytes(numel, rows, itemsize, n_outputs, output_itemsize) <= device_budget
+    )
+    return TensorWork(name, out_names, dtype_code, numel, rows, cols, building, device_resident)
+
+
+def run_passes(
+    work: list[TensorWork],
+    sources,
+    root,
+    row_ids: list[int],
+    steps: torch.Tensor,
+    targets: list[float],
+    writers: list[ModelWriter],
+    device: torch.device,
+    stats: PassStats,
+    ill_conditioned: list[tuple[str, float]],
+    show_progress: bool,
+) -> None:
+    """Run both passes over every tensor in `work`, writing into `writers`."""
+    by_name = {w.name: w for w in work}
+    jobs = [job for w in work for job in w.jobs()]
+
+    def fill(job: ChunkRead, base: np.ndarray, rows: np.ndarray) -> None:
+        if sources is not None:
+            read_into(sources.base.tensors[job.tensor], job.start, base)
+            for k, ckpt in enumerate(sources.checkpoints[: job.n_rows]):
+                read_into(ckpt.model.tensors[job.tensor], job.start, rows[k])
+        else:
+            base[:] = trajectory_store.read_base(root, job.tensor, job.start, job.stop)
+            if job.n_rows:
+                rows[:] = trajectory_store.read_rows(root, job.tensor, row_ids, job.start, job.stop)
+        stats.bytes_read += chunk_nbytes(job)
+
+    gram_total = sum(chunk_nbytes(j) for j in jobs if j.stage == "gram")
+    mat_total = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work)
+    bar = dict(unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress)
+    reader = ChunkReader(jobs, fill, n_arenas=2, pin_memory=device.type == "cuda")
+    try:
+        with (
+            tqdm(total=gram_total, desc="gram pass", position=0, **bar) as gram_bar,
+            tqdm(total=mat_total, desc="materialise", position=1, **bar) as mat_bar,
+        ):
+            for chunk in reader:
+                job, w = chunk.job, by_name[chunk.job.tensor]
+                if job.stage == "gram":
+                    _gram_step(w, chunk.base, chunk.rows, job, root, device, stats)
+                    gram_bar.update(chunk_nbytes(job))
+                    if not w.is_float:
+                        _write(w, writers, job.start, [chunk.base] * len(writers), stats)
+                        mat_bar.update(chunk_nbytes(job))
+                    last = job.stop == w.numel
+                    if last and w.is_float:
+                        _plan_weights(w, steps, targets, ill_conditioned)
+                        if len(w.chunks()) == 1:
+                            _materialise(
+                                w, chunk.base, chunk.rows, job.start, writers, device, stats
+                            )
+                            mat_bar.update(chunk_nbytes(job))
+                        elif w.device_resident:
+                            _materialise_resident(w, writers, device, stats)
+                            mat_bar.update((w.n_rows + 1) * w.numel * w.bits.itemsize)
+                else:
+                    if w.is_float:
+                        if w.weights is None:
+                            full = trajectory_store.read_gram(root, w.name)
+                            w.gram = full[row_ids][:, row_ids]
+                            _plan_weights(w, steps, targets, ill_conditioned)
+                        _materialise(w, chunk.base, chunk.rows, job.start, writers, device, stats)
+                    else:
+                        _write(w, writers, job.start, [chunk.base] * len(writers), stats)
+                    mat_bar.update(chunk_nbytes(job))
+                if device.type == "cuda":
+                    torch.cuda.current_stream(device).synchronize()  # uploads from the arena done
+                chunk.release()
+    finally:
+        reader.close()
+
+
+def _gram_step(
+    w: TensorWork,
+    base: np.ndarray,
+    rows: np.ndarray,
+    job: ChunkRead,
+    root,
+    device: torch.device,
+    stats: PassStats,
+) -> None:
+    if job.start == 0:
+        trajectory_store.prepare_tensor(root, w.name, w.dtype_code, w.numel, w.is_float)
+        if w.is_float:
+            w.gram = torch.zeros((w.n_rows, w.n_rows), dtype=torch.float64, device=device)
+        if w.device_resident:
+            torch_dtype = DTYPES[w.dtype_code][0]
+            w.device_rows = torch.empty((w.n_rows, w.numel), dtype=torch_dtype, device=device)
+            w.device_base = torch.empty((w.numel,), dtype=torch_dtype, device=device)
+    trajectory_store.write_chunk(root, w.name, job.start, base, rows if w.is_float else None)
+    stats.store_bytes_written += base.nbytes + (rows.nbytes if w.is_float else 0)
+    if not w.is_float:
+        if job.stop == w.numel:
+            trajectory_store.finish_tensor(root, w.name, None)
+        return
+    rows_t, base_t = bits_to_torch(rows, w.dtype_code), bits_to_torch(base, w.dtype_code)
+    if w.device_resident:
+        w.device_rows[:, job.start : job.stop].copy_(rows_t, non_blocking=True)
+        w.device_base[job.start : job.stop].copy_(base_t, non_blocking=True)
+        rows_t = w.device_rows[:, job.start : job.stop]
+        base_t = w.device_base[job.start : job.stop]
+    accumulate_gram(w.gram, rows_t, base_t, device)
+    if job.stop == w.numel:
+        w.gram = w.gram.cpu()
+        trajectory_store.finish_tensor(root, w.name, w.gram)
+
+
+def _plan_weights(
+    w: TensorWork,
+    steps: torch.Tensor,
+    targets: list[float],
+    ill_conditioned: list[tuple[str, float]],
+) -> None:
+    w.weights = relex_weights(w.gram, steps, targets)  # (T, K)
+    fit = fit_diagnostics(w.gram, steps)
+    if fit.sigma[0] > 0 and fit.spectral_gap > GAP_WARNING:
+        ill_conditioned.append((w.name, fit.spectral_gap))
+
+
+def _materialise(
+    w: TensorWork,
+    base: np.ndarray,
+    rows: np.ndarray,
+    start: int,
+    writers: list[ModelWriter],
+    device: torch.device,
+    stats: PassStats,
+) -> None:
+    out_dtype = DTYPES[writers[0].dtypes[w.name]][0]
+    predicted = combine(
+        w.weights,
+        bits_to_torch(rows, w.dtype_code),
+        bits_to_torch(base, w.dtype_code),
+        out_dtype,
+        device,
+    )  # (T, c)
+    _write(w, writers, start, [_as_bits(predicted[i]) for i in range(len(writers))], stats)
+
+
+def _materialise_resident(
+    w: TensorWork, writers: list[ModelWriter], device: torch.device, stats: PassStats
+) -> None:
+    out_dtype = DTYPES[writers[0].dtypes[w.name]][0]
+    for start, stop in w.chunks():
+        predicted = combine(
+            w.weights, w.device_rows[:, start:stop], w.device_base[start:stop], out_dtype, device
+        )  # (T, c)
+        _write(w, writers, start, [_as_bits(predicted[i]) for i in range(len(writers))], stats)
+    w.device_rows = w.device_base = None  # free the GPU copy before the next tensor
+
+
+def _write(
+    w: TensorWork,
+    writers: list[ModelWriter],
+    start: int,
+    data: list[np.ndarray],
+    stats: PassStats,
+) -> None:
+    for writer, values in zip(writers, data, strict=True):
+        for out_name in w.out_names:
+            writer.write(out_name, start, values)
+            stats.bytes_written += values.nbytes
+
+
+def _as_bits(tensor: torch.Tensor) -> np.ndarray:
+    """Host numpy view of a tensor's bits (bf16 has no numpy dtype)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy()
+    return tensor.numpy()
