@@ -39,6 +39,17 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--max-memory", default="4G", help="host memory budget for buffers (e.g. 4G)")
     p.add_argument(
+        "--max-gpu-memory",
+        help="GPU memory a tensor may keep between passes (default: free memory less 10%%)",
+    )
+    p.add_argument(
+        "--svd",
+        default="auto",
+        choices=["auto", "exact", "randomized"],
+        help="rank-1 kernel: exact Gram matrix, randomized subspace iteration, or auto "
+        "(randomized when K > 70 and the tensor fits in memory)",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float16", "float32"],
@@ -102,6 +113,8 @@ def _run(args: argparse.Namespace) -> None:
         cache=args.cache,
         device=args.device,
         max_memory=args.max_memory,
+        max_gpu_memory=args.max_gpu_memory,
+        svd=args.svd,
         dtype=args.dtype,
         overwrite=args.overwrite,
         rebuild=args.rebuild,

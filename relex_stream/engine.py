@@ -227,6 +227,7 @@ def extrapolate(
     device: str = "auto",
     max_memory: str | int = "4G",
     max_gpu_memory: str | int | None = None,
+    svd: str = "auto",
     dtype: str = "auto",
     overwrite: bool = False,
     rebuild: bool = False,

@@ -85,3 +85,45 @@ def combine(
         predicted = base_block + weights @ deltas  # (T, s)
         out[:, start:stop] = predicted.to(out_dtype).cpu()
     return out
+
+
+def gram_times(rows: torch.Tensor, base: torch.Tensor, basis: torch.Tensor, device: torch.device):
+    """G·Q = D (Dᵀ Q) without forming G: (K, p) float64 from rows (K, n), base (n,), Q (K, p)."""
+    _exact_matmul()
+    basis = basis.to(device, torch.float64)
+    product = torch.zeros_like(basis)
+    n_cols = rows.shape[1]
+    for start in range(0, n_cols, GRAM_BLOCK_COLS):
+        stop = min(start + GRAM_BLOCK_COLS, n_cols)
+        base_block = base[start:stop].to(device, non_blocking=True).double()  # (s,)
+        deltas = rows[:, start:stop].to(device, non_blocking=True).double() - base_block  # (K, s)
+        product += deltas @ (deltas.T @ basis)  # (K, p)
+    return product
+
+
+def randomized_gram(
+    rows: torch.Tensor,
+    base: torch.Tensor,
+    device: torch.device,
+    rank: int = 1,
+    oversample: int = 4,
+    iterations: int = 3,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Rank-(rank+oversample) approximation Q (QᵀGQ) Qᵀ of G = D Dᵀ by subspace iteration.
+
+    rows: (K, n) checkpoint dtype; base: (n,). Returns (K, K) float64 on the CPU whose top
+    eigenvectors are the Rayleigh-Ritz estimates of D's top left singular vectors. Costs
+    (2·iterations + 1)·2·p·K·n multiply-adds against K²·n for the exact Gram matrix, with a
+    fixed seed so repeated runs give the same bytes.
+    """
+    n_rows = rows.shape[0]
+    width = min(n_rows, rank + oversample)
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(n_rows, width, generator=generator, dtype=torch.float64)  # (K, p)
+    for _ in range(iterations):
+        basis, _ = torch.linalg.qr(gram_times(rows, base, basis, device).cpu())
+    projected = gram_times(rows, base, basis, device).cpu()  # (K, p) = G Q
+    small = basis.T @ projected  # (p, p) = Qᵀ G Q
+    small = (small + small.T) / 2
+    return basis @ small @ basis.T  # (K, K)

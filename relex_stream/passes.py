@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import store as trajectory_store
 from .checkpoints import ModelLayout
-from .kernels import accumulate_gram, combine
+from .kernels import accumulate_gram, combine, randomized_gram
 from .memory import chunk_bytes, plan_chunk_cols
 from .plan import fit_diagnostics, relex_weights
 from .reader import ChunkRead, ChunkReader, chunk_nbytes
@@ -38,6 +38,7 @@ class TensorWork:
     cols: int  # columns per host chunk
     building: bool  # not yet complete in the store: read sources, write store
     device_resident: bool  # kept on the GPU between the passes
+    svd: str = "exact"  # "exact" Gram matrix or "randomized" subspace iteration
     gram: torch.Tensor | None = None
     weights: torch.Tensor | None = None  # (T, K) float64
     device_base: torch.Tensor | None = None  # (n,) on device when device_resident
@@ -85,8 +86,9 @@ def plan_tensor(
     building: bool,
     host_budget: int,
     device_budget: int | None,
+    svd: str = "auto",
 ) -> TensorWork:
-    """Chunking and residency of one tensor under the memory budgets."""
+    """Chunking, residency and SVD kernel of one tensor under the memory budgets."""
     dtype_code, shape = layout.tensors[name]
     numel = int(np.prod(shape, dtype=np.int64))
     rows = n_rows if dtype_code in FLOAT_CODES else 0
@@ -106,7 +108,40 @@ def plan_tensor(
         and cols < numel
         and chunk_bytes(numel, rows, itemsize, n_outputs, output_itemsize) <= device_budget
     )
-    return TensorWork(name, out_names, dtype_code, numel, rows, cols, building, device_resident)
+    resident = cols == numel or device_resident
+    return TensorWork(
+        name,
+        out_names,
+        dtype_code,
+        numel,
+        rows,
+        cols,
+        building,
+        device_resident,
+        choose_svd(svd, rows, resident),
+    )
+
+
+RANDOMIZED_WIDTH, RANDOMIZED_ITERATIONS = 5, 3  # rank 1 + oversampling 4; subspace iterations
+
+
+def choose_svd(requested: str, n_rows: int, resident: bool) -> str:
+    """The kernel for one tensor; 'auto' compares multiply-adds of the two.
+
+    Exact costs K²·n. Randomized costs (2·iterations + 1)·2·p·K·n and needs the rows in memory
+    (a chunked tensor would be re-read once per iteration), so auto picks it only for resident
+    tensors with K > 2·p·(2·iterations + 1) = 70.
+    """
+    if requested not in ("auto", "exact", "randomized"):
+        from .errors import RelexError
+
+        raise RelexError(f"--svd {requested!r} is not one of auto, exact, randomized")
+    if requested == "exact" or n_rows == 0:
+        return "exact"
+    if requested == "randomized":
+        return "randomized" if resident else "exact"
+    cheaper = n_rows > 2 * RANDOMIZED_WIDTH * (2 * RANDOMIZED_ITERATIONS + 1)
+    return "randomized" if cheaper and resident else "exact"
 
 
 def run_passes(
@@ -211,10 +246,21 @@ def _gram_step(
         w.device_base[job.start : job.stop].copy_(base_t, non_blocking=True)
         rows_t = w.device_rows[:, job.start : job.stop]
         base_t = w.device_base[job.start : job.stop]
-    accumulate_gram(w.gram, rows_t, base_t, device)
+    if w.svd == "exact":
+        accumulate_gram(w.gram, rows_t, base_t, device)
     if job.stop == w.numel:
+        if w.svd == "randomized":
+            if w.device_resident:
+                rows_t, base_t = w.device_rows, w.device_base
+            w.gram = randomized_gram(
+                rows_t,
+                base_t,
+                device,
+                oversample=RANDOMIZED_WIDTH - 1,
+                iterations=RANDOMIZED_ITERATIONS,
+            )
         w.gram = w.gram.cpu()
-        trajectory_store.finish_tensor(root, w.name, w.gram)
+        trajectory_store.finish_tensor(root, w.name, w.gram, kind=w.svd)
 
 
 def _plan_weights(

@@ -159,8 +159,13 @@ def read_rows(root: zarr.Group, name: str, row_ids: list[int], start: int, stop:
     return array.oindex[row_ids, start:stop]
 
 
-def finish_tensor(root: zarr.Group, name: str, gram: torch.Tensor | None) -> None:
-    """Write the Gram matrix (K, K) float64 and the tensor's completion mark, in that order."""
+def finish_tensor(
+    root: zarr.Group, name: str, gram: torch.Tensor | None, kind: str = "exact"
+) -> None:
+    """Write the Gram matrix (K, K) float64 and the tensor's completion mark, in that order.
+
+    kind "randomized" marks a low-rank approximation of G (see kernels.randomized_gram).
+    """
     n_steps = len(root.attrs["steps"])
     data = (
         gram.detach().cpu().numpy().astype(np.float64)
@@ -170,7 +175,12 @@ def finish_tensor(root: zarr.Group, name: str, gram: torch.Tensor | None) -> Non
     array = root["gram"].create_array(
         _key(root, name), data=data, chunks=data.shape or (1,), overwrite=True
     )
-    array.attrs["complete"] = True
+    array.attrs.update({"kind": kind, "complete": True})
+
+
+def gram_kind(root: zarr.Group, name: str) -> str:
+    """'exact' or 'randomized': how the stored Gram matrix was computed."""
+    return root["gram"][_key(root, name)].attrs.get("kind", "exact")
 
 
 def read_gram(root: zarr.Group, name: str) -> torch.Tensor:

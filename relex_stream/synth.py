@@ -1,4 +1,4 @@
-"""A small synthetic RL trajectory with a planted rank-1 linear drift, written with no network."""
+"""Synthetic RL trajectories (planted rank-1 drift, realistic fp32-master drift, random walk), no network."""
 
 from __future__ import annotations
 
@@ -88,3 +88,181 @@ def _save_model(directory: Path, tensors: dict[str, torch.Tensor], shard_bytes: 
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
+PROFILES = ("planted", "drift", "walk")
+PLANTED_DRIFT = 2e-3  # planted: per-element RMS change at the last step, ~16 bf16 ulps of a 0.02 weight
+# drift: fp32 master step per unit of drift direction. Tuned (bench/compress_study.py, RESULTS.md)
+# so that, for 0.02-scale weights saved as bf16 at 30 consecutive steps, ~99.6% of elements are
+# unchanged between consecutive checkpoints and ~90% never change over the run, as measured in
+# RL runs (sparse bf16 updates); the order of an Adam step at lr 1e-7..1e-6.
+DRIFT_LR = 2e-7
+DRIFT_NOISE = 1.0  # drift: per-step noise RMS relative to the per-step drift RMS
+
+
+def _check_profile(profile: str) -> None:
+    if profile not in PROFILES:
+        raise RelexError(f"unknown synth profile {profile!r}: use one of {', '.join(PROFILES)}")
+
+
+def _bf16_exact(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to bf16 (nearest even) and held in fp32: where RL's fp32 master weights start."""
+    return x.to(torch.bfloat16).to(torch.float32)
+
+
+def simulate(
+    base: dict[str, torch.Tensor],
+    directions: dict[str, torch.Tensor],
+    steps: list[int],
+    generator: torch.Generator,
+    profile: str = "drift",
+    lr: float | None = None,
+    noise: float | None = None,
+    every_step: bool = False,
+):
+    """Yield (step, {name: bf16 tensor}) for the sorted `steps` of a 'drift' or 'walk' trajectory.
+
+    The fp32 master weights start at the bf16 base `base` (fp32 tensors holding bf16 values, as an
+    RL run that loads a bf16 checkpoint does) and take one step per training step:
+
+        drift:  M_s = M_{s-1} + lr · (v + noise · ε_s)      v: `directions` (fixed), ε_s ~ N(0, 1)
+        walk:   M_s = M_{s-1} + lr · noise · ε_s            (a pure random walk, zero mean)
+
+    and each listed step t saves bf16(M_t) (round to nearest even). With `every_step` every integer
+    step 1..max(steps) is simulated in fp32 (cost: max(steps) Gaussian draws per element). The
+    default (fast) path draws only at the listed steps: M_t = M_0 + lr · (t·v + noise · S_t), where
+    the walk S_t = S_{t'} + sqrt(t − t')·ε is advanced from the previous listed step t'. A sum of
+    t − t' independent N(0, 1) draws is exactly N(0, t − t'), and saving bf16 does not feed back
+    into the master, so the saved checkpoints have the same joint distribution; the only
+    difference is the fp32 rounding of the t − t' intermediate additions (≲ 1 fp32 ulp of the
+    weight each, ~1e-5 of a bf16 ulp: it decides an element's bf16 value with probability ~1e-5,
+    except where updates fall under half an fp32 ulp, e.g. lr ~ 1e-7 on weights near 1.0, which
+    a real fp32 master would drop and this path keeps).
+    """
+    _check_profile(profile)
+    if profile == "planted":
+        raise RelexError("simulate() runs the 'drift' and 'walk' profiles; 'planted' is built inline")
+    t_max = max(steps)
+    if lr is None:
+        lr = DRIFT_LR if profile == "drift" else PLANTED_DRIFT / max(1, t_max) ** 0.5
+    if noise is None:
+        noise = DRIFT_NOISE if profile == "drift" else 1.0
+    drift = 1.0 if profile == "drift" else 0.0
+    ordered = sorted(set(steps))
+    if ordered[0] < 0:
+        raise RelexError("synth steps must be non-negative")
+    if every_step:
+        master = {name: w.clone() for name, w in base.items()}
+        wanted = set(ordered)
+        if 0 in wanted:
+            yield 0, {name: m.to(torch.bfloat16) for name, m in master.items()}
+        for step in range(1, t_max + 1):
+            for name, m in master.items():
+                update = torch.randn(m.shape, generator=generator).mul_(noise)
+                if drift:
+                    update.add_(directions[name], alpha=drift)
+                m.add_(update.mul_(lr))  # fp32 master update, rounded in fp32 like a trainer's
+            if step in wanted:
+                yield step, {name: m.to(torch.bfloat16) for name, m in master.items()}
+        return
+    walk = {name: torch.zeros_like(w) for name, w in base.items()}
+    previous = 0
+    for step in ordered:
+        scale = float(step - previous) ** 0.5
+        previous = step
+        tensors = {}
+        for name, w in base.items():
+            if scale:
+                walk[name].add_(torch.randn(w.shape, generator=generator), alpha=scale)
+            offset = torch.mul(walk[name], lr * noise)
+            if drift:
+                offset.add_(directions[name], alpha=lr * drift * step)
+            tensors[name] = offset.add_(w).to(torch.bfloat16)
+        yield step, tensors
+
+
+def write_trajectory(
+    out: str | Path,
+    steps: list[int],
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 512,
+    noise: float | None = None,
+    tied: bool = False,
+    shard_bytes: int | None = None,
+    overwrite: bool = False,
+    profile: str = "planted",
+    lr: float | None = None,
+    every_step: bool = False,
+) -> Path:
+    """Write OUT/base and OUT/runs/checkpoint-N (bf16) for each step; returns OUT.
+
+    profile 'planted' (default): each tensor moves as W_t = W_0 + (t / t_max)·drift·v +
+    noise·drift·ε_t with v a fixed random direction per tensor and ε_t fresh Gaussian noise per
+    step: rank-1, linear, plus noise (noise default 0.1, relative to the drift at the last step).
+
+    profile 'drift' (realistic RL): fp32 master weights start at the bf16 base and take small
+    noisy steps lr·(v + noise·ε) along v at every training step; each listed step saves bf16, so
+    most bf16 elements do not change between checkpoints (lr default DRIFT_LR, noise default
+    1.0: per-step noise RMS relative to the per-step drift). See `simulate`.
+
+    profile 'walk': a pure random walk, M_t = M_{t-1} + lr·noise·ε_t, no drift (lr default
+    2e-3 / sqrt(max(steps)): ~2e-3 per-element RMS at the last step, like 'planted').
+    """
+    _check_profile(profile)
+    out = Path(out)
+    if len(steps) < 2:
+        raise RelexError("synth needs at least two --steps")
+    if out.exists():
+        if not overwrite:
+            raise RelexError(f"{out} already exists; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    config = qwen2_config(hidden, layers, vocab, tied)
+    shapes = qwen2_shapes(config)
+    generator = torch.Generator().manual_seed(seed)
+    base, directions = _base_and_directions(shapes, generator)
+    aux = {
+        "config.json": json.dumps(config, indent=2),
+        "generation_config.json": json.dumps({"bos_token_id": 0, "eos_token_id": 1}, indent=2),
+    }
+
+    def save(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+        _save_model(directory, {n: t.to(torch.bfloat16) for n, t in tensors.items()}, shard_bytes)
+        for file_name, text in aux.items():
+            (directory / file_name).write_text(text + "\n")
+
+    save(out / "base", base)
+    if profile == "planted":
+        drift = PLANTED_DRIFT
+        noise = 0.1 if noise is None else noise
+        t_max = max(steps)
+        for step in steps:
+            tensors = {
+                name: base[name]
+                + drift * (step / t_max) * directions[name]
+                + noise * drift * torch.randn(shape, generator=generator)
+                for name, shape in shapes.items()
+            }
+            save(out / "runs" / f"checkpoint-{step}", tensors)
+        return out
+    for name in base:  # the master weights start at the saved bf16 base
+        base[name] = _bf16_exact(base[name])
+    for step, tensors in simulate(
+        base, directions, steps, generator, profile, lr=lr, noise=noise, every_step=every_step
+    ):
+        save(out / "runs" / f"checkpoint-{step}", tensors)
+    return out
+
+
+def _base_and_directions(
+    shapes: dict[str, tuple[int, ...]], generator: torch.Generator
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """fp32 base weights (0.02·N(0, 1), norms 1) and one N(0, 1) direction per tensor."""
+    base: dict[str, torch.Tensor] = {}
+    directions: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            base[name] = torch.ones(shape)
+        else:
+            base[name] = 0.02 * torch.randn(shape, generator=generator)
+        directions[name] = torch.randn(shape, generator=generator)
+    return base, directions
