@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import RelexError
 from .safetensors_io import INDEX_NAME, SINGLE_NAME, TensorInfo, header_fingerprint, read_header
+from .units import StepSelection
 
 log = logging.getLogger(__name__)
 
@@ -211,17 +212,19 @@ def parse_ckpt_args(pairs: list[str]) -> dict[int, Path]:
     return found
 
 
-def select_steps(available: list[int], steps: list[int] | None, window: int | None) -> list[int]:
+def select_steps(
+    available: list[int], steps: StepSelection | None, window: int | None
+) -> list[int]:
     """Apply --steps then --window (keep the last N) to the sorted available steps."""
     chosen = sorted(available)
     if steps is not None:
-        missing = sorted(set(steps) - set(chosen))
+        missing = sorted(set(steps.exact) - set(chosen))
         if missing:
             raise RelexError(
-                f"--steps asks for step(s) {missing[:5]} that are not observed; "
+                f"--steps names step(s) {missing[:5]} that are not observed; "
                 f"observed: {chosen[:10]}{' ...' if len(chosen) > 10 else ''}"
             )
-        chosen = [s for s in chosen if s in set(steps)]
+        chosen = [s for s in chosen if steps.keeps(s)]
     if window is not None:
         if window < 2:
             raise RelexError("--window must be at least 2")

@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> None:
         ckpts=args.ckpt,
         targets=args.target,
         out=args.out,
-        steps=parse_steps(args.steps) if args.steps else None,
+        steps=args.steps,
         window=args.window,
         cache=args.cache,
         device=args.device,

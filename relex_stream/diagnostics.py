@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .plan import TensorFit, fit_diagnostics
@@ -41,7 +42,8 @@ class TensorStats:
     @property
     def ev_above_null(self) -> bool:
         """True when the explained variance is above the null's 95% quantile."""
-        return self.null is not None and self.fit.explained_variance > self.null.explained_variance[2]
+        null = self.null
+        return null is not None and self.fit.explained_variance > null.explained_variance[2]
 
     @property
     def r2_above_null(self) -> bool:
@@ -50,7 +52,8 @@ class TensorStats:
 
 def differencing(k: int) -> torch.Tensor:
     """L (K, K) float64 with (L D)_k = Δ_k − Δ_{k−1} and Δ_0 = 0: ones on the diagonal, −1 below."""
-    return torch.eye(k, dtype=torch.float64) - torch.diag(torch.ones(k - 1, dtype=torch.float64), -1)
+    below = torch.diag(torch.ones(k - 1, dtype=torch.float64), -1)
+    return torch.eye(k, dtype=torch.float64) - below
 
 
 def increment_gram(gram: torch.Tensor) -> torch.Tensor:
@@ -66,18 +69,26 @@ def path_efficiency(gram: torch.Tensor) -> float:
     return math.sqrt(max(float(gram[-1, -1]), 0.0)) / total if total > 0 else math.nan
 
 
-def random_walk_grams(gram: torch.Tensor, samples: int, seed: int = 0) -> torch.Tensor:
-    """(N, K, K) float64 Grams of walks made of the observed increments with random signs.
-
-    With A = L⁻¹ (lower-triangular ones) and s ∈ {±1}^K: A diag(s) (L G Lᵀ) diag(s) Aᵀ.
-    """
-    k = gram.shape[0]
+def random_signs(samples: int, k: int, seed: int = 0) -> torch.Tensor:
+    """(N, K) float64 of ±1 from a generator seeded with `seed`: the same seed, the same null."""
     generator = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (samples, k), generator=generator).double() * 2 - 1  # (N, K)
+    return torch.randint(0, 2, (samples, k), generator=generator).double() * 2 - 1
+
+
+def sign_flipped_grams(gram: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """(N, K, K) float64 Grams of the walks Σ_{i≤k} s_i δ_i, for signs (N, K).
+
+    With A = L⁻¹ (lower-triangular ones): A diag(s) (L G Lᵀ) diag(s) Aᵀ.
+    """
     increments = increment_gram(gram)  # (K, K)
     flipped = signs[:, :, None] * increments * signs[:, None, :]  # (N, K, K)
-    accumulate = torch.tril(torch.ones(k, k, dtype=torch.float64))  # L⁻¹
+    accumulate = torch.tril(torch.ones_like(increments))  # L⁻¹
     return accumulate @ flipped @ accumulate.T
+
+
+def random_walk_grams(gram: torch.Tensor, samples: int, seed: int = 0) -> torch.Tensor:
+    """(N, K, K) Grams of walks made of the observed increments with random signs (fixed seed)."""
+    return sign_flipped_grams(gram, random_signs(samples, gram.shape[0], seed))
 
 
 def rank1_scores(grams: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +96,9 @@ def rank1_scores(grams: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor
 
     Batched twin of plan.fit_diagnostics; both are sign-free, so u₁'s sign needs no fixing.
     """
-    eigenvalues, vectors = torch.linalg.eigh(grams)  # ascending
+    # numpy's batched eigh is several times faster than torch's on CPU for many small matrices.
+    values, vecs = np.linalg.eigh(grams.detach().cpu().numpy())  # ascending
+    eigenvalues, vectors = torch.from_numpy(values), torch.from_numpy(vecs)
     eigenvalues = eigenvalues.clamp_min(0.0)
     total = eigenvalues.sum(-1)
     top = eigenvalues[:, -1]

@@ -33,7 +33,14 @@ from .errors import RelexError
 from .kernels import resolve_device
 from .passes import GAP_WARNING, PassStats, plan_tensor, run_passes
 from .safetensors_io import DTYPES, FLOAT_CODES
-from .units import format_bytes, parse_bytes, parse_targets, step_label
+from .units import (
+    StepSelection,
+    format_bytes,
+    parse_bytes,
+    parse_step_selection,
+    parse_targets,
+    step_label,
+)
 from .writer import ModelWriter, output_dtypes
 
 log = logging.getLogger("relex_stream")
@@ -86,7 +93,7 @@ def _open_sources(
     base: Path,
     runs: Path | None,
     ckpts: list[str] | None,
-    steps: list[int] | None,
+    steps: StepSelection | None,
     window: int | None,
 ) -> _Sources:
     if runs is not None and ckpts:
@@ -120,7 +127,7 @@ def _tied_aliases(layout: ModelLayout, aux_files: dict[str, bytes]) -> dict[str,
 def _open_store(
     path: Path,
     sources: _Sources | None,
-    steps: list[int] | None,
+    steps: StepSelection | None,
     window: int | None,
     rebuild: bool,
 ):
@@ -221,7 +228,7 @@ def extrapolate(
     base: str | Path | None = None,
     runs: str | Path | None = None,
     ckpts: list[str] | None = None,
-    steps: list[int] | None = None,
+    steps: StepSelection | str | None = None,
     window: int | None = None,
     cache: str | Path | None = None,
     device: str = "auto",
@@ -241,6 +248,8 @@ def extrapolate(
     target_steps = (
         parse_targets(targets) if isinstance(targets, str) else [float(t) for t in targets]
     )
+    if isinstance(steps, str):
+        steps = parse_step_selection(steps)
     if not target_steps:
         raise RelexError("give at least one --target step")
     if dtype not in DTYPE_CHOICES:

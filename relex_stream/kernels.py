@@ -12,6 +12,7 @@ reading, and an H100 runs FP64 on tensor cores at the same rate as non-TF32 FP32
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Columns per partial Gram product. A fixed grid (relative to the start of the tensor) keeps
@@ -39,21 +40,41 @@ def _exact_matmul() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+def block_deltas(rows: torch.Tensor, base: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """D = rows − base in float64 on `device`: rows (K, s), base (s,) in the checkpoint dtype."""
+    rows = rows.to(device, non_blocking=True)
+    base = base.to(device, non_blocking=True)
+    if device.type == "cpu":
+        # Half types widen to float32 exactly and fast; numpy then widens and subtracts in one
+        # pass (torch's direct bf16 -> float64 cast is several times slower on the CPU).
+        wide_rows = rows.float().numpy() if rows.dtype != torch.float64 else rows.numpy()
+        wide_base = base.float().numpy() if base.dtype != torch.float64 else base.numpy()
+        return torch.from_numpy(np.subtract(wide_rows, wide_base, dtype=np.float64))
+    return rows.double() - base.double()
+
+
+def _gram_block(deltas: torch.Tensor) -> torch.Tensor:
+    """D Dᵀ of (K, s) float64 deltas."""
+    if deltas.device.type == "cpu":
+        # numpy recognises a @ a.T and calls BLAS syrk: ~4x torch's float64 matmul on CPU.
+        array = deltas.numpy()
+        return torch.from_numpy(array @ array.T)
+    return deltas @ deltas.T
+
+
 def accumulate_gram(
     gram: torch.Tensor, rows: torch.Tensor, base: torch.Tensor, device: torch.device
 ) -> None:
     """Add D Dᵀ (float64) of one column chunk to `gram` in place.
 
-    gram: (K, K) float64 on `device`; rows: (K, c) checkpoint dtype, host; base: (c,) same dtype.
+    gram: (K, K) float64 on `device`; rows: (K, c) checkpoint dtype; base: (c,) same dtype.
     The chunk must start on a multiple of GRAM_BLOCK_COLS within its tensor.
     """
     _exact_matmul()
     n_cols = rows.shape[1]
     for start in range(0, n_cols, GRAM_BLOCK_COLS):
         stop = min(start + GRAM_BLOCK_COLS, n_cols)
-        base_block = base[start:stop].to(device, non_blocking=True).double()  # (s,)
-        deltas = rows[:, start:stop].to(device, non_blocking=True).double() - base_block  # (K, s)
-        gram += deltas @ deltas.T
+        gram += _gram_block(block_deltas(rows[:, start:stop], base[start:stop], device))
 
 
 def eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +101,9 @@ def combine(
     out = torch.empty((weights.shape[0], n_cols), dtype=out_dtype)
     for start in range(0, n_cols, GRAM_BLOCK_COLS):
         stop = min(start + GRAM_BLOCK_COLS, n_cols)
-        base_block = base[start:stop].to(device, non_blocking=True).double()  # (s,)
-        deltas = rows[:, start:stop].to(device, non_blocking=True).double() - base_block  # (K, s)
-        predicted = base_block + weights @ deltas  # (T, s)
+        deltas = block_deltas(rows[:, start:stop], base[start:stop], device)  # (K, s)
+        base_block = base[start:stop].to(device, non_blocking=True).float().double()  # (s,)
+        predicted = torch.addmm(base_block, weights, deltas)  # (T, s)
         out[:, start:stop] = predicted.to(out_dtype).cpu()
     return out
 
@@ -95,8 +116,7 @@ def gram_times(rows: torch.Tensor, base: torch.Tensor, basis: torch.Tensor, devi
     n_cols = rows.shape[1]
     for start in range(0, n_cols, GRAM_BLOCK_COLS):
         stop = min(start + GRAM_BLOCK_COLS, n_cols)
-        base_block = base[start:stop].to(device, non_blocking=True).double()  # (s,)
-        deltas = rows[:, start:stop].to(device, non_blocking=True).double() - base_block  # (K, s)
+        deltas = block_deltas(rows[:, start:stop], base[start:stop], device)  # (K, s)
         product += deltas @ (deltas.T @ basis)  # (K, p)
     return product
 

@@ -1,4 +1,4 @@
-"""Synthetic RL trajectories (planted rank-1 drift, realistic fp32-master drift, random walk), no network."""
+"""Synthetic RL trajectories, written with no network: planted rank-1, realistic drift, walk."""
 
 from __future__ import annotations
 
@@ -89,11 +89,13 @@ def _save_model(directory: Path, tensors: dict[str, torch.Tensor], shard_bytes: 
 
 
 PROFILES = ("planted", "drift", "walk")
-PLANTED_DRIFT = 2e-3  # planted: per-element RMS change at the last step, ~16 bf16 ulps of a 0.02 weight
-# drift: fp32 master step per unit of drift direction. Tuned (bench/compress_study.py, RESULTS.md)
-# so that, for 0.02-scale weights saved as bf16 at 30 consecutive steps, ~99.6% of elements are
-# unchanged between consecutive checkpoints and ~90% never change over the run, as measured in
-# RL runs (sparse bf16 updates); the order of an Adam step at lr 1e-7..1e-6.
+# planted: per-element RMS change at the last step, ~16 bf16 ulps of a 0.02 weight
+PLANTED_DRIFT = 2e-3
+# drift: fp32 master step per unit of drift direction (the order of an Adam step at lr 1e-7..1e-6).
+# Tuned so that 0.02-scale weights saved as bf16 at 30 consecutive steps keep ~99.2% of elements
+# unchanged between consecutive checkpoints and ~93% unchanged over the whole run, within what RL
+# runs are measured to do (>99% and 70-95%). Saving every 10th step up to 300 gives ~94% and ~47%.
+# See "Store compression (issue 3)" in bench/RESULTS.md.
 DRIFT_LR = 2e-7
 DRIFT_NOISE = 1.0  # drift: per-step noise RMS relative to the per-step drift RMS
 
@@ -118,10 +120,13 @@ def simulate(
     noise: float | None = None,
     every_step: bool = False,
 ):
-    """Yield (step, {name: bf16 tensor}) for the sorted `steps` of a 'drift' or 'walk' trajectory.
+    """Yield (step, {name: bf16 tensor}) for the `steps` of one synthetic trajectory.
 
-    The fp32 master weights start at the bf16 base `base` (fp32 tensors holding bf16 values, as an
-    RL run that loads a bf16 checkpoint does) and take one step per training step:
+    'planted': see `write_trajectory` (`base` is then the unrounded fp32 base).
+
+    'drift' and 'walk' (steps taken in sorted order): the fp32 master weights start at `base`
+    (fp32 tensors holding bf16 values, as in an RL run that loads a bf16 checkpoint) and take one
+    step per training step:
 
         drift:  M_s = M_{s-1} + lr · (v + noise · ε_s)      v: `directions` (fixed), ε_s ~ N(0, 1)
         walk:   M_s = M_{s-1} + lr · noise · ε_s            (a pure random walk, zero mean)
@@ -131,16 +136,17 @@ def simulate(
     default (fast) path draws only at the listed steps: M_t = M_0 + lr · (t·v + noise · S_t), where
     the walk S_t = S_{t'} + sqrt(t − t')·ε is advanced from the previous listed step t'. A sum of
     t − t' independent N(0, 1) draws is exactly N(0, t − t'), and saving bf16 does not feed back
-    into the master, so the saved checkpoints have the same joint distribution; the only
-    difference is the fp32 rounding of the t − t' intermediate additions (≲ 1 fp32 ulp of the
-    weight each, ~1e-5 of a bf16 ulp: it decides an element's bf16 value with probability ~1e-5,
-    except where updates fall under half an fp32 ulp, e.g. lr ~ 1e-7 on weights near 1.0, which
-    a real fp32 master would drop and this path keeps).
+    into the master, so the saved checkpoints have the same joint distribution. What differs is
+    only the fp32 rounding of the intermediate additions (each ≤ half an fp32 ulp of the weight,
+    2^-17 of a bf16 ulp): with consecutive steps both paths use the same draws and 1.4e-6 of the
+    saved elements differ. Not modelled: a real fp32 master drops updates under half an fp32 ulp
+    (lr ~ 1e-7 on weights near 1.0); this path keeps them.
     """
     _check_profile(profile)
-    if profile == "planted":
-        raise RelexError("simulate() runs the 'drift' and 'walk' profiles; 'planted' is built inline")
     t_max = max(steps)
+    if profile == "planted":
+        yield from _planted(base, directions, steps, generator, noise)
+        return
     if lr is None:
         lr = DRIFT_LR if profile == "drift" else PLANTED_DRIFT / max(1, t_max) ** 0.5
     if noise is None:
@@ -231,26 +237,36 @@ def write_trajectory(
             (directory / file_name).write_text(text + "\n")
 
     save(out / "base", base)
-    if profile == "planted":
-        drift = PLANTED_DRIFT
-        noise = 0.1 if noise is None else noise
-        t_max = max(steps)
-        for step in steps:
-            tensors = {
-                name: base[name]
-                + drift * (step / t_max) * directions[name]
-                + noise * drift * torch.randn(shape, generator=generator)
-                for name, shape in shapes.items()
-            }
-            save(out / "runs" / f"checkpoint-{step}", tensors)
-        return out
-    for name in base:  # the master weights start at the saved bf16 base
-        base[name] = _bf16_exact(base[name])
+    if profile != "planted":
+        for name in base:  # the master weights start at the saved bf16 base
+            base[name] = _bf16_exact(base[name])
     for step, tensors in simulate(
         base, directions, steps, generator, profile, lr=lr, noise=noise, every_step=every_step
     ):
         save(out / "runs" / f"checkpoint-{step}", tensors)
     return out
+
+
+def _planted(
+    base: dict[str, torch.Tensor],
+    directions: dict[str, torch.Tensor],
+    steps: list[int],
+    generator: torch.Generator,
+    noise: float | None,
+):
+    """W_t = W_0 + (t / t_max)·drift·v + noise·drift·ε_t, in the order of `steps`."""
+    drift = PLANTED_DRIFT
+    noise = 0.1 if noise is None else noise
+    t_max = max(steps)
+    for step in steps:
+        yield step, {
+            name: (
+                base[name]
+                + drift * (step / t_max) * directions[name]
+                + noise * drift * torch.randn(base[name].shape, generator=generator)
+            ).to(torch.bfloat16)
+            for name in base
+        }
 
 
 def _base_and_directions(

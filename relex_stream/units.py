@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from .errors import RelexError
 
@@ -49,6 +50,39 @@ def parse_steps(text: str) -> list[int]:
             raise RelexError(f"step range {part!r} is empty: write it as LOW-HIGH[:STRIDE]")
         steps.extend(range(int(first), int(last) + 1, int(stride or 1)))
     return sorted(set(steps))
+
+
+@dataclass(frozen=True)
+class StepSelection:
+    """Which observed steps --steps keeps: any inside a range, and each listed step exactly."""
+
+    ranges: tuple[tuple[int, int, int], ...]  # (low, high, stride), inclusive
+    exact: tuple[int, ...]
+    text: str
+
+    def keeps(self, step: int) -> bool:
+        return step in self.exact or any(
+            low <= step <= high and (step - low) % stride == 0 for low, high, stride in self.ranges
+        )
+
+
+def parse_step_selection(text: str) -> StepSelection:
+    """'1-75', '10-80:10', '10,20,40' or a mix, as a filter on observed steps."""
+    ranges, exact = [], []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
+        if not match:
+            raise RelexError(
+                f"cannot read steps {text!r}: use ranges and lists like 1-75, 10-80:10 or 10,20,40"
+            )
+        first, last, stride = match.groups()
+        if last is None:
+            exact.append(int(first))
+        elif int(last) < int(first) or (stride is not None and int(stride) == 0):
+            raise RelexError(f"step range {part!r} is empty: write it as LOW-HIGH[:STRIDE]")
+        else:
+            ranges.append((int(first), int(last), int(stride or 1)))
+    return StepSelection(tuple(ranges), tuple(exact), text)
 
 
 def parse_targets(text: str) -> list[float]:

@@ -1,0 +1,165 @@
+"""PNG figures for the report and backtest commands; matplotlib is an optional extra.
+
+Every function takes plain numbers (no store access) and writes one PNG, returning its path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import RelexError
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or a RelexError saying how to get it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RelexError(
+            "plots need matplotlib: pip install 'relex_stream[plots]' (or matplotlib), "
+            "or pass --no-plots"
+        ) from None
+    matplotlib.use("Agg")  # no display needed; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def _horizontal() -> dict:
+    """boxplot keyword for horizontal boxes: 'orientation' since matplotlib 3.10, 'vert' before."""
+    import matplotlib
+
+    major, minor = (int(x) for x in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
+
+
+def coefficient_trajectories(
+    path: Path,
+    panels: Sequence[tuple[str, Sequence[float], Sequence[float], float, float, float]],
+) -> Path:
+    """One panel per (title, steps, coefficients, slope, intercept, R²): c_k vs t_k and its line."""
+    plt = pyplot()
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        title, steps, coefficients, slope, intercept, r2 = panel
+        ax.plot(steps, coefficients, "o", ms=4, label="σ₁u₁[k]")
+        ends = [min(steps), max(steps)]
+        fitted = [slope * t + intercept for t in ends]
+        ax.plot(ends, fitted, "-", lw=1.2, label=f"line, R²={r2:.4f}")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("rank-1 coefficient")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def histograms(
+    path: Path,
+    explained: Sequence[float],
+    r_squared: Sequence[float],
+    null_ev_hi: float,
+    null_r2_hi: float,
+) -> Path:
+    """Histograms of explained variance and R² over tensors, the median null 95% line dashed."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, values, null_hi, label in (
+        (axes[0], explained, null_ev_hi, "explained variance λ₁/Σλ"),
+        (axes[1], r_squared, null_r2_hi, "R² of the rank-1 coefficient line"),
+    ):
+        finite = [v for v in values if math.isfinite(v)]
+        ax.hist(finite, bins=min(40, max(5, len(finite) // 3)), color="tab:blue", alpha=0.8)
+        if math.isfinite(null_hi):
+            ax.axvline(null_hi, color="tab:red", ls="--", lw=1, label="random-walk null, 95%")
+            ax.legend(fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel("tensors")
+    return _save(fig, path)
+
+
+def by_layer(
+    path: Path,
+    layers: Sequence[int | None],
+    modules: Sequence[str],
+    explained: Sequence[float],
+    r_squared: Sequence[float],
+) -> Path:
+    """Explained variance and R² against layer index, one colour per module type."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    kinds = sorted({m for m, layer in zip(modules, layers, strict=True) if layer is not None})
+    colours = plt.get_cmap("tab20")  # the default cycle repeats after 10 module types
+    for n, kind in enumerate(kinds):
+        picked = [i for i, m in enumerate(modules) if m == kind and layers[i] is not None]
+        xs = [layers[i] for i in picked]
+        style = {"ms": 3, "lw": 0.8, "color": colours(n % 20), "label": kind}
+        axes[0].plot(xs, [explained[i] for i in picked], "o-", **style)
+        axes[1].plot(xs, [r_squared[i] for i in picked], "o-", **style)
+    axes[0].set_ylabel("explained variance")
+    axes[1].set_ylabel("R² of line")
+    axes[1].set_xlabel("layer")
+    axes[1].xaxis.get_major_locator().set_params(integer=True)
+    if kinds:
+        axes[0].legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def by_module(
+    path: Path, modules: Sequence[str], explained: Sequence[float], r_squared: Sequence[float]
+) -> Path:
+    """Box plots of explained variance and R² per module type."""
+    plt = pyplot()
+    kinds = sorted(set(modules))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(kinds) + 1.8))
+    for ax, values, label in (
+        (axes[0], explained, "explained variance"),
+        (axes[1], r_squared, "R²"),
+    ):
+        pairs = list(zip(modules, values, strict=True))
+        data = [
+            [v for m, v in pairs if m == kind and math.isfinite(v)] or [math.nan] for kind in kinds
+        ]
+        ax.boxplot(data, **_horizontal())
+        ax.set_yticks(range(1, len(kinds) + 1), kinds, fontsize=7)
+        ax.set_xlabel(label)
+    return _save(fig, path)
+
+
+def backtest_errors(
+    path: Path,
+    curves: Sequence[tuple[str, str, Sequence[float], Sequence[float]]],
+    threshold: float,
+) -> Path:
+    """Overall relative error against distance: (method, window, xs, errors), colour per method."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    methods = list(dict.fromkeys(method for method, _, _, _ in curves))
+    windows = list(dict.fromkeys(window for _, window, _, _ in curves))
+    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    dashes = ("-", "--", ":", "-.")
+    for method, window, distances, errors in curves:
+        label = method if len(windows) == 1 else f"{method} [{window}]"
+        ax.plot(distances, errors, marker="o", ms=4, label=label,
+                color=colours(methods.index(method) % colours.N),
+                ls=dashes[windows.index(window) % len(dashes)])
+    ax.axhline(threshold, color="black", ls="--", lw=0.8, label=f"threshold {threshold:g}")
+    positive = [e for _, _, _, errors in curves for e in errors if math.isfinite(e) and e > 0]
+    if positive and max(positive) / min(positive) > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("extrapolation distance (steps past the window's last step)")
+    ax.set_ylabel("‖Δ̂ − Δ‖ / ‖Δ‖ (all tensors)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
