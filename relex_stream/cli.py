@@ -56,6 +56,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="output dtype of floating-point tensors (default: the base's)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output directories")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="extrapolate even when a checkpoint holds NaN or Inf (refused by default)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
 
@@ -118,6 +123,7 @@ def _run(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         overwrite=args.overwrite,
         rebuild=args.rebuild,
+        allow_nonfinite=args.allow_nonfinite,
         quiet=args.quiet,
     )
     if not args.quiet:

@@ -32,7 +32,8 @@ from .checkpoints import (
 from .errors import RelexError
 from .kernels import resolve_device
 from .passes import GAP_WARNING, PassStats, plan_tensor, run_passes
-from .safetensors_io import DTYPES, FLOAT_CODES
+from .plan import relex_weights
+from .safetensors_io import DTYPES
 from .units import (
     StepSelection,
     format_bytes,
@@ -238,6 +239,7 @@ def extrapolate(
     dtype: str = "auto",
     overwrite: bool = False,
     rebuild: bool = False,
+    allow_nonfinite: bool = False,
     quiet: bool = False,
 ) -> RunSummary:
     """Predict the checkpoint at each target step; write one model directory per target.
@@ -256,114 +258,76 @@ def extrapolate(
         raise RelexError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     torch_device = resolve_device(device)
     budget = parse_bytes(max_memory)
+    device_budget = _device_budget(torch_device, max_gpu_memory)
     out = Path(out)
     store_path = Path(cache) if cache is not None else out / "trajectory.zarr"
 
     if base is None and (runs is not None or ckpts):
         raise RelexError("--runs/--ckpt need --base, the checkpoint the run started from")
     sources = _open_sources(Path(base), runs, ckpts, steps, window) if base is not None else None
+    final_dirs = _check_outputs(out, target_steps, overwrite)
 
-    final_dirs = [out / f"step-{step_label(t)}" for t in target_steps]
-    if len(set(final_dirs)) != len(final_dirs):
-        raise RelexError("--target lists the same step twice")
-    for final in final_dirs:
-        if final.exists() and not overwrite:
-            raise RelexError(f"{final} already exists; pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise RelexError(f"cannot write to {out}: choose a writable --out")
-
-    root, observed, row_ids = _open_store(store_path, sources, steps, window, rebuild)
-    meta = trajectory_store.attrs(root)
-    layout = ModelLayout.from_json(meta["layout"])
-    aliases: dict[str, str] = meta["aliases"]
-    dtypes = output_dtypes(layout, DTYPE_CHOICES[dtype])
-
-    last = observed[-1]
-    for t in target_steps:
-        if t <= last:
-            log.warning(
-                "target %s is not beyond the last observed step %d: this interpolates or "
-                "reconstructs rather than extrapolates",
-                step_label(t),
-                last,
+    with trajectory_store.locked(store_path):
+        root, observed, row_ids = _open_store(store_path, sources, steps, window, rebuild)
+        meta = trajectory_store.attrs(root)
+        layout = ModelLayout.from_json(meta["layout"])
+        aliases: dict[str, str] = meta["aliases"]
+        dtypes = output_dtypes(layout, DTYPE_CHOICES[dtype])
+        _warn_about(target_steps, observed, budget)
+        building = {n: not trajectory_store.is_complete(root, n) for n in layout.tensors}
+        if sources is None and any(building[n] for n in layout.tensors if n not in aliases):
+            raise RelexError(
+                f"the store at {store_path} is incomplete (an interrupted run?); rerun with "
+                "--base and --runs to finish it"
             )
-    free_ram = psutil.virtual_memory().available
-    if budget > free_ram:
-        log.warning(
-            "--max-memory %s is more than the %s of RAM available now",
-            format_bytes(budget),
-            format_bytes(free_ram),
-        )
+        work = [
+            plan_tensor(
+                name, [name] + [a for a, src in aliases.items() if src == name], layout,
+                DTYPES[dtypes[name]][1].itemsize, len(observed), len(target_steps),
+                building[name], budget, device_budget, svd,
+            )
+            for names in layout.shard_tensors.values()
+            for name in names
+            if name not in aliases
+        ]  # fmt: skip
+        store_bytes = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work if w.building)
+        _check_disk(store_path, store_bytes, "the trajectory store")
+        _check_disk(out, _layout_bytes(layout, dtypes) * len(target_steps), "the outputs")
 
-    n_stored = len(meta["steps"])
-    float_names = [n for n, (d, _) in layout.tensors.items() if d in FLOAT_CODES]
-    stored_raw = sum(
-        int(np.prod(layout.tensors[n][1], dtype=np.int64))
-        * DTYPES[layout.tensors[n][0]][1].itemsize
-        for n in float_names
-        if n not in aliases
-    )
-    if sources is not None and not meta["complete"]:
-        _check_disk(store_path, stored_raw * (n_stored + 1), "the trajectory store")
-    _check_disk(out, _layout_bytes(layout, dtypes) * len(target_steps), "the outputs")
+        summary = RunSummary(outputs=final_dirs, store=store_path, observed_steps=observed)
+        summary.tensors = sum(len(w.out_names) for w in work)
+        summary.input_bytes = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work)
+        steps_tensor = torch.tensor(observed, dtype=torch.float64)
 
-    summary = RunSummary(outputs=final_dirs, store=store_path, observed_steps=observed)
-    steps_tensor = torch.tensor(observed, dtype=torch.float64)
-    stale = sorted(out.glob(".step-*.tmp-*"))
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    device_budget = _device_budget(torch_device, max_gpu_memory)
-    building = {n: not trajectory_store.is_complete(root, n) for n in layout.tensors}
-    if sources is None and any(building[n] for n in layout.tensors if n not in aliases):
-        raise RelexError(f"the store at {store_path} is incomplete; rerun with --base and --runs")
-    work = [
-        plan_tensor(
-            name,
-            [name] + [a for a, src in aliases.items() if src == name],
-            layout,
-            DTYPES[dtypes[name]][1].itemsize,
-            len(observed),
-            len(target_steps),
-            building[name],
-            budget,
-            device_budget,
-        )
-        for names in layout.shard_tensors.values()
-        for name in names
-        if name not in aliases
-    ]
-    summary.tensors = sum(len(w.out_names) for w in work)
-    summary.input_bytes = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work)
-    stats = PassStats()
-    writers: list[ModelWriter] = []
-    try:
-        for final in final_dirs:
-            tmp = out / f".{final.name}.tmp-{os.getpid()}"
-            writers.append(ModelWriter(tmp, final, layout, dtypes))
-        run_passes(
-            work,
-            sources,
-            root,
-            row_ids,
-            steps_tensor,
-            target_steps,
-            writers,
-            torch_device,
-            stats,
-            summary.ill_conditioned,
-            show_progress=not quiet and _stderr_is_tty(),
-        )
-        if sources is not None:
-            trajectory_store.mark_complete(root)
-        aux = sources.base.aux_files() if sources is not None else trajectory_store.aux_files(root)
-        for writer in writers:
-            writer.finalize(aux, overwrite)
-        writers = []
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
+        def plan_weights(name: str, gram: torch.Tensor) -> torch.Tensor:
+            return relex_weights(gram, steps_tensor, target_steps)  # (T, K)
+
+        stats = PassStats()
+        writers: list[ModelWriter] = []
+        try:
+            for final in final_dirs:
+                tmp = out / f".{final.name}.tmp-{os.getpid()}"
+                writers.append(ModelWriter(tmp, final, layout, dtypes))
+            run_passes(
+                work, sources, root, row_ids, steps_tensor, plan_weights, writers,
+                torch_device, stats, summary.ill_conditioned,
+                show_progress=not quiet and _stderr_is_tty(),
+                allow_nonfinite=allow_nonfinite, observed_steps=observed,
+            )  # fmt: skip
+            if sources is not None:
+                trajectory_store.mark_complete(root)
+            aux = (
+                sources.base.aux_files()
+                if sources is not None
+                else trajectory_store.aux_files(root)
+            )
+            for writer in writers:
+                writer.finalize(aux, overwrite)
+            writers = []
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
     summary.bytes_read = stats.bytes_read
     summary.bytes_written = stats.bytes_written
     summary.store_bytes_written = stats.store_bytes_written
@@ -372,13 +336,46 @@ def extrapolate(
         log.warning(
             "%d tensor(s) have σ₂/σ₁ above %.2f, so their rank-1 direction is ill-defined "
             "(worst: %s at %.3f)",
-            len(summary.ill_conditioned),
-            GAP_WARNING,
-            *worst,
-        )
+            len(summary.ill_conditioned), GAP_WARNING, *worst,
+        )  # fmt: skip
     summary.wall_seconds = time.perf_counter() - started
     summary.peak_rss_bytes = _peak_rss_bytes()
     return summary
+
+
+def _check_outputs(out: Path, target_steps: list[float], overwrite: bool) -> list[Path]:
+    """The final output directories; refuses existing ones unless `overwrite`."""
+    final_dirs = [out / f"step-{step_label(t)}" for t in target_steps]
+    if len(set(final_dirs)) != len(final_dirs):
+        raise RelexError("--target lists the same step twice")
+    for final in final_dirs:
+        if final.exists() and not overwrite:
+            raise RelexError(f"{final} already exists; pass --overwrite to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RelexError(f"cannot create {out}: {exc.strerror}; choose another --out") from None
+    if not os.access(out, os.W_OK):
+        raise RelexError(f"cannot write to {out}: choose a writable --out")
+    for stale in out.glob(".step-*.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    return final_dirs
+
+
+def _warn_about(target_steps: list[float], observed: list[int], budget: int) -> None:
+    for t in target_steps:
+        if t <= observed[-1]:
+            log.warning(
+                "target %s is not beyond the last observed step %d: this interpolates or "
+                "reconstructs rather than extrapolates",
+                step_label(t), observed[-1],
+            )  # fmt: skip
+    free_ram = psutil.virtual_memory().available
+    if budget > free_ram:
+        log.warning(
+            "--max-memory %s is more than the %s of RAM available now",
+            format_bytes(budget), format_bytes(free_ram),
+        )  # fmt: skip
 
 
 def _stderr_is_tty() -> bool:

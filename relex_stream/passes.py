@@ -8,6 +8,7 @@ on CUDA a tensor that fits the GPU budget is kept there after the Gram pass and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,9 +17,10 @@ from tqdm import tqdm
 
 from . import store as trajectory_store
 from .checkpoints import ModelLayout
+from .errors import RelexError
 from .kernels import accumulate_gram, combine, randomized_gram
 from .memory import chunk_bytes, plan_chunk_cols
-from .plan import fit_diagnostics, relex_weights
+from .plan import fit_diagnostics
 from .reader import ChunkRead, ChunkReader, chunk_nbytes
 from .safetensors_io import DTYPES, FLOAT_CODES, bits_to_torch, read_into
 from .writer import ModelWriter
@@ -133,8 +135,6 @@ def choose_svd(requested: str, n_rows: int, resident: bool) -> str:
     tensors with K > 2·p·(2·iterations + 1) = 70.
     """
     if requested not in ("auto", "exact", "randomized"):
-        from .errors import RelexError
-
         raise RelexError(f"--svd {requested!r} is not one of auto, exact, randomized")
     if requested == "exact" or n_rows == 0:
         return "exact"
@@ -150,14 +150,28 @@ def run_passes(
     root,
     row_ids: list[int],
     steps: torch.Tensor,
-    targets: list[float],
+    plan_weights: Callable[[str, torch.Tensor], torch.Tensor],
     writers: list[ModelWriter],
     device: torch.device,
     stats: PassStats,
     ill_conditioned: list[tuple[str, float]],
     show_progress: bool,
+    allow_nonfinite: bool,
+    observed_steps: list[int],
 ) -> None:
-    """Run both passes over every tensor in `work`, writing into `writers`."""
+    """Run both passes over every tensor in `work`, writing into `writers`.
+
+    plan_weights(name, gram (K, K)) gives the (outputs, K) float64 combination weights.
+    """
+
+    def weights_for(w: TensorWork) -> None:
+        if not allow_nonfinite:
+            _refuse_nonfinite(w, observed_steps)
+        w.weights = plan_weights(w.name, w.gram)
+        fit = fit_diagnostics(w.gram, steps)
+        if fit.sigma[0] > 0 and fit.spectral_gap > GAP_WARNING:
+            ill_conditioned.append((w.name, fit.spectral_gap))
+
     by_name = {w.name: w for w in work}
     jobs = [job for w in work for job in w.jobs()]
 
@@ -191,7 +205,7 @@ def run_passes(
                         mat_bar.update(chunk_nbytes(job))
                     last = job.stop == w.numel
                     if last and w.is_float:
-                        _plan_weights(w, steps, targets, ill_conditioned)
+                        weights_for(w)
                         if len(w.chunks()) == 1:
                             _materialise(
                                 w, chunk.base, chunk.rows, job.start, writers, device, stats
@@ -205,7 +219,7 @@ def run_passes(
                         if w.weights is None:
                             full = trajectory_store.read_gram(root, w.name)
                             w.gram = full[row_ids][:, row_ids]
-                            _plan_weights(w, steps, targets, ill_conditioned)
+                            weights_for(w)
                         _materialise(w, chunk.base, chunk.rows, job.start, writers, device, stats)
                     else:
                         _write(w, writers, job.start, [chunk.base] * len(writers), stats)
@@ -263,16 +277,17 @@ def _gram_step(
         trajectory_store.finish_tensor(root, w.name, w.gram, kind=w.svd)
 
 
-def _plan_weights(
-    w: TensorWork,
-    steps: torch.Tensor,
-    targets: list[float],
-    ill_conditioned: list[tuple[str, float]],
-) -> None:
-    w.weights = relex_weights(w.gram, steps, targets)  # (T, K)
-    fit = fit_diagnostics(w.gram, steps)
-    if fit.sigma[0] > 0 and fit.spectral_gap > GAP_WARNING:
-        ill_conditioned.append((w.name, fit.spectral_gap))
+def _refuse_nonfinite(w: TensorWork, observed_steps: list[int]) -> None:
+    """NaN or Inf anywhere in a tensor's rows shows on the Gram diagonal; name tensor and step."""
+    diagonal = torch.diagonal(w.gram)
+    if bool(torch.isfinite(w.gram).all()):
+        return
+    bad = [observed_steps[k] for k in range(len(observed_steps)) if not diagonal[k].isfinite()]
+    where = f"step {bad[0]}" if bad and len(bad) < len(observed_steps) else "the base or every step"
+    raise RelexError(
+        f"tensor {w.name!r} holds NaN or Inf values at {where}; fix the checkpoint, or pass "
+        "--allow-nonfinite to extrapolate anyway"
+    )
 
 
 def _materialise(

@@ -9,7 +9,11 @@ the store-wide mark is written last.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,31 @@ def _compressors():
     return ZstdCodec(level=1)
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the store at `path` (a sibling file PATH.lock) while in use."""
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RelexError(
+                f"the store at {path} is in use by another run (pid {holder}); wait for it to "
+                "finish, or give this run another --cache"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def create(
     path: Path,
     layout: ModelLayout,
@@ -44,8 +73,13 @@ def create(
     aux_files: dict[str, bytes],
     aliases: dict[str, str],
 ) -> zarr.Group:
-    """A new, empty store for `steps`; overwrites nothing (the caller removed any old one)."""
-    root = zarr.open_group(str(path), mode="w-")
+    """A new, empty store for `steps`; overwrites nothing (the caller removed any old one).
+
+    Built under a temporary name and renamed, so a store at `path` always has its metadata.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    root = zarr.open_group(str(tmp), mode="w-")
     root.attrs.update(
         {
             "format": STORE_FORMAT,
@@ -66,7 +100,8 @@ def create(
     root.create_group("base")
     root.create_group("rows")
     root.create_group("gram")
-    return root
+    os.rename(tmp, path)
+    return zarr.open_group(str(path), mode="a")
 
 
 def open_existing(path: Path) -> zarr.Group | None:
