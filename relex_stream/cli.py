@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .errors import RelexError
@@ -126,7 +127,7 @@ def _run(args: argparse.Namespace) -> None:
         allow_nonfinite=args.allow_nonfinite,
         quiet=args.quiet,
     )
-    if not args.quiet:
+    if not args.quiet and summary.rank == 0:
         for line in summary.lines():
             print(line)
 
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handlers[args.command](args)
     except RelexError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+        print(f"error: {'' if rank == '0' else f'[rank {rank}] '}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

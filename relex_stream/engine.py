@@ -5,6 +5,7 @@ This module wires the pieces together and owns no numerics or file formats of it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,16 @@ from .checkpoints import (
     open_model,
     parse_ckpt_args,
     select_steps,
+)
+from .distributed import (
+    Ranks,
+    assign,
+    barrier,
+    broadcast,
+    device_for,
+    gather,
+    init_from_env,
+    shutdown,
 )
 from .errors import RelexError
 from .kernels import resolve_device
@@ -62,7 +73,9 @@ class RunSummary:
     bytes_written: int = 0  # bytes of output tensors
     store_bytes_written: int = 0
     wall_seconds: float = 0.0
-    peak_rss_bytes: int = 0
+    peak_rss_bytes: int = 0  # the largest of any rank
+    rank: int = 0  # this process's torchrun rank
+    ranks: int = 1
     ill_conditioned: list[tuple[str, float]] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -73,7 +86,8 @@ class RunSummary:
             f"read: {format_bytes(self.bytes_read)} ({ratio:.2f}x the input's "
             f"{format_bytes(self.input_bytes)}); written: {format_bytes(self.bytes_written)} "
             f"of outputs, {format_bytes(self.store_bytes_written)} into the store",
-            f"wall time: {self.wall_seconds:.1f} s; peak RSS: {format_bytes(self.peak_rss_bytes)}",
+            f"wall time: {self.wall_seconds:.1f} s; peak RSS: {format_bytes(self.peak_rss_bytes)}"
+            + (f" (largest of {self.ranks} ranks)" if self.ranks > 1 else ""),
             *(f"output: {path}" for path in self.outputs),
         ]
 
@@ -256,24 +270,51 @@ def extrapolate(
         raise RelexError("give at least one --target step")
     if dtype not in DTYPE_CHOICES:
         raise RelexError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    ranks = init_from_env(device)
+    try:
+        return _extrapolate(
+            ranks, started, target_steps, steps, Path(out), base, runs, ckpts, window, cache,
+            device_for(device, ranks), max_memory, max_gpu_memory, svd, dtype, overwrite,
+            rebuild, allow_nonfinite, quiet,
+        )  # fmt: skip
+    finally:
+        shutdown(ranks)
+
+
+def _extrapolate(
+    ranks: Ranks,
+    started: float,
+    target_steps: list[float],
+    steps: StepSelection | None,
+    out: Path,
+    base, runs, ckpts, window, cache, device, max_memory, max_gpu_memory, svd, dtype,
+    overwrite: bool, rebuild: bool, allow_nonfinite: bool, quiet: bool,
+) -> RunSummary:  # fmt: skip
     torch_device = resolve_device(device)
     budget = parse_bytes(max_memory)
     device_budget = _device_budget(torch_device, max_gpu_memory)
-    out = Path(out)
     store_path = Path(cache) if cache is not None else out / "trajectory.zarr"
 
     if base is None and (runs is not None or ckpts):
         raise RelexError("--runs/--ckpt need --base, the checkpoint the run started from")
     sources = _open_sources(Path(base), runs, ckpts, steps, window) if base is not None else None
-    final_dirs = _check_outputs(out, target_steps, overwrite)
+    final_dirs = _check_outputs(out, target_steps, overwrite, ranks)
 
-    with trajectory_store.locked(store_path):
-        root, observed, row_ids = _open_store(store_path, sources, steps, window, rebuild)
+    # Only rank 0 locks, creates or rebuilds the store; the others open it after a barrier.
+    lock = trajectory_store.locked(store_path) if ranks.is_main else contextlib.nullcontext()
+    with lock:
+        if ranks.is_main:
+            opened = _open_store(store_path, sources, steps, window, rebuild)
+        barrier(ranks)
+        if not ranks.is_main:
+            opened = _open_store(store_path, sources, steps, window, rebuild=False)
+        root, observed, row_ids = opened
         meta = trajectory_store.attrs(root)
         layout = ModelLayout.from_json(meta["layout"])
         aliases: dict[str, str] = meta["aliases"]
         dtypes = output_dtypes(layout, DTYPE_CHOICES[dtype])
-        _warn_about(target_steps, observed, budget)
+        if ranks.is_main:
+            _warn_about(target_steps, observed, budget)
         building = {n: not trajectory_store.is_complete(root, n) for n in layout.tensors}
         if sources is None and any(building[n] for n in layout.tensors if n not in aliases):
             raise RelexError(
@@ -295,8 +336,13 @@ def extrapolate(
         _check_disk(out, _layout_bytes(layout, dtypes) * len(target_steps), "the outputs")
 
         summary = RunSummary(outputs=final_dirs, store=store_path, observed_steps=observed)
+        summary.rank = ranks.rank
         summary.tensors = sum(len(w.out_names) for w in work)
         summary.input_bytes = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work)
+        owners = assign(
+            [(w.n_rows + 1) * w.numel * w.bits.itemsize for w in work], ranks.world_size
+        )
+        my_work = [w for w, owner in zip(work, owners, strict=True) if owner == ranks.rank]
         steps_tensor = torch.tensor(observed, dtype=torch.float64)
 
         def plan_weights(name: str, gram: torch.Tensor) -> torch.Tensor:
@@ -304,34 +350,51 @@ def extrapolate(
 
         stats = PassStats()
         writers: list[ModelWriter] = []
+        run_id = broadcast(os.getpid(), ranks)
         try:
-            for final in final_dirs:
-                tmp = out / f".{final.name}.tmp-{os.getpid()}"
+            for final in final_dirs if ranks.is_main else []:
+                tmp = out / f".{final.name}.tmp-{run_id}"
                 writers.append(ModelWriter(tmp, final, layout, dtypes))
+            barrier(ranks)
+            for final in [] if ranks.is_main else final_dirs:
+                tmp = out / f".{final.name}.tmp-{run_id}"
+                writers.append(ModelWriter(tmp, final, layout, dtypes, create=False))
             run_passes(
-                work, sources, root, row_ids, steps_tensor, plan_weights, writers,
+                my_work, sources, root, row_ids, steps_tensor, plan_weights, writers,
                 torch_device, stats, summary.ill_conditioned,
-                show_progress=not quiet and _stderr_is_tty(),
+                show_progress=ranks.is_main and not quiet and _stderr_is_tty(),
                 allow_nonfinite=allow_nonfinite, observed_steps=observed,
             )  # fmt: skip
-            if sources is not None:
-                trajectory_store.mark_complete(root)
-            aux = (
-                sources.base.aux_files()
-                if sources is not None
-                else trajectory_store.aux_files(root)
-            )
             for writer in writers:
-                writer.finalize(aux, overwrite)
+                writer.close()
+            barrier(ranks)
+            if ranks.is_main:
+                if sources is not None:
+                    trajectory_store.mark_complete(root)
+                aux = (
+                    sources.base.aux_files()
+                    if sources is not None
+                    else trajectory_store.aux_files(root)
+                )
+                for writer in writers:
+                    writer.finalize(aux, overwrite)
             writers = []
         except BaseException:
             for writer in writers:
                 writer.abort()
             raise
-    summary.bytes_read = stats.bytes_read
-    summary.bytes_written = stats.bytes_written
-    summary.store_bytes_written = stats.store_bytes_written
-    if summary.ill_conditioned:
+    per_rank = gather(
+        (stats.bytes_read, stats.bytes_written, stats.store_bytes_written,
+         summary.ill_conditioned, _peak_rss_bytes()),
+        ranks,
+    )  # fmt: skip
+    summary.bytes_read = sum(r[0] for r in per_rank)
+    summary.bytes_written = sum(r[1] for r in per_rank)
+    summary.store_bytes_written = sum(r[2] for r in per_rank)
+    summary.ill_conditioned = [item for r in per_rank for item in r[3]]
+    summary.peak_rss_bytes = max(r[4] for r in per_rank)
+    summary.ranks = ranks.world_size
+    if summary.ill_conditioned and ranks.is_main:
         worst = max(summary.ill_conditioned, key=lambda item: item[1])
         log.warning(
             "%d tensor(s) have σ₂/σ₁ above %.2f, so their rank-1 direction is ill-defined "
@@ -339,11 +402,12 @@ def extrapolate(
             len(summary.ill_conditioned), GAP_WARNING, *worst,
         )  # fmt: skip
     summary.wall_seconds = time.perf_counter() - started
-    summary.peak_rss_bytes = _peak_rss_bytes()
     return summary
 
 
-def _check_outputs(out: Path, target_steps: list[float], overwrite: bool) -> list[Path]:
+def _check_outputs(
+    out: Path, target_steps: list[float], overwrite: bool, ranks: Ranks
+) -> list[Path]:
     """The final output directories; refuses existing ones unless `overwrite`."""
     final_dirs = [out / f"step-{step_label(t)}" for t in target_steps]
     if len(set(final_dirs)) != len(final_dirs):
@@ -357,8 +421,9 @@ def _check_outputs(out: Path, target_steps: list[float], overwrite: bool) -> lis
         raise RelexError(f"cannot create {out}: {exc.strerror}; choose another --out") from None
     if not os.access(out, os.W_OK):
         raise RelexError(f"cannot write to {out}: choose a writable --out")
-    for stale in out.glob(".step-*.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    if ranks.is_main:
+        for stale in out.glob(".step-*.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
     return final_dirs
 
 

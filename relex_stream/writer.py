@@ -65,18 +65,31 @@ def _header(
 class ModelWriter:
     """An output model under construction in `tmp_dir`; `finalize` moves it to `final_dir`."""
 
-    def __init__(self, tmp_dir: Path, final_dir: Path, layout: ModelLayout, dtypes: dict[str, str]):
+    def __init__(
+        self,
+        tmp_dir: Path,
+        final_dir: Path,
+        layout: ModelLayout,
+        dtypes: dict[str, str],
+        create: bool = True,
+    ):
+        """Lay out (create=True) or attach to (create=False, other torchrun ranks) the shards."""
         self.tmp_dir, self.final_dir, self.layout, self.dtypes = tmp_dir, final_dir, layout, dtypes
-        tmp_dir.mkdir(parents=True)
+        self.owner = create
+        if create:
+            tmp_dir.mkdir(parents=True)
         self.slots: dict[str, OutputSlot] = {}
         self._fds: dict[str, int] = {}
         self.total_bytes = 0
         for shard, names in layout.shard_tensors.items():
             header, info = _header(names, layout, dtypes)
-            fd = os.open(tmp_dir / shard, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            if create:
+                fd = os.open(tmp_dir / shard, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.pwrite(fd, header, 0)
+                os.ftruncate(fd, len(header) + info["data_bytes"])
+            else:
+                fd = os.open(tmp_dir / shard, os.O_RDWR)
             self._fds[shard] = fd
-            os.pwrite(fd, header, 0)
-            os.ftruncate(fd, len(header) + info["data_bytes"])
             self.total_bytes += info["data_bytes"]
             for name in names:
                 self.slots[name] = OutputSlot(
@@ -92,12 +105,16 @@ class ModelWriter:
         while done < len(view):
             done += os.pwrite(self._fds[slot.shard], view[done:], offset + done)
 
-    def finalize(self, aux_files: dict[str, bytes], overwrite: bool) -> None:
-        """Write index and aux files, fsync everything, then rename into place."""
+    def close(self) -> None:
+        """fsync and close the shard files (every rank, before the finalising barrier)."""
         for fd in self._fds.values():
             os.fsync(fd)
             os.close(fd)
         self._fds.clear()
+
+    def finalize(self, aux_files: dict[str, bytes], overwrite: bool) -> None:
+        """Write index and aux files, fsync everything, then rename into place."""
+        self.close()
         if self.layout.sharded:
             index = {
                 "metadata": {"total_size": self.total_bytes},
@@ -126,11 +143,12 @@ class ModelWriter:
             shutil.rmtree(previous)
 
     def abort(self) -> None:
-        """Close files and remove the temporary directory."""
+        """Close files and, for the writer that laid it out, remove the temporary directory."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self.owner:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def _config_with_dtype(self, content: bytes) -> bytes:
         float_dtypes = {d for n, d in self.dtypes.items() if self.layout.tensors[n][0] != d}
