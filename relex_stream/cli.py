@@ -8,6 +8,7 @@ import os
 import sys
 
 from .errors import RelexError
+from .report_cli import REPORT_HANDLERS, add_report_parsers
 from .units import parse_steps
 
 log = logging.getLogger("relex_stream")
@@ -34,7 +35,34 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", required=True, help="target step(s): 500 or 500,750,1000")
     p.add_argument("--out", required=True, help="output directory; one step-T/ per target")
     p.add_argument("--steps", help="observed steps to use: ranges and lists, e.g. 1-75 or 10,20,40")
-    p.add_argument("--window", type=int, help="keep only the last N observed steps")
+    p.add_argument(
+        "--window",
+        help="fit on the last N observed steps; several (e.g. 10,20,all) write one output each",
+    )
+    g = p.add_argument_group(
+        "methods",
+        "Every method is a linear combination of the observed deltas, so several methods, "
+        "windows and targets share one pass over the weights.",
+    )
+    g.add_argument(
+        "--method",
+        action="append",
+        help="relex (default), raw-ols, two-point, expo; options inline as in "
+        "relex:rank=2,fit=poly:2 or two-point:from=10,to=40 or expo:alpha=0.5,from=40 "
+        "(repeatable: one output directory per method)",
+    )
+    g.add_argument(
+        "--mode",
+        default="extrapolate",
+        choices=["extrapolate", "reconstruct", "fit-reconstruct"],
+        help="extrapolate (default); reconstruct: the rank-r projection of observed steps "
+        "(targets must be observed); fit-reconstruct: the fitted line at observed steps",
+    )
+    g.add_argument("--rank", type=int, help="singular directions kept (relex; default 1)")
+    g.add_argument("--fit", help="coefficient fit: linear (default) or poly:D")
+    g.add_argument("--from", dest="from_step", type=int, help="two-point/expo: first step")
+    g.add_argument("--to", dest="to_step", type=int, help="two-point: second step")
+    g.add_argument("--alpha", type=float, help="expo: extrapolation strength α")
     p.add_argument("--cache", help="trajectory store to use or build (default OUT/trajectory.zarr)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the store from the sources")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
@@ -102,20 +130,62 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_synth(sub)
+    add_report_parsers(sub)
     return parser
+
+
+def _methods(args: argparse.Namespace) -> list:
+    """--method values, with --rank/--fit/--from/--to/--alpha folded into a single one."""
+    from .methods import build_spec, parse_method
+
+    texts = args.method or ["relex"]
+    loose = {
+        "rank": args.rank, "fit": args.fit, "from_step": args.from_step,
+        "to_step": args.to_step, "alpha": args.alpha,
+    }  # fmt: skip
+    given = {key: value for key, value in loose.items() if value is not None}
+    if not given:
+        return texts
+    if len(texts) > 1:
+        raise RelexError(
+            "with several --method values, give options inline, e.g. --method relex:rank=2"
+        )
+    spec = parse_method(texts[0])
+    merged = {
+        "rank": spec.rank, "fit": spec.fit, "from_step": spec.from_step,
+        "to_step": spec.to_step, "alpha": spec.alpha,
+    } | given  # fmt: skip
+    return [build_spec(spec.name, **merged)]
+
+
+def _windows(text: str | None) -> list[int | None]:
+    if text is None:
+        return [None]
+    windows: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "all":
+            windows.append(None)
+        elif part.isdigit():
+            windows.append(int(part))
+        else:
+            raise RelexError(f"--window {text!r}: give step counts like 10 or 10,20,all")
+    return windows
 
 
 def _run(args: argparse.Namespace) -> None:
     from .engine import extrapolate
 
     summary = extrapolate(
+        method=_methods(args),
+        mode=args.mode,
         base=args.base,
         runs=args.runs,
         ckpts=args.ckpt,
         targets=args.target,
         out=args.out,
         steps=args.steps,
-        window=args.window,
+        window=_windows(args.window),
         cache=args.cache,
         device=args.device,
         max_memory=args.max_memory,
@@ -159,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    handlers = {"run": _run, "synth": _synth}
+    handlers = {"run": _run, "synth": _synth, **REPORT_HANDLERS}
     try:
         handlers[args.command](args)
     except RelexError as exc:

@@ -42,8 +42,9 @@ from .distributed import (
 )
 from .errors import RelexError
 from .kernels import resolve_device
+from .methods import MethodSpec, build_spec, parse_method
+from .outputs import OutputSpec, check_plan, plan_outputs, weight_plan
 from .passes import GAP_WARNING, PassStats, plan_tensor, run_passes
-from .plan import relex_weights
 from .safetensors_io import DTYPES
 from .units import (
     StepSelection,
@@ -223,17 +224,54 @@ def _layout_bytes(layout: ModelLayout, dtypes: dict[str, str]) -> int:
 
 
 def _device_budget(device: torch.device, max_gpu_memory: str | int | None) -> int | None:
-    """GPU bytes a tensor may occupy between the passes: the flag, or free memory less 10%."""
-    if device.type != "cuda":
-        return None
+    """Bytes a tensor may keep on the device between the passes, or None for no residency.
+
+    On CUDA: the flag, or free GPU memory less 10% and 1 GiB. On CPU only when the flag is
+    given: the same code path then keeps a second copy in host memory (what the CPU tests use
+    to cover the GPU path).
+    """
     if max_gpu_memory is not None:
         return parse_bytes(max_gpu_memory)
+    if device.type != "cuda":
+        return None
     free, _ = torch.cuda.mem_get_info(device)
     return int(free * 0.9) - 2**30
 
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything a run was asked for, checked and parsed."""
+
+    out: Path
+    targets: list[float]
+    methods: list[MethodSpec]
+    windows: list[int | None]  # last N observed steps per output group; None = all
+    steps: StepSelection | None
+    base: Path | None
+    runs: Path | None
+    ckpts: list[str] | None
+    cache: Path | None
+    device: str
+    max_memory_bytes: int
+    max_gpu_memory: str | int | None
+    svd: str
+    dtype: str
+    overwrite: bool
+    rebuild: bool
+    allow_nonfinite: bool
+    quiet: bool
+
+    @property
+    def store_path(self) -> Path:
+        return self.cache if self.cache is not None else self.out / "trajectory.zarr"
+
+    @property
+    def widest_window(self) -> int | None:
+        return None if None in self.windows else max(self.windows)  # type: ignore[type-var]
 
 
 def extrapolate(
@@ -244,7 +282,9 @@ def extrapolate(
     runs: str | Path | None = None,
     ckpts: list[str] | None = None,
     steps: StepSelection | str | None = None,
-    window: int | None = None,
+    window: int | list[int | None] | None = None,
+    method: str | MethodSpec | list[str | MethodSpec] = "relex",
+    mode: str = "extrapolate",
     cache: str | Path | None = None,
     device: str = "auto",
     max_memory: str | int = "4G",
@@ -256,65 +296,96 @@ def extrapolate(
     allow_nonfinite: bool = False,
     quiet: bool = False,
 ) -> RunSummary:
-    """Predict the checkpoint at each target step; write one model directory per target.
+    """Predict the checkpoint at each target step; write one model directory per output.
 
     Works from sources (base plus runs or ckpts) or, with neither, from the store at `cache`.
+    Several methods (e.g. ["relex", "raw-ols", "two-point:from=10,to=40"]) and windows (last N
+    observed steps) are materialised together in one pass. `mode` ("reconstruct",
+    "fit-reconstruct") turns the relex method into the paper's reconstructions.
     """
     started = time.perf_counter()
     target_steps = (
         parse_targets(targets) if isinstance(targets, str) else [float(t) for t in targets]
     )
-    if isinstance(steps, str):
-        steps = parse_step_selection(steps)
     if not target_steps:
         raise RelexError("give at least one --target step")
     if dtype not in DTYPE_CHOICES:
         raise RelexError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-    ranks = init_from_env(device)
-    try:
-        return _extrapolate(
-            ranks, started, target_steps, steps, Path(out), base, runs, ckpts, window, cache,
-            device_for(device, ranks), max_memory, max_gpu_memory, svd, dtype, overwrite,
-            rebuild, allow_nonfinite, quiet,
-        )  # fmt: skip
-    finally:
-        shutdown(ranks)
-
-
-def _extrapolate(
-    ranks: Ranks,
-    started: float,
-    target_steps: list[float],
-    steps: StepSelection | None,
-    out: Path,
-    base, runs, ckpts, window, cache, device, max_memory, max_gpu_memory, svd, dtype,
-    overwrite: bool, rebuild: bool, allow_nonfinite: bool, quiet: bool,
-) -> RunSummary:  # fmt: skip
-    torch_device = resolve_device(device)
-    budget = parse_bytes(max_memory)
-    device_budget = _device_budget(torch_device, max_gpu_memory)
-    store_path = Path(cache) if cache is not None else out / "trajectory.zarr"
-
     if base is None and (runs is not None or ckpts):
         raise RelexError("--runs/--ckpt need --base, the checkpoint the run started from")
-    sources = _open_sources(Path(base), runs, ckpts, steps, window) if base is not None else None
-    final_dirs = _check_outputs(out, target_steps, overwrite, ranks)
+    methods = [method] if isinstance(method, (str, MethodSpec)) else list(method)
+    specs = [m if isinstance(m, MethodSpec) else parse_method(m) for m in methods]
+    if mode != "extrapolate":
+        specs = [build_spec(s.name, mode, s.rank, s.fit) for s in specs]
+    windows = window if isinstance(window, list) else [window]
+    request = RunRequest(
+        out=Path(out),
+        targets=target_steps,
+        methods=specs,
+        windows=windows,
+        steps=parse_step_selection(steps) if isinstance(steps, str) else steps,
+        base=Path(base) if base is not None else None,
+        runs=Path(runs) if runs is not None else None,
+        ckpts=ckpts,
+        cache=Path(cache) if cache is not None else None,
+        device=device,
+        max_memory_bytes=parse_bytes(max_memory),
+        max_gpu_memory=max_gpu_memory,
+        svd=svd,
+        dtype=dtype,
+        overwrite=overwrite,
+        rebuild=rebuild,
+        allow_nonfinite=allow_nonfinite,
+        quiet=quiet,
+    )
+    ranks = init_from_env(device)
+    try:
+        summary = _execute(request, ranks)
+    finally:
+        shutdown(ranks)
+    summary.wall_seconds = time.perf_counter() - started
+    return summary
+
+
+def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
+    """The run proper, on one torchrun rank (or the only process)."""
+    torch_device = resolve_device(device_for(request.device, ranks))
+    device_budget = _device_budget(torch_device, request.max_gpu_memory)
+    store_path = request.store_path
+    sources = (
+        _open_sources(
+            request.base, request.runs, request.ckpts, request.steps, request.widest_window
+        )
+        if request.base is not None
+        else None
+    )
+
+    outputs = plan_outputs(request.out, request.targets, request.methods, request.windows)
+    if sources is not None:  # catch option mistakes before the store is touched
+        check_plan(outputs, [c.step for c in sources.checkpoints])
 
     # Only rank 0 locks, creates or rebuilds the store; the others open it after a barrier.
     lock = trajectory_store.locked(store_path) if ranks.is_main else contextlib.nullcontext()
     with lock:
+        opened = None
         if ranks.is_main:
-            opened = _open_store(store_path, sources, steps, window, rebuild)
+            opened = _open_store(
+                store_path, sources, request.steps, request.widest_window, request.rebuild
+            )
         barrier(ranks)
         if not ranks.is_main:
-            opened = _open_store(store_path, sources, steps, window, rebuild=False)
+            opened = _open_store(
+                store_path, sources, request.steps, request.widest_window, rebuild=False
+            )
         root, observed, row_ids = opened
+        check_plan(outputs, observed)
+        _check_outputs(request.out, outputs, request.overwrite, ranks)
         meta = trajectory_store.attrs(root)
         layout = ModelLayout.from_json(meta["layout"])
         aliases: dict[str, str] = meta["aliases"]
-        dtypes = output_dtypes(layout, DTYPE_CHOICES[dtype])
+        dtypes = output_dtypes(layout, DTYPE_CHOICES[request.dtype])
         if ranks.is_main:
-            _warn_about(target_steps, observed, budget)
+            _warn_about(outputs, observed, request.max_memory_bytes)
         building = {n: not trajectory_store.is_complete(root, n) for n in layout.tensors}
         if sources is None and any(building[n] for n in layout.tensors if n not in aliases):
             raise RelexError(
@@ -323,19 +394,28 @@ def _extrapolate(
             )
         work = [
             plan_tensor(
-                name, [name] + [a for a, src in aliases.items() if src == name], layout,
-                DTYPES[dtypes[name]][1].itemsize, len(observed), len(target_steps),
-                building[name], budget, device_budget, svd,
+                name,
+                [name] + [a for a, src in aliases.items() if src == name],
+                layout,
+                DTYPES[dtypes[name]][1].itemsize,
+                len(observed),
+                len(outputs),
+                building[name],
+                request.max_memory_bytes,
+                device_budget,
+                request.svd,
             )
             for names in layout.shard_tensors.values()
             for name in names
             if name not in aliases
-        ]  # fmt: skip
+        ]
         store_bytes = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work if w.building)
         _check_disk(store_path, store_bytes, "the trajectory store")
-        _check_disk(out, _layout_bytes(layout, dtypes) * len(target_steps), "the outputs")
+        _check_disk(request.out, _layout_bytes(layout, dtypes) * len(outputs), "the outputs")
 
-        summary = RunSummary(outputs=final_dirs, store=store_path, observed_steps=observed)
+        summary = RunSummary(
+            outputs=[o.directory for o in outputs], store=store_path, observed_steps=observed
+        )
         summary.rank = ranks.rank
         summary.tensors = sum(len(w.out_names) for w in work)
         summary.input_bytes = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work)
@@ -343,51 +423,22 @@ def _extrapolate(
             [(w.n_rows + 1) * w.numel * w.bits.itemsize for w in work], ranks.world_size
         )
         my_work = [w for w, owner in zip(work, owners, strict=True) if owner == ranks.rank]
-        steps_tensor = torch.tensor(observed, dtype=torch.float64)
-
-        def plan_weights(name: str, gram: torch.Tensor) -> torch.Tensor:
-            return relex_weights(gram, steps_tensor, target_steps)  # (T, K)
-
         stats = PassStats()
-        writers: list[ModelWriter] = []
-        run_id = broadcast(os.getpid(), ranks)
-        try:
-            for final in final_dirs if ranks.is_main else []:
-                tmp = out / f".{final.name}.tmp-{run_id}"
-                writers.append(ModelWriter(tmp, final, layout, dtypes))
-            barrier(ranks)
-            for final in [] if ranks.is_main else final_dirs:
-                tmp = out / f".{final.name}.tmp-{run_id}"
-                writers.append(ModelWriter(tmp, final, layout, dtypes, create=False))
-            run_passes(
-                my_work, sources, root, row_ids, steps_tensor, plan_weights, writers,
-                torch_device, stats, summary.ill_conditioned,
-                show_progress=ranks.is_main and not quiet and _stderr_is_tty(),
-                allow_nonfinite=allow_nonfinite, observed_steps=observed,
-            )  # fmt: skip
-            for writer in writers:
-                writer.close()
-            barrier(ranks)
-            if ranks.is_main:
-                if sources is not None:
-                    trajectory_store.mark_complete(root)
-                aux = (
-                    sources.base.aux_files()
-                    if sources is not None
-                    else trajectory_store.aux_files(root)
-                )
-                for writer in writers:
-                    writer.finalize(aux, overwrite)
-            writers = []
-        except BaseException:
-            for writer in writers:
-                writer.abort()
-            raise
+        _write_outputs(
+            request, ranks, outputs, layout, dtypes, my_work, sources, root, row_ids,
+            observed, torch_device, stats, summary,
+        )  # fmt: skip
+
     per_rank = gather(
-        (stats.bytes_read, stats.bytes_written, stats.store_bytes_written,
-         summary.ill_conditioned, _peak_rss_bytes()),
+        (
+            stats.bytes_read,
+            stats.bytes_written,
+            stats.store_bytes_written,
+            summary.ill_conditioned,
+            _peak_rss_bytes(),
+        ),
         ranks,
-    )  # fmt: skip
+    )
     summary.bytes_read = sum(r[0] for r in per_rank)
     summary.bytes_written = sum(r[1] for r in per_rank)
     summary.store_bytes_written = sum(r[2] for r in per_rank)
@@ -399,48 +450,109 @@ def _extrapolate(
         log.warning(
             "%d tensor(s) have σ₂/σ₁ above %.2f, so their rank-1 direction is ill-defined "
             "(worst: %s at %.3f)",
-            len(summary.ill_conditioned), GAP_WARNING, *worst,
-        )  # fmt: skip
-    summary.wall_seconds = time.perf_counter() - started
+            len(summary.ill_conditioned),
+            GAP_WARNING,
+            *worst,
+        )
     return summary
 
 
-def _check_outputs(
-    out: Path, target_steps: list[float], overwrite: bool, ranks: Ranks
-) -> list[Path]:
-    """The final output directories; refuses existing ones unless `overwrite`."""
-    final_dirs = [out / f"step-{step_label(t)}" for t in target_steps]
-    if len(set(final_dirs)) != len(final_dirs):
-        raise RelexError("--target lists the same step twice")
-    for final in final_dirs:
-        if final.exists() and not overwrite:
-            raise RelexError(f"{final} already exists; pass --overwrite to replace it")
+def _write_outputs(
+    request: RunRequest,
+    ranks: Ranks,
+    outputs: list[OutputSpec],
+    layout: ModelLayout,
+    dtypes: dict[str, str],
+    my_work: list,
+    sources: _Sources | None,
+    root,
+    row_ids: list[int],
+    observed: list[int],
+    device: torch.device,
+    stats: PassStats,
+    summary: RunSummary,
+) -> None:
+    """Lay out the outputs (rank 0), run both passes over this rank's tensors, finalise."""
+    plan = weight_plan(outputs, observed)
+    run_id = broadcast(os.getpid(), ranks)
+    writers: list[ModelWriter] = []
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        for spec in outputs if ranks.is_main else []:
+            tmp = spec.directory.with_name(f".{spec.directory.name}.tmp-{run_id}")
+            writers.append(ModelWriter(tmp, spec.directory, layout, dtypes))
+        barrier(ranks)
+        for spec in [] if ranks.is_main else outputs:
+            tmp = spec.directory.with_name(f".{spec.directory.name}.tmp-{run_id}")
+            writers.append(ModelWriter(tmp, spec.directory, layout, dtypes, create=False))
+        run_passes(
+            my_work,
+            sources,
+            root,
+            row_ids,
+            torch.tensor(observed, dtype=torch.float64),
+            lambda name, gram: plan(gram),
+            writers,
+            device,
+            stats,
+            summary.ill_conditioned,
+            show_progress=ranks.is_main and not request.quiet and _stderr_is_tty(),
+            allow_nonfinite=request.allow_nonfinite,
+            observed_steps=observed,
+        )
+        for writer in writers:
+            writer.close()
+        barrier(ranks)
+        if ranks.is_main:
+            if sources is not None:
+                trajectory_store.mark_complete(root)
+            aux = (
+                sources.base.aux_files()
+                if sources is not None
+                else trajectory_store.aux_files(root)
+            )
+            for writer in writers:
+                writer.finalize(aux, request.overwrite)
+        writers = []
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+
+
+def _check_outputs(out: Path, outputs: list[OutputSpec], overwrite: bool, ranks: Ranks) -> None:
+    """Refuse existing output directories unless `overwrite`; make sure OUT is writable."""
+    for spec in outputs:
+        if spec.directory.exists() and not overwrite:
+            raise RelexError(f"{spec.directory} already exists; pass --overwrite to replace it")
+    try:
+        for parent in {spec.directory.parent for spec in outputs}:
+            parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RelexError(f"cannot create {out}: {exc.strerror}; choose another --out") from None
     if not os.access(out, os.W_OK):
         raise RelexError(f"cannot write to {out}: choose a writable --out")
     if ranks.is_main:
-        for stale in out.glob(".step-*.tmp-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-    return final_dirs
+        for parent in {spec.directory.parent for spec in outputs}:
+            for stale in parent.glob(".step-*.tmp-*"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
 
 
-def _warn_about(target_steps: list[float], observed: list[int], budget: int) -> None:
-    for t in target_steps:
-        if t <= observed[-1]:
+def _warn_about(outputs: list[OutputSpec], observed: list[int], budget: int) -> None:
+    for target in sorted({spec.target for spec in outputs if spec.method.name != "reconstruct"}):
+        if target <= observed[-1]:
             log.warning(
                 "target %s is not beyond the last observed step %d: this interpolates or "
                 "reconstructs rather than extrapolates",
-                step_label(t), observed[-1],
-            )  # fmt: skip
+                step_label(target),
+                observed[-1],
+            )
     free_ram = psutil.virtual_memory().available
     if budget > free_ram:
         log.warning(
             "--max-memory %s is more than the %s of RAM available now",
-            format_bytes(budget), format_bytes(free_ram),
-        )  # fmt: skip
+            format_bytes(budget),
+            format_bytes(free_ram),
+        )
 
 
 def _stderr_is_tty() -> bool:

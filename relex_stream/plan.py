@@ -1,7 +1,7 @@
-"""From a Gram matrix and step numbers to combination weights: the RELEX fit, in float64.
+"""The RELEX fit from a Gram matrix and step numbers, in float64: line weights, diagnostics.
 
-Every prediction is W_0 + wᵀD with D the (K, n) observed deltas, so a method is just a way
-to compute the K weights w from G = D Dᵀ and the steps (see DESIGN.md §1).
+Every prediction is W_0 + wᵀD with D the (K, n) observed deltas; methods.py turns these into
+each method's K weights w (see DESIGN.md §1).
 """
 
 from __future__ import annotations
@@ -31,24 +31,6 @@ def line_weights(steps: torch.Tensor, target: float) -> torch.Tensor:
     centred = t - t.mean()
     spread = float((centred * centred).sum())
     return 1.0 / t.numel() + (target - float(t.mean())) * centred / spread
-
-
-def relex_weights(
-    gram: torch.Tensor, steps: torch.Tensor, targets: list[float], rank: int = 1
-) -> torch.Tensor:
-    """RELEX rank-r combination weights (T, K), float64.
-
-    With c_j = σ_j u_j and its OLS line ℓ_j, the weights are Σ_j ℓ_j(T)/σ_j · u_j = Σ_j (h·u_j) u_j:
-    σ cancels, so tiny or zero singular values need no special case.
-    """
-    from .kernels import eigh_descending
-
-    eigenvalues, vectors = eigh_descending(gram)
-    basis = vectors[:, :rank]  # (K, r)
-    if float(eigenvalues[0]) == 0.0:
-        return torch.zeros((len(targets), gram.shape[0]), dtype=torch.float64)
-    h = torch.stack([line_weights(steps, t) for t in targets])  # (T, K)
-    return (h @ basis) @ basis.T  # (T, K)
 
 
 def fit_diagnostics(gram: torch.Tensor, steps: torch.Tensor) -> TensorFit:

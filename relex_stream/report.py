@@ -43,6 +43,7 @@ class StoreGrams:
     grams: dict[str, torch.Tensor]  # name -> (K, K) float64
     numel: dict[str, int]
     incomplete: list[str]  # tensors an interrupted run did not finish; left out
+    approximate: list[str]  # tensors with a randomized low-rank Gram (--svd randomized); left out
 
 
 def _store_path(path: Path) -> Path:
@@ -65,25 +66,43 @@ def load_grams(store_path: str | Path) -> StoreGrams:
     grams: dict[str, torch.Tensor] = {}
     numel: dict[str, int] = {}
     incomplete: list[str] = []
+    approximate: list[str] = []
     for name, (code, shape) in meta["layout"]["tensors"].items():
         if code not in FLOAT_CODES or name in aliases:
             continue  # copied from the base, or stored once under its source name
         if not store.is_complete(root, name):
             incomplete.append(name)
-            continue
-        grams[name] = store.read_gram(root, name)
-        numel[name] = math.prod(shape)
+        elif store.gram_kind(root, name) != "exact":
+            # A low-rank approximation of G: explained variance, null and errors would be wrong.
+            approximate.append(name)
+        else:
+            grams[name] = store.read_gram(root, name)
+            numel[name] = math.prod(shape)
+    _warn_left_out(path, incomplete, approximate)
+    if not grams:
+        raise RelexError(
+            f"the store at {path} has no finished floating-point tensor with an exact Gram "
+            "matrix; rerun `run` to finish it"
+            + (", with --svd exact --rebuild" if approximate else "")
+        )
+    steps = [int(s) for s in meta["steps"]]
+    return StoreGrams(path, steps, grams, numel, incomplete, approximate)
+
+
+def _warn_left_out(path: Path, incomplete: list[str], approximate: list[str]) -> None:
+    """Say which tensors the statistics leave out, and how to bring them in."""
     if incomplete:
         log.warning(
             "%d tensor(s) in %s were not finished by an interrupted run and are left out; "
             "rerun `run` with the same --cache to finish them",
             len(incomplete), path,
         )
-    if not grams:
-        raise RelexError(
-            f"the store at {path} has no finished floating-point tensor; rerun `run` to fill it"
+    if approximate:
+        log.warning(
+            "%d tensor(s) in %s hold a randomized low-rank Gram matrix (--svd randomized) and are "
+            "left out; rebuild the store with `run --svd exact --rebuild` to include them",
+            len(approximate), path,
         )
-    return StoreGrams(path, [int(s) for s in meta["steps"]], grams, numel, incomplete)
 
 
 def tensor_group(name: str) -> tuple[int | None, str]:
@@ -97,10 +116,12 @@ def tensor_group(name: str) -> tuple[int | None, str]:
 
 
 def _finite(values: Sequence[float]) -> list[float]:
+    """The finite values, in order."""
     return [v for v in values if math.isfinite(v)]
 
 
 def _quantile_text(values: Sequence[float]) -> str:
+    """min, 5%, median, 95%, max of the finite values, as aligned columns."""
     finite = sorted(_finite(values))
     if not finite:
         return "n/a"
@@ -121,6 +142,7 @@ def _clean(value: object) -> object:
 
 
 def _write_json(path: Path, data: dict) -> Path:
+    """Strict JSON (no NaN) at `path`."""
     path.write_text(json.dumps(_clean(data), indent=1, allow_nan=False) + "\n")
     return path
 
@@ -168,6 +190,7 @@ class TensorReport:
 
 
 def _stats_json(stats: TensorStats) -> dict:
+    """The JSON record of one trajectory's statistics (nan left for _clean)."""
     fit, null = stats.fit, stats.null
     return {
         "explained_variance": fit.explained_variance,
@@ -202,6 +225,7 @@ class ReportResult:
     files: list[Path] = field(default_factory=list)
 
     def by_name(self, name: str) -> TensorReport:
+        """The report of tensor `name`."""
         return next(t for t in self.tensors if t.name == name)
 
     @property
@@ -233,6 +257,7 @@ class ReportResult:
         return out
 
     def _null_lines(self) -> list[str]:
+        """How many tensors beat their random-walk null, and the whole-model verdict."""
         if self.model.null is None:
             return ["random-walk null: skipped (--null-samples 0)"]
         total = sum(t.numel for t in self.tensors) or 1
@@ -255,6 +280,7 @@ class ReportResult:
         return lines
 
     def _worst_lines(self, count: int = 5) -> list[str]:
+        """The least straight tensors, ill-defined directions and tensors that never moved."""
         lines = []
         for label, key in (
             ("lowest R²", lambda t: t.stats.fit.r_squared),
@@ -273,6 +299,7 @@ class ReportResult:
 
 
 def _stats_text(stats: TensorStats) -> str:
+    """One line: a trajectory's explained variance, R², gap, path efficiency and null band."""
     fit, null = stats.fit, stats.null
     text = (f"explained variance {fit.explained_variance:.4f}, R² {fit.r_squared:.4f}, "
             f"σ₂/σ₁ {fit.spectral_gap:.3f}, path efficiency {stats.path_efficiency:.3f}")
@@ -356,14 +383,15 @@ def _representatives(result: ReportResult) -> list[TensorReport]:
         fitted[-1], fitted[len(fitted) // 2], fitted[0],
         min(fitted, key=lambda t: t.stats.fit.explained_variance),
     ]
-    unique: list[TensorReport] = []
+    unique: dict[str, TensorReport] = {}
     for pick in picks:
-        if pick not in unique and math.isfinite(pick.stats.fit.r_squared):
-            unique.append(pick)
-    return unique
+        if math.isfinite(pick.stats.fit.r_squared):
+            unique.setdefault(pick.name, pick)
+    return list(unique.values())
 
 
 def _report_plots(result: ReportResult, out: Path) -> list[Path]:
+    """coefficients.png, histograms.png, by_layer.png and by_module.png under `out`."""
     from . import plots
 
     def panel(title: str, stats: TensorStats) -> tuple:
@@ -376,16 +404,15 @@ def _report_plots(result: ReportResult, out: Path) -> list[Path]:
     r_squared = [t.stats.fit.r_squared for t in result.tensors]
     modules = [t.module for t in result.tensors]
 
-    def null_median(pick: int) -> float:
-        bands = [t.stats.null.explained_variance[2] if pick == 0 else t.stats.null.r_squared[2]
-                 for t in result.tensors if t.stats.null is not None]
-        finite = _finite(bands)
-        return float(torch.tensor(finite).median()) if finite else math.nan
+    def null_median(band: str) -> float:
+        """Median over tensors of the null's 95% quantile of `band`, for a reference line."""
+        tops = _finite([getattr(t.stats.null, band)[2] for t in result.tensors if t.stats.null])
+        return float(torch.tensor(tops).median()) if tops else math.nan
 
     return [
         plots.coefficient_trajectories(out / "coefficients.png", panels),
         plots.histograms(out / "histograms.png", explained, r_squared,
-                         null_median(0), null_median(1)),
+                         null_median("explained_variance"), null_median("r_squared")),
         plots.by_layer(out / "by_layer.png", [t.layer for t in result.tensors], modules,
                        explained, r_squared),
         plots.by_module(out / "by_module.png", modules, explained, r_squared),
@@ -412,10 +439,12 @@ class BacktestRow:
 
     @property
     def mean_error(self) -> float:
+        """Mean over held-out steps of the overall relative error."""
         finite = _finite(self.errors)
         return sum(finite) / len(finite) if finite else math.nan
 
     def label(self, with_window: bool) -> str:
+        """The method, with its window size when several windows were compared."""
         return f"{self.method} [window {self.window}]" if with_window else self.method
 
 
@@ -461,6 +490,7 @@ class BacktestResult:
         return sorted(self.rows, key=lambda r: (not math.isfinite(r.mean_error), r.mean_error))
 
     def lines(self) -> list[str]:
+        """The terminal table (rows: method and window; columns: held-out steps) and verdicts."""
         many = len({r.window for r in self.rows}) > 1
         labels = [r.label(many) for r in self.rows]
         width = max(len("held-out step"), *(len(x) for x in labels)) + 2
@@ -496,6 +526,7 @@ def parse_windows(text: str) -> list[int | str]:
 
 
 def _window_sizes(windows: Sequence[int | str] | None, train: int) -> list[int]:
+    """Distinct window sizes, 'all' resolved to the `train` steps before the held-out ones."""
     sizes = []
     for window in windows or ["all"]:
         size = train if window == "all" else int(window)
@@ -510,6 +541,7 @@ def _window_sizes(windows: Sequence[int | str] | None, train: int) -> list[int]:
 
 
 def _specs(methods: Sequence[str | MethodSpec] | None) -> list[MethodSpec]:
+    """Parsed methods (default DEFAULT_METHODS); reconstructions cannot be backtested."""
     specs = [m if isinstance(m, MethodSpec) else parse_method(m)
              for m in (methods or DEFAULT_METHODS)]
     for spec in specs:

@@ -1,0 +1,301 @@
+"""report and backtest on stores built by the real CLI: numbers, verdicts, files and errors."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from relex_stream import store as trajectory_store
+from relex_stream.cli import main as cli_main
+from relex_stream.diagnostics import tensor_stats
+from relex_stream.errors import RelexError
+from relex_stream.methods import combination_weights, parse_method
+from relex_stream.report import backtest, load_grams, parse_windows, report
+from relex_stream.report_cli import REPORT_HANDLERS, add_report_parsers
+from tests.fixtures import EMBED, INT_BUFFER, LM_HEAD, ZERO_DELTA
+from tests.helpers import run_cli
+
+STEPS = list(range(10, 130, 10))  # 12 observed steps; the last 4 are held out
+SHAPES = {
+    "model.embed_tokens.weight": (64, 32),
+    "model.layers.0.self_attn.q_proj.weight": (32, 32),
+    "model.layers.0.mlp.up_proj.weight": (64, 32),
+    "model.layers.1.mlp.up_proj.weight": (64, 32),
+    "model.norm.weight": (32,),
+}
+
+
+def write_own_trajectory(root: Path, kind: str, noise: float, seed: int) -> None:
+    """root/base and root/runs/checkpoint-N in float32: 'walk' (no drift) or 'line' (+ noise)."""
+    g = torch.Generator().manual_seed(seed)
+    t_max = STEPS[-1]
+    base = {name: 0.02 * torch.randn(shape, generator=g) for name, shape in SHAPES.items()}
+    direction = {name: torch.randn(shape, generator=g) for name, shape in SHAPES.items()}
+    walked = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
+    for directory, tensors in [("base", base)] + [(f"runs/checkpoint-{t}", None) for t in STEPS]:
+        if tensors is None:
+            step = int(directory.rsplit("-", 1)[1])
+            tensors = {}
+            for name, shape in SHAPES.items():
+                walked[name] += 1e-3 * torch.randn(shape, generator=g)
+                drift = 2e-3 * step / t_max * direction[name]
+                shake = noise * 2e-3 * torch.randn(shape, generator=g)
+                tensors[name] = base[name] + (walked[name] if kind == "walk" else drift + shake)
+        (root / directory).mkdir(parents=True)
+        save_file(tensors, str(root / directory / "model.safetensors"), metadata={"format": "pt"})
+        (root / directory / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+
+
+def cli(*args: object) -> None:
+    """The real CLI, in this process (saves an interpreter start per store)."""
+    assert cli_main([str(a) for a in args]) == 0, args
+
+
+def build_store(root: Path) -> Path:
+    """Run the real CLI on root/base + root/runs; return the store it wrote."""
+    cli("run", "--base", root / "base", "--runs", root / "runs", "--target", STEPS[-1] + 20,
+            "--out", root / "out", "--device", "cpu", "--quiet")
+    return root / "out" / "trajectory.zarr"
+
+
+@pytest.fixture(scope="module")
+def synth_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    cli("synth", "--out", root / "traj", "--steps", "10-80:10", "--hidden", "32", "--vocab", "128")
+    cli("run", "--base", root / "traj" / "base", "--runs", root / "traj" / "runs", "--target", 100,
+        "--out", root / "out", "--device", "cpu", "--quiet")
+    return root / "out" / "trajectory.zarr"
+
+
+@pytest.fixture(scope="module")
+def line_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("line")
+    write_own_trajectory(root, "line", noise=0.1, seed=0)
+    return build_store(root)
+
+
+@pytest.fixture(scope="module")
+def walk_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("walk")
+    write_own_trajectory(root, "walk", noise=0.0, seed=1)
+    return build_store(root)
+
+
+def test_report_numbers_come_from_the_stored_grams(synth_store: Path) -> None:
+    result = report(synth_store, null_samples=50, seed=3)
+    root = trajectory_store.open_existing(synth_store)
+    layout = trajectory_store.attrs(root)["layout"]["tensors"]
+    assert sorted(t.name for t in result.tensors) == sorted(layout)  # all bf16, none tied
+    steps = torch.tensor(result.steps, dtype=torch.float64)
+    whole = torch.zeros(len(steps), len(steps), dtype=torch.float64)
+    for entry in result.tensors:
+        gram = trajectory_store.read_gram(root, entry.name)
+        whole += gram
+        assert entry.stats == tensor_stats(gram, steps, null_samples=50, seed=3)
+    assert result.model == tensor_stats(whole, steps, null_samples=50, seed=3)
+    assert result.by_name("model.layers.1.mlp.up_proj.weight").layer == 1
+    assert result.by_name("model.layers.1.mlp.up_proj.weight").module == "mlp.up_proj"
+    assert result.by_name("lm_head.weight").layer is None
+
+
+def test_report_writes_json_csv_summary_and_plots(synth_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    result = report(synth_store.parent, out, null_samples=20)  # a run's --out works too
+    names = {p.name for p in result.files}
+    assert {"report.json", "report.csv", "summary.txt", "coefficients.png", "histograms.png",
+            "by_layer.png", "by_module.png"} <= names
+    data = json.loads((out / "report.json").read_text())
+    assert len(data["tensors"]) == len(result.tensors)
+    assert data["model"]["null"]["samples"] == 20
+    assert len(data["tensors"][0]["coefficients"]) == len(result.steps)
+    with (out / "report.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(result.tensors)
+    assert {"explained_variance", "r_squared", "spectral_gap", "path_efficiency",
+            "null_ev_p95"} <= set(rows[0])
+    summary = (out / "summary.txt").read_text()
+    assert "explained variance" in summary and "lowest R²" in summary and "verdict:" in summary
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_int_tied_and_motionless_tensors(make_traj, tmp_path: Path) -> None:
+    traj = make_traj(tied=True, steps=(10, 20, 30, 40, 50))
+    cli("run", "--base", traj.base, "--runs", traj.runs, "--target", 60, "--out",
+        tmp_path / "out", "--device", "cpu", "--quiet")
+    result = report(tmp_path / "out", tmp_path / "rep", null_samples=10, plots=False)
+    names = {t.name for t in result.tensors}
+    assert INT_BUFFER not in names and LM_HEAD not in names and EMBED in names  # int, alias
+    still = result.by_name(ZERO_DELTA).stats
+    assert math.isnan(still.fit.explained_variance) and math.isnan(still.path_efficiency)
+    assert any("never moved" in line for line in result.lines())
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())  # strict JSON: no NaN
+    assert next(t for t in data["tensors"] if t["name"] == ZERO_DELTA)["r_squared"] is None
+    checked = backtest(tmp_path / "out", holdout=2, out_dir=tmp_path / "bt", plots=False)
+    assert all(math.isnan(e) for e in checked.rows[0].tensor_errors[ZERO_DELTA])
+    assert all(math.isfinite(e) for row in checked.rows for e in row.errors)
+    json.loads((tmp_path / "bt" / "backtest.json").read_text())
+
+
+def _explicit_deltas(trajectory: Path) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Observed steps and per tensor D (K, n) float64, straight from the safetensors files."""
+    base = load_file(str(trajectory / "base" / "model.safetensors"))
+    steps = list(range(10, 90, 10))
+    rows = [load_file(str(trajectory / "runs" / f"checkpoint-{s}" / "model.safetensors"))
+            for s in steps]
+    deltas = {
+        name: torch.stack([r[name].double().flatten() - w0.double().flatten() for r in rows])
+        for name, w0 in base.items()
+    }
+    return steps, deltas
+
+
+def assert_relative(got: list[float], want: torch.Tensor) -> None:
+    """Each value within 1e-6 relative of the explicit float64 one."""
+    got_tensor = torch.tensor(got, dtype=torch.float64)
+    assert torch.allclose(got_tensor, want, rtol=1e-6, atol=0), (got, want.tolist())
+
+
+@pytest.mark.parametrize("spec", ["relex", "relex:rank=2,fit=poly:2", "raw-ols", "two-point",
+                                  "expo:alpha=0.5"])
+def test_backtest_error_equals_error_of_explicit_deltas(synth_store: Path, spec: str) -> None:
+    steps, deltas = _explicit_deltas(synth_store.parents[1] / "traj")
+    result = backtest(synth_store, holdout=3, windows=[4], methods=[spec])
+    (row,) = result.rows
+    window, targets = [1, 2, 3, 4], [5, 6, 7]  # the last 4 of the 5 steps before the held-out 3
+    error_sq = torch.zeros(len(targets), dtype=torch.float64)
+    norm_sq = torch.zeros(len(targets), dtype=torch.float64)
+    for name, d in deltas.items():
+        weights = combination_weights(parse_method(spec), d[window] @ d[window].T,
+                                      torch.tensor([steps[i] for i in window]),
+                                      [steps[j] for j in targets])
+        miss = (d[targets] - weights @ d[window]).norm(dim=1) ** 2
+        error_sq += miss
+        norm_sq += d[targets].norm(dim=1) ** 2
+        want = (miss / (d[targets].norm(dim=1) ** 2)).sqrt()
+        assert_relative(row.tensor_errors[name], want)
+    assert_relative(row.errors, (error_sq / norm_sq).sqrt())
+    assert row.window_steps == [20, 30, 40, 50] and row.heldout_steps == [60, 70, 80]
+    assert row.distances == [10.0, 20.0, 30.0]
+
+
+def test_planted_line_ranks_relex_first_and_says_extrapolate(line_store: Path) -> None:
+    result = backtest(line_store, holdout=4)
+    by_method = {row.method: row for row in result.rows}
+    relex = by_method["relex"]
+    assert relex.mean_error < by_method["raw-ols"].mean_error < by_method["two-point"].mean_error
+    assert result.ranking()[0].method == "relex"
+    assert relex.reach == 40.0 and "stays under 0.3 at every held-out step" in relex.verdict
+    assert "do not extrapolate" not in "\n".join(result.lines())
+    diagnosis = report(line_store, null_samples=200)
+    assert diagnosis.straight is True
+    assert diagnosis.model.ev_above_null and diagnosis.model.r2_above_null
+
+
+def test_random_walk_is_inside_its_null_and_says_do_not_extrapolate(walk_store: Path) -> None:
+    diagnosis = report(walk_store, null_samples=200)
+    low, _, high = diagnosis.model.null.explained_variance
+    assert low <= diagnosis.model.fit.explained_variance <= high
+    assert diagnosis.straight is False
+    assert any("not distinguishable from a random walk" in line for line in diagnosis.lines())
+    result = backtest(walk_store, holdout=4, methods=["relex", "raw-ols", "two-point"])
+    for row in result.rows:
+        assert row.reach is None and "do not extrapolate" in row.verdict, row.verdict
+
+
+def test_backtest_windows_methods_and_files(synth_store: Path, tmp_path: Path) -> None:
+    methods = ["relex", "relex:rank=2", "two-point:from=0", "expo:alpha=0.5"]
+    result = backtest(synth_store, holdout=2, windows=parse_windows("3,all"), methods=methods,
+                      threshold=0.5, out_dir=tmp_path / "bt")
+    assert [(r.method, r.window) for r in result.rows] == [(m, w) for w in (3, 6) for m in methods]
+    expo = [r for r in result.rows if r.method == "expo:alpha=0.5"]
+    assert expo[0].errors == expo[1].errors  # ExPO ignores the window and the target
+    data = json.loads((tmp_path / "bt" / "backtest.json").read_text())
+    assert len(data["rows"]) == 8 and data["holdout_steps"] == [70, 80]
+    assert (tmp_path / "bt" / "backtest.png").read_bytes()[:4] == b"\x89PNG"
+    text = "\n".join(result.lines())
+    assert "held-out step" in text and "relex:rank=2 [window 3]" in text
+    assert "lowest mean error" in text
+
+
+def test_cli_handlers(synth_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    parser = argparse.ArgumentParser()
+    add_report_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["report", str(synth_store), "--null-samples", "10"])
+    REPORT_HANDLERS[args.command](args)
+    assert "pass --out DIR" in capsys.readouterr().out
+    args = parser.parse_args(["backtest", str(synth_store), "--holdout", "2", "--windows", "4,all",
+                              "--methods", "relex", "two-point:from=30,to=60", "--threshold",
+                              "0.25", "--out", str(tmp_path / "bt"), "--no-plots"])
+    REPORT_HANDLERS[args.command](args)
+    out = capsys.readouterr().out
+    assert "two-point:from=30,to=60 [window 4]" in out and "under 0.25" in out
+    assert not (tmp_path / "bt" / "backtest.png").exists()
+
+
+@pytest.mark.skipif(
+    "report" not in __import__("relex_stream.cli").cli.build_parser().format_help(),
+    reason="report/backtest not yet hooked into cli.py",
+)
+def test_commands_through_python_m(synth_store: Path, tmp_path: Path) -> None:
+    proc = run_cli("report", synth_store, "--out", tmp_path / "rep", "--no-plots")
+    assert "whole model" in proc.stdout
+    proc = run_cli("backtest", synth_store, "--holdout", "3", "--methods", "relex", "raw-ols")
+    assert "lowest mean error" in proc.stdout
+    proc = run_cli("backtest", synth_store, "--holdout", "9", expect_rc=2)
+    assert "--holdout 9" in proc.stderr
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda s: backtest(s, holdout=7), "hold out 1 to 6"),
+    (lambda s: backtest(s, holdout=0), "hold out 1 to 6"),
+    (lambda s: backtest(s, holdout=2, windows=[7]), "a window holds 2 to 6 steps"),
+    (lambda s: backtest(s, holdout=2, windows=[1]), "a window holds 2 to 6 steps"),
+    (lambda s: backtest(s, holdout=2, methods=["reconstruct"]), "cannot predict held-out"),
+    (lambda s: backtest(s, holdout=2, methods=["two-point:from=10,to=60"], windows=[3]),
+     "not among the observed steps"),
+    (lambda s: backtest(s, holdout=2, threshold=0), "positive"),
+    (lambda s: backtest(s, holdout=2, methods=["relex:rank=0"]), "at least 1"),
+    (lambda s: report(s, null_samples=-1), "--null-samples"),
+    (lambda s: report(s.parent / "nothing-here"), "no trajectory store"),
+    (lambda s: parse_windows("3,half"), "--windows"),
+])
+def test_user_mistakes_raise_relex_error(synth_store: Path, call, needle: str) -> None:
+    with pytest.raises(RelexError, match=needle):
+        call(synth_store)
+
+
+def test_not_a_store_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "zarr.json").write_text("{}")
+    with pytest.raises(RelexError, match="not a relex_stream store"):
+        load_grams(tmp_path / "junk")
+
+
+def test_randomized_grams_are_refused(make_traj, tmp_path: Path) -> None:
+    traj = make_traj(steps=(10, 20, 30, 40, 50))
+    cli("run", "--base", traj.base, "--runs", traj.runs, "--target", 60, "--out",
+        tmp_path / "out", "--device", "cpu", "--quiet", "--svd", "randomized")
+    root = trajectory_store.open_existing(tmp_path / "out" / "trajectory.zarr")
+    assert trajectory_store.gram_kind(root, EMBED) == "randomized"
+    with pytest.raises(RelexError, match="--svd exact"):
+        report(tmp_path / "out", null_samples=5)
+
+
+def test_missing_matplotlib_says_how_to_fix(
+    synth_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(RelexError, match="--no-plots"):
+        report(synth_store, tmp_path / "rep", null_samples=5)
+    result = report(synth_store, tmp_path / "rep", null_samples=5, plots=False)
+    assert not any(p.suffix == ".png" for p in result.files)
+    assert all(math.isfinite(t.stats.fit.explained_variance) for t in result.tensors)
