@@ -20,7 +20,8 @@ demo: install
 	$(PY) -m relex_stream synth --out $(DEMO)/trajectory --steps 10-80:10 --overwrite
 	$(PY) -m relex_stream run --base $(DEMO)/trajectory/base --runs $(DEMO)/trajectory/runs \
 		--target 200,400 --out $(DEMO)/out --overwrite --rebuild
-	$(PY) -c "import json,sys; print('demo output config:', json.load(open('$(DEMO)/out/step-200/config.json'))['architectures'])"
+	$(PY) -m relex_stream report $(DEMO)/out/trajectory.zarr --out $(DEMO)/report
+	$(PY) -m relex_stream backtest $(DEMO)/out/trajectory.zarr --holdout 3 --out $(DEMO)/backtest
 
 test: install
 	$(PY) -m pytest -q tests
