@@ -41,9 +41,21 @@ def make_trajectory(args: argparse.Namespace) -> Path:
     path = Path(args.work) / f"traj-{tag}"
     if not (path / "runs").exists():
         cmd = [
-            sys.executable, "-m", "relex_stream", "synth", "--out", str(path), "--steps",
-            args.steps, "--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab",
-            str(args.vocab), "--overwrite",
+            sys.executable,
+            "-m",
+            "relex_stream",
+            "synth",
+            "--out",
+            str(path),
+            "--steps",
+            args.steps,
+            "--hidden",
+            str(args.hidden),
+            "--layers",
+            str(args.layers),
+            "--vocab",
+            str(args.vocab),
+            "--overwrite",
         ]
         if args.profile != "planted":
             cmd += ["--profile", args.profile]
@@ -104,9 +116,24 @@ def matmul_rate(n_rows: int, device: str) -> float:
 def time_run(trajectory: Path, args: argparse.Namespace, cold: bool) -> dict:
     out = Path(args.work) / "run-out"
     cmd = [
-        sys.executable, "-m", "relex_stream", "run", "--base", str(trajectory / "base"),
-        "--runs", str(trajectory / "runs"), "--target", args.target, "--out", str(out),
-        "--overwrite", "--rebuild", "--device", args.device, "--max-memory", args.max_memory,
+        sys.executable,
+        "-m",
+        "relex_stream",
+        "run",
+        "--base",
+        str(trajectory / "base"),
+        "--runs",
+        str(trajectory / "runs"),
+        "--target",
+        args.target,
+        "--out",
+        str(out),
+        "--overwrite",
+        "--rebuild",
+        "--device",
+        args.device,
+        "--max-memory",
+        args.max_memory,
     ] + args.extra
     if cold:
         drop_caches()
