@@ -181,9 +181,9 @@ def run_passes(
             for k, ckpt in enumerate(sources.checkpoints[: job.n_rows]):
                 read_into(ckpt.model.tensors[job.tensor], job.start, rows[k])
         else:
-            base[:] = trajectory_store.read_base(root, job.tensor, job.start, job.stop)
+            trajectory_store.read_base(root, job.tensor, job.start, base)
             if job.n_rows:
-                rows[:] = trajectory_store.read_rows(root, job.tensor, row_ids, job.start, job.stop)
+                trajectory_store.read_rows(root, job.tensor, row_ids, job.start, rows)
         stats.bytes_read += chunk_nbytes(job)
 
     gram_total = sum(chunk_nbytes(j) for j in jobs if j.stage == "gram")

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.buffer.cpu import NDBuffer
 
 from .checkpoints import ModelLayout
 from .errors import RelexError
@@ -37,7 +38,9 @@ def row_chunk_cols(dtype_code: str, numel: int) -> int:
 
 
 def _compressors():
-    return ZstdCodec(level=1)
+    # crc32c after compression: a chunk damaged on disk fails loudly instead of decoding
+    # into wrong weights.
+    return [ZstdCodec(level=1), Crc32cCodec()]
 
 
 @contextlib.contextmanager
@@ -182,16 +185,36 @@ def write_chunk(
         root["rows"][key][:, start:stop] = rows
 
 
-def read_base(root: zarr.Group, name: str, start: int, stop: int) -> np.ndarray:
-    return root["base"][_key(root, name)][start:stop]
+@contextlib.contextmanager
+def _decoding(root: zarr.Group, name: str) -> Iterator[None]:
+    """Turn a chunk that fails to decode (checksum, codec, missing file) into a user error."""
+    try:
+        yield
+    except RelexError:
+        raise
+    except Exception as exc:  # zarr and numcodecs raise many types for damaged chunks
+        where = str(root.store_path).removeprefix("file://")
+        raise RelexError(
+            f"the store at {where} has a damaged chunk of tensor {name!r} ({exc}); "
+            "rebuild it from the sources with --rebuild (or delete the store)"
+        ) from None
 
 
-def read_rows(root: zarr.Group, name: str, row_ids: list[int], start: int, stop: int) -> np.ndarray:
-    """Rows `row_ids` of columns [start, stop): (len(row_ids), stop - start) bits."""
-    array = root["rows"][_key(root, name)]
-    if row_ids == list(range(array.shape[0])):
-        return array[:, start:stop]
-    return array.oindex[row_ids, start:stop]
+def read_base(root: zarr.Group, name: str, start: int, out: np.ndarray) -> None:
+    """Fill `out` (c,) with the base's bits for columns [start, start + c)."""
+    with _decoding(root, name):
+        array = root["base"][_key(root, name)]
+        array.get_basic_selection(
+            slice(start, start + out.shape[0]), out=NDBuffer.from_numpy_array(out)
+        )
+
+
+def read_rows(root: zarr.Group, name: str, row_ids: list[int], start: int, out: np.ndarray) -> None:
+    """Fill `out` (len(row_ids), c) with the bits of rows `row_ids`, columns [start, start + c)."""
+    with _decoding(root, name):
+        array = root["rows"][_key(root, name)]
+        columns = slice(start, start + out.shape[1])
+        array.get_orthogonal_selection((row_ids, columns), out=NDBuffer.from_numpy_array(out))
 
 
 def finish_tensor(
@@ -219,7 +242,9 @@ def gram_kind(root: zarr.Group, name: str) -> str:
 
 
 def read_gram(root: zarr.Group, name: str) -> torch.Tensor:
-    return torch.from_numpy(root["gram"][_key(root, name)][:].astype(np.float64))
+    """The stored Gram matrix (K, K) float64 of all stored steps."""
+    with _decoding(root, name):
+        return torch.from_numpy(root["gram"][_key(root, name)][:].astype(np.float64))
 
 
 def mark_complete(root: zarr.Group) -> None:
