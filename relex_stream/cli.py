@@ -136,13 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _methods(args: argparse.Namespace) -> list:
     """--method values, with --rank/--fit/--from/--to/--alpha folded into a single one."""
-    from .methods import build_spec, parse_method
+    from .methods import parse_method
 
     texts = args.method or ["relex"]
     loose = {
-        "rank": args.rank, "fit": args.fit, "from_step": args.from_step,
-        "to_step": args.to_step, "alpha": args.alpha,
-    }  # fmt: skip
+        "rank": args.rank,
+        "fit": args.fit,
+        "from_step": args.from_step,
+        "to_step": args.to_step,
+        "alpha": args.alpha,
+    }
     given = {key: value for key, value in loose.items() if value is not None}
     if not given:
         return texts
@@ -150,12 +153,7 @@ def _methods(args: argparse.Namespace) -> list:
         raise RelexError(
             "with several --method values, give options inline, e.g. --method relex:rank=2"
         )
-    spec = parse_method(texts[0])
-    merged = {
-        "rank": spec.rank, "fit": spec.fit, "from_step": spec.from_step,
-        "to_step": spec.to_step, "alpha": spec.alpha,
-    } | given  # fmt: skip
-    return [build_spec(spec.name, **merged)]
+    return [parse_method(texts[0], **given)]
 
 
 def _windows(text: str | None) -> list[int | None]:

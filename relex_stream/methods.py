@@ -103,8 +103,13 @@ def build_spec(
             raise RelexError("expo needs a finite alpha, e.g. expo:alpha=0.5 (W_K + α(W_K − W_0))")
         if from_step == 0:
             raise RelexError("expo:from=0 would extrapolate the base from itself; pick a step > 0")
-    given = {"rank": rank != 1, "fit": fit != "linear", "from": from_step is not None,
-             "to": to_step is not None, "alpha": alpha is not None}
+    given = {
+        "rank": rank != 1,
+        "fit": fit != "linear",
+        "from": from_step is not None,
+        "to": to_step is not None,
+        "alpha": alpha is not None,
+    }
     extra = [key for key, used in given.items() if used and key not in _OPTIONS[method]]
     if extra:
         raise RelexError(
@@ -114,8 +119,12 @@ def build_spec(
     return MethodSpec(method, rank, fit, from_step, to_step, alpha)
 
 
-def parse_method(text: str) -> MethodSpec:
-    """MethodSpec from 'relex', 'relex:rank=2,fit=poly:2', 'two-point:from=10,to=40', ..."""
+def parse_method(text: str, **overrides) -> MethodSpec:
+    """MethodSpec from 'relex', 'relex:rank=2,fit=poly:2', 'two-point:from=10,to=40', ...
+
+    `overrides` (rank, fit, from_step, to_step, alpha) replace inline options, so the CLI's
+    --rank/--fit/--from/--to/--alpha combine with a bare --method name.
+    """
     name, _, rest = text.strip().partition(":")
     if name not in METHODS:
         raise RelexError(f"method {text!r}: {name!r} is not one of {', '.join(METHODS)}")
@@ -130,14 +139,14 @@ def parse_method(text: str) -> MethodSpec:
             )
         options[key] = value.strip()
     try:
-        return build_spec(
-            name,
-            rank=int(options.get("rank", 1)),
-            fit=options.get("fit", "linear"),
-            from_step=int(options["from"]) if "from" in options else None,
-            to_step=int(options["to"]) if "to" in options else None,
-            alpha=float(options["alpha"]) if "alpha" in options else None,
-        )
+        values = {
+            "rank": int(options.get("rank", 1)),
+            "fit": options.get("fit", "linear"),
+            "from_step": int(options["from"]) if "from" in options else None,
+            "to_step": int(options["to"]) if "to" in options else None,
+            "alpha": float(options["alpha"]) if "alpha" in options else None,
+        }
+        return build_spec(name, **(values | overrides))
     except ValueError:
         raise RelexError(
             f"method {text!r}: rank, from and to are integers and alpha a number"

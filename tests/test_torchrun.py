@@ -1,4 +1,4 @@
-"""torchrun on CPU (gloo): two ranks give the same bytes as one process, and a failing rank fails the job."""
+"""torchrun on CPU (gloo): two ranks give one process's bytes; a failing rank fails the job."""
 
 from __future__ import annotations
 
