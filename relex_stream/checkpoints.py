@@ -114,7 +114,7 @@ def find_model_dir(directory: Path) -> Path:
         candidate = (directory / sub).resolve()
         if (candidate / INDEX_NAME).is_file() or (candidate / SINGLE_NAME).is_file():
             return candidate
-    for sub in MODEL_SUBDIRS:
+    for sub in (*MODEL_SUBDIRS, "actor"):  # verl keeps FSDP shards in step/actor/
         candidate = directory / sub
         if candidate.is_dir() and (
             any(candidate.glob("model_world_size_*_rank_*.pt"))
@@ -144,11 +144,14 @@ def open_model(directory: Path) -> ModelFiles:
     tensors: dict[str, TensorInfo] = {}
     shard_tensors: dict[str, tuple[str, ...]] = {}
     for shard in shard_names:
-        path = (model_dir / shard).resolve()
-        if path.parent != model_dir or "/" in shard or shard.startswith("."):
+        # A shard must be named by a plain file name in the model's own directory. Its file
+        # may be a link (the Hugging Face cache links snapshots into blobs/): the directory's
+        # owner put it there; an index file cannot point anywhere else.
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
             raise RelexError(
                 f"{index_path} points to {shard!r}, outside its directory; refusing to read it"
             )
+        path = model_dir / shard
         if not path.is_file():
             raise RelexError(f"{index_path} names shard {shard!r}, which is missing")
         header, data_start, _ = read_header(path)

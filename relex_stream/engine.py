@@ -44,7 +44,7 @@ from .errors import RelexError
 from .kernels import resolve_device
 from .methods import MethodSpec, build_spec, parse_method
 from .outputs import OutputSpec, check_plan, plan_outputs, weight_plan
-from .passes import GAP_WARNING, PassStats, plan_tensor, run_passes
+from .passes import GAP_WARNING, PassStats, TensorWork, plan_tensor, run_passes
 from .safetensors_io import DTYPES
 from .units import (
     StepSelection,
@@ -211,7 +211,7 @@ def _check_disk(path: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(probe).free
     if needed > free:
         raise RelexError(
-            f"{what} needs about {format_bytes(needed)} but {probe} has "
+            f"writing {what} takes about {format_bytes(needed)} but {probe} has "
             f"{format_bytes(free)} free; free space or choose another location"
         )
 
@@ -361,8 +361,13 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     )
 
     outputs = plan_outputs(request.out, request.targets, request.methods, request.windows)
-    if sources is not None:  # catch option mistakes before the store is touched
+    if sources is not None:  # catch option and budget mistakes before the store is touched
         check_plan(outputs, [c.step for c in sources.checkpoints])
+        layout = sources.base.layout()
+        everything = dict.fromkeys(layout.tensors, True)
+        dtypes = output_dtypes(layout, DTYPE_CHOICES[request.dtype])
+        _plan_work(layout, {}, dtypes, len(sources.checkpoints), len(outputs), everything,
+                   request, device_budget)  # fmt: skip
 
     # Only rank 0 locks, creates or rebuilds the store; the others open it after a barrier.
     lock = trajectory_store.locked(store_path) if ranks.is_main else contextlib.nullcontext()
@@ -392,23 +397,8 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
                 f"the store at {store_path} is incomplete (an interrupted run?); rerun with "
                 "--base and --runs to finish it"
             )
-        work = [
-            plan_tensor(
-                name,
-                [name] + [a for a, src in aliases.items() if src == name],
-                layout,
-                DTYPES[dtypes[name]][1].itemsize,
-                len(observed),
-                len(outputs),
-                building[name],
-                request.max_memory_bytes,
-                device_budget,
-                request.svd,
-            )
-            for names in layout.shard_tensors.values()
-            for name in names
-            if name not in aliases
-        ]
+        work = _plan_work(layout, aliases, dtypes, len(observed), len(outputs), building,
+                          request, device_budget)  # fmt: skip
         store_bytes = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work if w.building)
         _check_disk(store_path, store_bytes, "the trajectory store")
         _check_disk(request.out, _layout_bytes(layout, dtypes) * len(outputs), "the outputs")
@@ -457,13 +447,43 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     return summary
 
 
+def _plan_work(
+    layout: ModelLayout,
+    aliases: dict[str, str],
+    dtypes: dict[str, str],
+    n_observed: int,
+    n_outputs: int,
+    building: dict[str, bool],
+    request: RunRequest,
+    device_budget: int | None,
+) -> list[TensorWork]:
+    """Chunking, residency and kernel of every tensor that is computed (aliases follow)."""
+    return [
+        plan_tensor(
+            name,
+            [name] + [a for a, src in aliases.items() if src == name],
+            layout,
+            DTYPES[dtypes[name]][1].itemsize,
+            n_observed,
+            n_outputs,
+            building[name],
+            request.max_memory_bytes,
+            device_budget,
+            request.svd,
+        )
+        for names in layout.shard_tensors.values()
+        for name in names
+        if name not in aliases
+    ]
+
+
 def _write_outputs(
     request: RunRequest,
     ranks: Ranks,
     outputs: list[OutputSpec],
     layout: ModelLayout,
     dtypes: dict[str, str],
-    my_work: list,
+    my_work: list[TensorWork],
     sources: _Sources | None,
     root,
     row_ids: list[int],
@@ -533,8 +553,18 @@ def _check_outputs(out: Path, outputs: list[OutputSpec], overwrite: bool, ranks:
         raise RelexError(f"cannot write to {out}: choose a writable --out")
     if ranks.is_main:
         for parent in {spec.directory.parent for spec in outputs}:
-            for stale in parent.glob(".step-*.tmp-*"):  # left by a killed run
-                shutil.rmtree(stale, ignore_errors=True)
+            _remove_leftovers(parent)
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Remove what killed runs left: temporary outputs of dead processes, replaced outputs."""
+    for stale in directory.glob(".step-*.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and psutil.pid_exists(int(pid)):
+            continue  # another live run writing into the same OUT
+        shutil.rmtree(stale, ignore_errors=True)
+    for replaced in directory.glob("step-*.replaced-tmp"):
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _warn_about(outputs: list[OutputSpec], observed: list[int], budget: int) -> None:

@@ -8,6 +8,7 @@ on CUDA a tensor that fits the GPU budget is kept there after the Gram pass and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from .reader import ChunkRead, ChunkReader, chunk_nbytes
 from .safetensors_io import DTYPES, FLOAT_CODES, bits_to_torch, read_into
 from .writer import ModelWriter
 
+log = logging.getLogger(__name__)
+
 GAP_WARNING = 0.9  # σ₂/σ₁ above this: the top direction is poorly defined
 
 
@@ -41,6 +44,7 @@ class TensorWork:
     building: bool  # not yet complete in the store: read sources, write store
     device_resident: bool  # kept on the GPU between the passes
     svd: str = "exact"  # "exact" Gram matrix or "randomized" subspace iteration
+    keep_base: bool = False  # non-finite values and --allow-nonfinite: output the base
     gram: torch.Tensor | None = None
     weights: torch.Tensor | None = None  # (T, K) float64
     device_base: torch.Tensor | None = None  # (n,) on device when device_resident
@@ -165,8 +169,15 @@ def run_passes(
     """
 
     def weights_for(w: TensorWork) -> None:
-        if not allow_nonfinite:
-            _refuse_nonfinite(w, observed_steps)
+        if not bool(torch.isfinite(w.gram).all()):
+            if not allow_nonfinite:
+                _refuse_nonfinite(w, observed_steps)
+            log.warning(
+                "%s holds NaN or Inf; --allow-nonfinite: it keeps the base's values", w.name
+            )
+            w.keep_base = True
+            w.weights = torch.zeros((len(writers), len(observed_steps)), dtype=torch.float64)
+            return
         w.weights = plan_weights(w.name, w.gram)
         fit = fit_diagnostics(w.gram, steps)
         if fit.sigma[0] > 0 and fit.spectral_gap > GAP_WARNING:
@@ -280,8 +291,6 @@ def _gram_step(
 def _refuse_nonfinite(w: TensorWork, observed_steps: list[int]) -> None:
     """NaN or Inf anywhere in a tensor's rows shows on the Gram diagonal; name tensor and step."""
     diagonal = torch.diagonal(w.gram)
-    if bool(torch.isfinite(w.gram).all()):
-        return
     bad = [observed_steps[k] for k in range(len(observed_steps)) if not diagonal[k].isfinite()]
     where = f"step {bad[0]}" if bad and len(bad) < len(observed_steps) else "the base or every step"
     raise RelexError(
@@ -300,12 +309,8 @@ def _materialise(
     stats: PassStats,
 ) -> None:
     out_dtype = DTYPES[writers[0].dtypes[w.name]][0]
-    predicted = combine(
-        w.weights,
-        bits_to_torch(rows, w.dtype_code),
-        bits_to_torch(base, w.dtype_code),
-        out_dtype,
-        device,
+    predicted = _predict(
+        w, bits_to_torch(rows, w.dtype_code), bits_to_torch(base, w.dtype_code), out_dtype, device
     )  # (T, c)
     _write(w, writers, start, [_as_bits(predicted[i]) for i in range(len(writers))], stats)
 
@@ -315,11 +320,21 @@ def _materialise_resident(
 ) -> None:
     out_dtype = DTYPES[writers[0].dtypes[w.name]][0]
     for start, stop in w.chunks():
-        predicted = combine(
-            w.weights, w.device_rows[:, start:stop], w.device_base[start:stop], out_dtype, device
+        predicted = _predict(
+            w, w.device_rows[:, start:stop], w.device_base[start:stop], out_dtype, device
         )  # (T, c)
         _write(w, writers, start, [_as_bits(predicted[i]) for i in range(len(writers))], stats)
     w.device_rows = w.device_base = None  # free the GPU copy before the next tensor
+
+
+def _predict(
+    w: TensorWork, rows: torch.Tensor, base: torch.Tensor, out_dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:  # fmt: skip
+    """(T, c) host tensor: W_0 + wᵀD, or W_0 for a tensor kept at the base."""
+    if w.keep_base:
+        return base.to("cpu", out_dtype).expand(w.weights.shape[0], -1).contiguous()
+    return combine(w.weights, rows, base, out_dtype, device)
 
 
 def _write(

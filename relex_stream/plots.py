@@ -152,9 +152,15 @@ def backtest_errors(
     dashes = ("-", "--", ":", "-.")
     for method, window, distances, errors in curves:
         label = method if len(windows) == 1 else f"{method} [{window}]"
-        ax.plot(distances, errors, marker="o", ms=4, label=label,
-                color=colours(methods.index(method) % colours.N),
-                ls=dashes[windows.index(window) % len(dashes)])
+        ax.plot(
+            distances,
+            errors,
+            marker="o",
+            ms=4,
+            label=label,
+            color=colours(methods.index(method) % colours.N),
+            ls=dashes[windows.index(window) % len(dashes)],
+        )
     ax.axhline(threshold, color="black", ls="--", lw=0.8, label=f"threshold {threshold:g}")
     positive = [e for _, _, _, errors in curves for e in errors if math.isfinite(e) and e > 0]
     if positive and max(positive) / min(positive) > 20:

@@ -95,13 +95,15 @@ def _warn_left_out(path: Path, incomplete: list[str], approximate: list[str]) ->
         log.warning(
             "%d tensor(s) in %s were not finished by an interrupted run and are left out; "
             "rerun `run` with the same --cache to finish them",
-            len(incomplete), path,
+            len(incomplete),
+            path,
         )
     if approximate:
         log.warning(
             "%d tensor(s) in %s hold a randomized low-rank Gram matrix (--svd randomized) and are "
             "left out; rebuild the store with `run --svd exact --rebuild` to include them",
-            len(approximate), path,
+            len(approximate),
+            path,
         )
 
 
@@ -125,8 +127,10 @@ def _quantile_text(values: Sequence[float]) -> str:
     finite = sorted(_finite(values))
     if not finite:
         return "n/a"
-    q = torch.quantile(torch.tensor(finite, dtype=torch.float64),
-                       torch.tensor([0.0, 0.05, 0.5, 0.95, 1.0], dtype=torch.float64))
+    q = torch.quantile(
+        torch.tensor(finite, dtype=torch.float64),
+        torch.tensor([0.0, 0.05, 0.5, 0.95, 1.0], dtype=torch.float64),
+    )
     return "  ".join(f"{float(x):7.4f}" for x in q)
 
 
@@ -201,7 +205,9 @@ def _stats_json(stats: TensorStats) -> dict:
         "intercept": fit.intercept,
         "r_squared": fit.r_squared,
         "path_efficiency": stats.path_efficiency,
-        "null": None if null is None else {
+        "null": None
+        if null is None
+        else {
             "samples": null.samples,
             "quantiles": [0.05, 0.5, 0.95],
             "explained_variance": null.explained_variance,
@@ -261,22 +267,30 @@ class ReportResult:
         if self.model.null is None:
             return ["random-walk null: skipped (--null-samples 0)"]
         total = sum(t.numel for t in self.tensors) or 1
-        lines = [f"random-walk null: {self.model.null.samples} sign-flipped walks of the same "
-                 f"increments per tensor (seed {self.seed}); above its 95% quantile:"]
+        lines = [
+            f"random-walk null: {self.model.null.samples} sign-flipped walks of the same "
+            f"increments per tensor (seed {self.seed}); above its 95% quantile:"
+        ]
         for label, above in (
             ("explained variance", lambda s: s.ev_above_null),
             ("R²", lambda s: s.r2_above_null),
         ):
             hits = [t for t in self.tensors if above(t.stats)]
             share = sum(t.numel for t in hits) / total
-            lines.append(f"  {label}: {len(hits)}/{len(self.tensors)} tensors "
-                         f"({100 * share:.1f}% of parameters)")
+            lines.append(
+                f"  {label}: {len(hits)}/{len(self.tensors)} tensors "
+                f"({100 * share:.1f}% of parameters)"
+            )
         if self.straight:
-            lines.append("verdict: the path is straighter than a random walk of the same steps; "
-                         "extrapolation is plausible (measure it with `backtest`)")
+            lines.append(
+                "verdict: the path is straighter than a random walk of the same steps; "
+                "extrapolation is plausible (measure it with `backtest`)"
+            )
         else:
-            lines.append("verdict: the path is not distinguishable from a random walk of the same "
-                         "steps; do not trust extrapolation")
+            lines.append(
+                "verdict: the path is not distinguishable from a random walk of the same "
+                "steps; do not trust extrapolation"
+            )
         return lines
 
     def _worst_lines(self, count: int = 5) -> list[str]:
@@ -301,12 +315,15 @@ class ReportResult:
 def _stats_text(stats: TensorStats) -> str:
     """One line: a trajectory's explained variance, R², gap, path efficiency and null band."""
     fit, null = stats.fit, stats.null
-    text = (f"explained variance {fit.explained_variance:.4f}, R² {fit.r_squared:.4f}, "
-            f"σ₂/σ₁ {fit.spectral_gap:.3f}, path efficiency {stats.path_efficiency:.3f}")
+    text = (
+        f"explained variance {fit.explained_variance:.4f}, R² {fit.r_squared:.4f}, "
+        f"σ₂/σ₁ {fit.spectral_gap:.3f}, path efficiency {stats.path_efficiency:.3f}"
+    )
     if null is not None:
         ev, r2 = null.explained_variance, null.r_squared
-        text += (f"; null 5–95%: explained variance {ev[0]:.4f}–{ev[2]:.4f}, "
-                 f"R² {r2[0]:.4f}–{r2[2]:.4f}")
+        text += (
+            f"; null 5–95%: explained variance {ev[0]:.4f}–{ev[2]:.4f}, R² {r2[0]:.4f}–{r2[2]:.4f}"
+        )
     return text
 
 
@@ -327,14 +344,22 @@ def report(
     data = load_grams(store_path)
     steps = torch.tensor(data.steps, dtype=torch.float64)
     tensors = [
-        TensorReport(name, *tensor_group(name), data.numel[name],
-                     tensor_stats(gram, steps, null_samples, seed))
+        TensorReport(
+            name,
+            *tensor_group(name),
+            data.numel[name],
+            tensor_stats(gram, steps, null_samples, seed),
+        )
         for name, gram in data.grams.items()
     ]
     whole = torch.stack(list(data.grams.values())).sum(0)  # Gram of all tensors concatenated
     result = ReportResult(
-        data.path, data.steps, tensors, tensor_stats(whole, steps, null_samples, seed),
-        null_samples, seed,
+        data.path,
+        data.steps,
+        tensors,
+        tensor_stats(whole, steps, null_samples, seed),
+        null_samples,
+        seed,
     )
     if out_dir is not None:
         result.files = write_report(result, Path(out_dir), plots)
@@ -345,18 +370,26 @@ def write_report(result: ReportResult, out: Path, plots: bool = True) -> list[Pa
     """report.json, report.csv, summary.txt and (if plots) PNG figures under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     files = [
-        _write_json(out / "report.json", {
-            "store": str(result.store),
-            "steps": result.steps,
-            "null_samples": result.null_samples,
-            "seed": result.seed,
-            "model": _stats_json(result.model),
-            "tensors": [
-                {"name": t.name, "layer": t.layer, "module": t.module, "numel": t.numel,
-                 **_stats_json(t.stats)}
-                for t in result.tensors
-            ],
-        })
+        _write_json(
+            out / "report.json",
+            {
+                "store": str(result.store),
+                "steps": result.steps,
+                "null_samples": result.null_samples,
+                "seed": result.seed,
+                "model": _stats_json(result.model),
+                "tensors": [
+                    {
+                        "name": t.name,
+                        "layer": t.layer,
+                        "module": t.module,
+                        "numel": t.numel,
+                        **_stats_json(t.stats),
+                    }
+                    for t in result.tensors
+                ],
+            },
+        )
     ]
     csv_path = out / "report.csv"
     with csv_path.open("w", newline="") as handle:
@@ -374,13 +407,17 @@ def write_report(result: ReportResult, out: Path, plots: bool = True) -> list[Pa
 
 def _representatives(result: ReportResult) -> list[TensorReport]:
     """Largest tensor, best / median / worst R², lowest explained variance; no repeats."""
-    fitted = sorted((t for t in result.tensors if math.isfinite(t.stats.fit.r_squared)),
-                    key=lambda t: t.stats.fit.r_squared)
+    fitted = sorted(
+        (t for t in result.tensors if math.isfinite(t.stats.fit.r_squared)),
+        key=lambda t: t.stats.fit.r_squared,
+    )
     if not fitted:
         return []
     picks = [
         max(result.tensors, key=lambda t: t.numel),
-        fitted[-1], fitted[len(fitted) // 2], fitted[0],
+        fitted[-1],
+        fitted[len(fitted) // 2],
+        fitted[0],
         min(fitted, key=lambda t: t.stats.fit.explained_variance),
     ]
     unique: dict[str, TensorReport] = {}
@@ -411,10 +448,16 @@ def _report_plots(result: ReportResult, out: Path) -> list[Path]:
 
     return [
         plots.coefficient_trajectories(out / "coefficients.png", panels),
-        plots.histograms(out / "histograms.png", explained, r_squared,
-                         null_median("explained_variance"), null_median("r_squared")),
-        plots.by_layer(out / "by_layer.png", [t.layer for t in result.tensors], modules,
-                       explained, r_squared),
+        plots.histograms(
+            out / "histograms.png",
+            explained,
+            r_squared,
+            null_median("explained_variance"),
+            null_median("r_squared"),
+        ),
+        plots.by_layer(
+            out / "by_layer.png", [t.layer for t in result.tensors], modules, explained, r_squared
+        ),
         plots.by_module(out / "by_module.png", modules, explained, r_squared),
     ]
 
@@ -542,8 +585,9 @@ def _window_sizes(windows: Sequence[int | str] | None, train: int) -> list[int]:
 
 def _specs(methods: Sequence[str | MethodSpec] | None) -> list[MethodSpec]:
     """Parsed methods (default DEFAULT_METHODS); reconstructions cannot be backtested."""
-    specs = [m if isinstance(m, MethodSpec) else parse_method(m)
-             for m in (methods or DEFAULT_METHODS)]
+    specs = [
+        m if isinstance(m, MethodSpec) else parse_method(m) for m in (methods or DEFAULT_METHODS)
+    ]
     for spec in specs:
         if not spec.extrapolates:
             raise RelexError(
@@ -577,8 +621,9 @@ def _backtest_row(
     distances = [float(s - window_steps[-1]) for s in heldout]
     label = f"{spec} (fit on steps {window_steps[0]}..{window_steps[-1]})"
     reach, line = verdict(label, distances, errors, threshold)
-    return BacktestRow(str(spec), len(window), window_steps, heldout, distances, errors,
-                       per_tensor, reach, line)
+    return BacktestRow(
+        str(spec), len(window), window_steps, heldout, distances, errors, per_tensor, reach, line
+    )
 
 
 def backtest(
@@ -615,8 +660,9 @@ def backtest(
         for size in _window_sizes(windows, train)
         for spec in specs
     ]
-    result = BacktestResult(data.path, data.steps, [data.steps[j] for j in targets], threshold,
-                            rows)
+    result = BacktestResult(
+        data.path, data.steps, [data.steps[j] for j in targets], threshold, rows
+    )
     if out_dir is not None:
         result.files = write_backtest(result, Path(out_dir), plots)
     return result
@@ -626,20 +672,33 @@ def write_backtest(result: BacktestResult, out: Path, plots: bool = True) -> lis
     """backtest.json and (if plots) backtest.png under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     files = [
-        _write_json(out / "backtest.json", {
-            "store": str(result.store),
-            "steps": result.steps,
-            "holdout_steps": result.holdout_steps,
-            "threshold": result.threshold,
-            "error": "relative weight-space error |pred - true| / |true| of the delta from base",
-            "rows": [
-                {"method": r.method, "window": r.window, "window_steps": r.window_steps,
-                 "heldout_steps": r.heldout_steps, "distances": r.distances, "errors": r.errors,
-                 "mean_error": r.mean_error, "reach": r.reach, "verdict": r.verdict,
-                 "tensor_errors": r.tensor_errors}
-                for r in result.rows
-            ],
-        })
+        _write_json(
+            out / "backtest.json",
+            {
+                "store": str(result.store),
+                "steps": result.steps,
+                "holdout_steps": result.holdout_steps,
+                "threshold": result.threshold,
+                "error": (
+                    "relative weight-space error |pred - true| / |true| of the delta from base"
+                ),
+                "rows": [
+                    {
+                        "method": r.method,
+                        "window": r.window,
+                        "window_steps": r.window_steps,
+                        "heldout_steps": r.heldout_steps,
+                        "distances": r.distances,
+                        "errors": r.errors,
+                        "mean_error": r.mean_error,
+                        "reach": r.reach,
+                        "verdict": r.verdict,
+                        "tensor_errors": r.tensor_errors,
+                    }
+                    for r in result.rows
+                ],
+            },
+        )
     ]
     (out / "backtest.txt").write_text("\n".join(result.lines()) + "\n")
     files.append(out / "backtest.txt")

@@ -25,8 +25,12 @@ def add_report_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("store", help="trajectory store (OUT/trajectory.zarr of a run, or OUT)")
     p.add_argument("--out", help="write report.json, report.csv, summary.txt and PNGs here")
-    p.add_argument("--null-samples", type=int, default=200,
-                   help="random-sign walks per tensor for the null (default 200; 0: none)")
+    p.add_argument(
+        "--null-samples",
+        type=int,
+        default=200,
+        help="random-sign walks per tensor for the null (default 200; 0: none)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the null's signs (default 0)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
 
@@ -38,16 +42,23 @@ def add_report_parsers(sub: argparse._SubParsersAction) -> None:
         "‖Δ̂ − Δ‖/‖Δ‖, computed exactly from the stored Gram matrices.",
     )
     p.add_argument("store", help="trajectory store (OUT/trajectory.zarr of a run, or OUT)")
-    p.add_argument("--holdout", type=int, required=True,
-                   help="number of last observed steps to predict")
-    p.add_argument("--windows", default="all",
-                   help="fit on the last N steps before the held-out ones: e.g. 4,8,all "
-                   "(default all)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                   help=METHOD_HELP)
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"largest acceptable relative error for the verdict "
-                   f"(default {DEFAULT_THRESHOLD})")
+    p.add_argument(
+        "--holdout", type=int, required=True, help="number of last observed steps to predict"
+    )
+    p.add_argument(
+        "--windows",
+        default="all",
+        help="fit on the last N steps before the held-out ones: e.g. 4,8,all (default all)",
+    )
+    p.add_argument(
+        "--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD", help=METHOD_HELP
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"largest acceptable relative error for the verdict (default {DEFAULT_THRESHOLD})",
+    )
     p.add_argument("--out", help="write backtest.json, backtest.txt and backtest.png here")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG (no matplotlib needed)")
 

@@ -67,12 +67,34 @@ def _unzigzag(z: np.ndarray) -> np.ndarray:
     return z
 
 
-def encode(rows: np.ndarray, reference: np.ndarray, mode: str, op: str = "xor") -> np.ndarray:
-    """(K, c) unsigned bits -> (K, c) codes of the same dtype (a new array; inputs untouched)."""
+def _out(like: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return np.empty_like(like)
+    if out.shape != like.shape or out.dtype != like.dtype:
+        raise ValueError(f"out must be {like.shape} {like.dtype}, got {out.shape} {out.dtype}")
+    return out
+
+
+def encode(
+    rows: np.ndarray,
+    reference: np.ndarray,
+    mode: str,
+    op: str = "xor",
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """(K, c) unsigned bits -> (K, c) codes of the same dtype, in `out` or a new array.
+
+    The inputs are left untouched unless `out` is `rows` itself (then it encodes in place).
+    """
     _check(rows, reference, mode, op)
     if mode == "none":
-        return rows.copy()
-    out = np.empty_like(rows)
+        if out is None:
+            return rows.copy()
+        _out(rows, out)[...] = rows
+        return out
+    if out is rows and mode == "prev":  # row k needs the original row k - 1: walk backwards
+        return _encode_prev_in_place(rows, reference, op)
+    out = _out(rows, out)
     if op == "xor":
         if mode == "base":
             np.bitwise_xor(rows, reference[None, :], out=out)
@@ -88,12 +110,32 @@ def encode(rows: np.ndarray, reference: np.ndarray, mode: str, op: str = "xor") 
     return _zigzag(out)
 
 
-def decode(codes: np.ndarray, reference: np.ndarray, mode: str, op: str = "xor") -> np.ndarray:
-    """Inverse of `encode`: (K, c) codes -> (K, c) bits, bit-identical (a new array)."""
+def _encode_prev_in_place(rows: np.ndarray, reference: np.ndarray, op: str) -> np.ndarray:
+    combine = np.bitwise_xor if op == "xor" else np.subtract  # subtract wraps mod 2^w
+    for k in range(rows.shape[0] - 1, 0, -1):
+        combine(rows[k], rows[k - 1], out=rows[k])
+    combine(rows[0], reference, out=rows[0])
+    return rows if op == "xor" else _zigzag(rows)
+
+
+def decode(
+    codes: np.ndarray,
+    reference: np.ndarray,
+    mode: str,
+    op: str = "xor",
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Inverse of `encode`: (K, c) codes -> (K, c) bits, bit-identical, in `out` or a new array.
+
+    `out` may be `codes` itself: the store reads codes into its arena and decodes them there.
+    """
     _check(codes, reference, mode, op)
+    if out is None:
+        out = codes.copy()
+    elif out is not codes:
+        _out(codes, out)[...] = codes
     if mode == "none":
-        return codes.copy()
-    out = codes.copy()
+        return out
     if op == "sub":
         _unzigzag(out)
     combine = np.bitwise_xor if op == "xor" else np.add  # add wraps mod 2^w

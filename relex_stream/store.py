@@ -37,6 +37,12 @@ def row_chunk_cols(dtype_code: str, numel: int) -> int:
     return max(1, min(cols, numel))
 
 
+# Every chunk is written, all-zero ones too, so a chunk file that is missing on disk means
+# damage (zarr itself would read it as zeros); reads check for them.
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+_CHUNK_KEYS = {"name": "default", "separator": "/"}
+
+
 def _compressors():
     # crc32c after compression: a chunk damaged on disk fails loudly instead of decoding
     # into wrong weights.
@@ -47,8 +53,15 @@ def _compressors():
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on the store at `path` (a sibling file PATH.lock) while in use."""
     lock_path = path.with_name(path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise RelexError(
+            f"cannot write the store's lock {lock_path}: {exc.strerror}; "
+            "choose a writable --cache (or --out)"
+        ) from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -160,7 +173,14 @@ def prepare_tensor(
     bits = DTYPES[dtype_code][1]
     chunk = row_chunk_cols(dtype_code, numel)
     root["base"].create_array(
-        key, shape=(numel,), chunks=(chunk,), dtype=bits, compressors=_compressors(), overwrite=True
+        key,
+        shape=(numel,),
+        chunks=(chunk,),
+        dtype=bits,
+        compressors=_compressors(),
+        chunk_key_encoding=_CHUNK_KEYS,
+        config=_ARRAY_CONFIG,
+        overwrite=True,
     )
     if float_rows:
         n_steps = len(root.attrs["steps"])
@@ -170,6 +190,8 @@ def prepare_tensor(
             chunks=(1, chunk),
             dtype=bits,
             compressors=_compressors(),
+            chunk_key_encoding=_CHUNK_KEYS,
+            config=_ARRAY_CONFIG,
             overwrite=True,
         )
 
@@ -200,9 +222,25 @@ def _decoding(root: zarr.Group, name: str) -> Iterator[None]:
         ) from None
 
 
+def _require_chunks(root: zarr.Group, group: str, name: str, rows: list[int] | None,
+                    start: int, stop: int) -> None:  # fmt: skip
+    """Raise if a chunk file that the read needs is missing (zarr would return zeros)."""
+    key = _key(root, name)
+    chunk = root[group][key].chunks[-1]
+    directory = Path(str(root.store_path).removeprefix("file://")) / group / key / "c"
+    for j in range(start // chunk, (stop - 1) // chunk + 1):
+        paths = (
+            [directory / str(j)] if rows is None else [directory / str(r) / str(j) for r in rows]
+        )
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"chunk {path} is missing")
+
+
 def read_base(root: zarr.Group, name: str, start: int, out: np.ndarray) -> None:
     """Fill `out` (c,) with the base's bits for columns [start, start + c)."""
     with _decoding(root, name):
+        _require_chunks(root, "base", name, None, start, start + out.shape[0])
         array = root["base"][_key(root, name)]
         array.get_basic_selection(
             slice(start, start + out.shape[0]), out=NDBuffer.from_numpy_array(out)
@@ -212,6 +250,7 @@ def read_base(root: zarr.Group, name: str, start: int, out: np.ndarray) -> None:
 def read_rows(root: zarr.Group, name: str, row_ids: list[int], start: int, out: np.ndarray) -> None:
     """Fill `out` (len(row_ids), c) with the bits of rows `row_ids`, columns [start, start + c)."""
     with _decoding(root, name):
+        _require_chunks(root, "rows", name, row_ids, start, start + out.shape[1])
         array = root["rows"][_key(root, name)]
         columns = slice(start, start + out.shape[1])
         array.get_orthogonal_selection((row_ids, columns), out=NDBuffer.from_numpy_array(out))

@@ -259,14 +259,17 @@ def _planted(
     noise = 0.1 if noise is None else noise
     t_max = max(steps)
     for step in steps:
-        yield step, {
-            name: (
-                base[name]
-                + drift * (step / t_max) * directions[name]
-                + noise * drift * torch.randn(base[name].shape, generator=generator)
-            ).to(torch.bfloat16)
-            for name in base
-        }
+        yield (
+            step,
+            {
+                name: (
+                    base[name]
+                    + drift * (step / t_max) * directions[name]
+                    + noise * drift * torch.randn(base[name].shape, generator=generator)
+                ).to(torch.bfloat16)
+                for name in base
+            },
+        )
 
 
 def _base_and_directions(

@@ -124,11 +124,11 @@ class ModelWriter:
                     for name in names
                 },
             }
-            (self.tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            _write_synced(self.tmp_dir / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
         for file_name, content in aux_files.items():
             if file_name == "config.json":
                 content = self._config_with_dtype(content)
-            (self.tmp_dir / file_name).write_bytes(content)
+            _write_synced(self.tmp_dir / file_name, content)
         _fsync_dir(self.tmp_dir)
         previous = None
         if self.final_dir.exists():
@@ -160,6 +160,13 @@ class ModelWriter:
         for key in keys:
             config[key] = name
         return (json.dumps(config, indent=2) + "\n").encode()
+
+
+def _write_synced(path: Path, content: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,520 @@
+"""The catalogue of bad inputs: each gives one 'error: ' line, exit 2, and writes nothing.
+
+Cases already in tests/test_errors.py (fewer than two checkpoints, duplicate steps, a tensor
+missing / reshaped / retyped in one checkpoint, a --target of 'abc') are not repeated here,
+except to check that such a refusal leaves an existing output alone.
+
+Most cases run with --overwrite over an existing OUT/step-100, whose bytes must survive the
+refusal: a run may only replace an output once it has a complete new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.fixtures import EMBED, Spec, build_trajectory
+from tests.helpers import check_against_reference, run_cli, run_traj, step_dir
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+STEPS = (10, 20, 30, 40)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_existing_output(out: Path, target: int = 100) -> dict[str, bytes]:
+    """Put a recognisable model directory at OUT/step-T; return its files' bytes."""
+    final = step_dir(out, target)
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"previous output, must survive\n" * 64)
+    (final / "config.json").write_text('{"previous": true}\n')
+    return snapshot(final)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def assert_refused(
+    proc: subprocess.CompletedProcess[str],
+    out: Path,
+    existing: dict[str, bytes] | None = None,
+    target: int = 100,
+) -> str:
+    """Exit 2, one 'error: ' line, no traceback; OUT/step-T absent or, if it existed, unchanged;
+    no temporary output left behind. Returns the error line."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, f"rc={proc.returncode}\nstderr:\n{proc.stderr}"
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{proc.stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    final = step_dir(out, target)
+    if existing is None:
+        assert not final.exists(), f"{final} written despite the error"
+    else:
+        assert final.is_dir(), f"the existing {final} was removed"
+        assert snapshot(final) == existing, f"the existing {final} was changed"
+    if out.exists():
+        leftovers = sorted(p.name for p in out.glob(".step-*"))
+        assert leftovers == [], f"temporary outputs left behind: {leftovers}"
+    return lines[0]
+
+
+def run_args(base: Path, runs: Path, out: Path, *extra: object) -> list[object]:
+    return ["run", "--base", base, "--runs", runs, "--target", "100", "--out", out,
+            "--device", "cpu", "--quiet", *extra]  # fmt: skip
+
+
+@pytest.fixture
+def traj(tmp_path: Path):
+    return build_trajectory(tmp_path / "traj", Spec(steps=STEPS, base_shards=2))
+
+
+@pytest.fixture
+def out_with_existing(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    out = tmp_path / "out"
+    return out, make_existing_output(out)
+
+
+def _mount_tmpfs(path: Path, options: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator:
+    """mount(name, options) -> a fresh tmpfs mount point; all unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        path = tmp_path / name
+        _mount_tmpfs(path, options)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------- locations
+
+
+def test_missing_base_dir(traj, tmp_path: Path, out_with_existing) -> None:
+    out, existing = out_with_existing
+    missing = tmp_path / "no-such-base"
+    proc = run_cli(*run_args(missing, traj.runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert str(missing) in line, f"the missing directory is not named: {line}"
+
+
+def test_missing_run_dir(traj, tmp_path: Path, out_with_existing) -> None:
+    out, existing = out_with_existing
+    missing = tmp_path / "no-such-runs"
+    proc = run_cli(*run_args(traj.base, missing, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert str(missing) in line, f"the missing directory is not named: {line}"
+
+
+def test_no_checkpoints_found(traj, tmp_path: Path, out_with_existing) -> None:
+    """A run dir with nothing named like a step directory."""
+    out, existing = out_with_existing
+    runs = tmp_path / "empty-runs"
+    (runs / "eval-10").mkdir(parents=True)
+    (runs / "notes.txt").write_text("no checkpoints here\n")
+    proc = run_cli(*run_args(traj.base, runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "no checkpoints" in line and str(runs) in line, line
+
+
+def test_step_dir_without_a_model(traj, out_with_existing) -> None:
+    """checkpoint-30 exists but holds no weights at all."""
+    out, existing = out_with_existing
+    shutil.rmtree(traj.ckpt_dirs[30])
+    traj.ckpt_dirs[30].mkdir()
+    (traj.ckpt_dirs[30] / "trainer_state.json").write_text("{}")
+    proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "checkpoint-30" in line, f"the empty checkpoint is not named: {line}"
+
+
+def test_validation_error_leaves_existing_output(make_traj, out_with_existing) -> None:
+    """A shape mismatch (message tested in test_errors.py) with --overwrite: old output kept."""
+
+    def reshape(step: int, tensors: dict[str, torch.Tensor]) -> None:
+        if step == 30:
+            tensors[Q_PROJ] = tensors[Q_PROJ].reshape(8, 32)
+
+    traj = make_traj(steps=STEPS, edit=reshape)
+    out, existing = out_with_existing
+    assert_refused(run_traj(traj, out, [100], "--overwrite", expect_rc=None), out, existing)
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+
+def _header_end(path: Path) -> int:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return 8 + n
+
+
+@pytest.mark.parametrize("where", ["mid-data", "inside-prefix"])
+def test_truncated_safetensors(traj, out_with_existing, where: str) -> None:
+    """A checkpoint file cut short: in the middle of its data, or inside the 8-byte prefix."""
+    out, existing = out_with_existing
+    path = traj.ckpt_dirs[30] / "model.safetensors"
+    data = path.read_bytes()
+    if where == "mid-data":
+        start = _header_end(path)
+        path.write_bytes(data[: start + (len(data) - start) // 2])
+    else:
+        path.write_bytes(data[:5])
+    proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "checkpoint-30" in line, f"the damaged file is not named: {line}"
+
+
+@pytest.mark.parametrize("damage", ["not-json", "bad-shape"])
+def test_corrupt_header(traj, out_with_existing, damage: str) -> None:
+    """Header bytes overwritten with garbage; or valid JSON where a tensor's shape disagrees
+    with its data offsets."""
+    out, existing = out_with_existing
+    path = traj.ckpt_dirs[30] / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    end = _header_end(path)
+    if damage == "not-json":
+        data[8 + 10 : 8 + 40] = b"\xff\xfe{{garbage}}\x00" + b"#" * 17
+    else:
+        header = data[8:end].decode()  # the first [16,16] tensor becomes [16,17], same length
+        assert '"shape":[16,16]' in header, "test bug: no 16x16 tensor in the header"
+        data[8:end] = header.replace('"shape":[16,16]', '"shape":[16,17]', 1).encode()
+    path.write_bytes(bytes(data))
+    proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "checkpoint-30" in line, f"the damaged file is not named: {line}"
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "missing-shard"])
+def test_bad_index(traj, tmp_path: Path, out_with_existing, case: str) -> None:
+    """The base's index.json: a weight_map value outside its directory (a real, readable
+    safetensors file sits there) or naming a shard that does not exist."""
+    out, existing = out_with_existing
+    index_path = traj.base / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    second = sorted(set(index["weight_map"].values()))[1]
+    evil = tmp_path / "evil.safetensors"
+    shutil.copyfile(traj.base / second, evil)  # would load fine if it were read
+    shard = {
+        "dotdot": "../../evil.safetensors",
+        "absolute": str(evil),
+        "missing-shard": "model-00003-of-00002.safetensors",
+    }[case]
+    index["weight_map"] = {n: (shard if f == second else f) for n, f in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    assert (traj.base / "../../evil.safetensors").resolve() == evil.resolve()
+    proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "index.json" in line, f"the index file is not named: {line}"
+    if case == "missing-shard":
+        assert "missing" in line and "model-00003-of-00002.safetensors" in line, line
+    else:
+        assert "outside" in line, line
+
+
+def test_hf_cache_symlinked_snapshot_is_read(tmp_path: Path) -> None:
+    """Not an error: a Hugging Face hub cache snapshot holds symlinks into ../../blobs. The
+    index confines *names* to the directory; the files themselves may be links."""
+    traj = build_trajectory(tmp_path / "traj", Spec(steps=(10, 20, 30), base_shards=2))
+    blobs = tmp_path / "hub" / "blobs"
+    snapshot_dir = tmp_path / "hub" / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snapshot_dir.mkdir(parents=True)
+    for i, path in enumerate(sorted(traj.base.iterdir())):
+        blob = blobs / f"blob{i}"
+        shutil.move(str(path), blob)
+        (snapshot_dir / path.name).symlink_to(os.path.relpath(blob, snapshot_dir))
+    out = tmp_path / "out"
+    run_cli(*run_args(snapshot_dir, traj.runs, out))
+    check_against_reference(
+        build_trajectory(tmp_path / "traj2", Spec(steps=(10, 20, 30), base_shards=2)), out, [100]
+    )
+
+
+# ----------------------------------------------------------------------------- NaN / Inf
+
+
+def _poison(value: float, step: int, name: str):
+    def edit(s: int, tensors: dict[str, torch.Tensor]) -> None:
+        if s == step:
+            t = tensors[name].clone()
+            t.view(-1)[-1] = value
+            tensors[name] = t
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("value", "step", "name"),
+    [(float("nan"), 30, Q_PROJ), (float("inf"), 40, EMBED)],
+    ids=["nan-q_proj-step30", "inf-embed-step40"],
+)
+def test_nonfinite_checkpoint(make_traj, out_with_existing, value, step, name) -> None:
+    """Refused naming tensor and step; --allow-nonfinite then runs (exit 0)."""
+    traj = make_traj(steps=STEPS, base_shards=2, edit=_poison(value, step, name))
+    out, existing = out_with_existing
+    proc = run_traj(traj, out, [100], "--overwrite", expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert name in line, f"tensor not named: {line}"
+    assert f"step {step}" in line, f"step not named: {line}"
+    assert "--allow-nonfinite" in line, line
+    run_traj(traj, out, [100], "--overwrite", "--allow-nonfinite")
+    assert (step_dir(out, 100) / "config.json").read_text() != '{"previous": true}\n'
+
+
+def test_nonfinite_base(traj, out_with_existing) -> None:
+    """NaN in the base: refused, naming the tensor and the base."""
+    out, existing = out_with_existing
+    index = json.loads((traj.base / "model.safetensors.index.json").read_text())
+    shard = traj.base / index["weight_map"][Q_PROJ]
+    tensors = load_file(str(shard))
+    tensors[Q_PROJ].view(-1)[0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert Q_PROJ in line and "base" in line, line
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_output_exists_without_overwrite(traj, out_with_existing) -> None:
+    out, existing = out_with_existing
+    proc = run_cli(*run_args(traj.base, traj.runs, out), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "step-100" in line and "--overwrite" in line, line
+
+
+def _read_only_dir(tmpfs, with_existing: bool) -> tuple[Path, dict[str, bytes] | None]:
+    """A read-only location (root ignores chmod): a tmpfs remounted read-only, else /proc."""
+    try:
+        path = tmpfs("ro", "size=1M")
+    except pytest.skip.Exception:
+        return Path("/proc/relex_stream_out"), None
+    existing = make_existing_output(path) if with_existing else None
+    proc = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip("cannot remount the tmpfs read-only")
+    try:
+        (path / "probe").write_text("x")
+    except OSError:
+        return path, existing
+    pytest.skip("a read-only remount is still writable here")
+
+
+@pytest.mark.parametrize("what", ["out", "cache"])
+def test_read_only_location(traj, tmp_path: Path, tmpfs, what: str) -> None:
+    """--out (with its default store) or --cache on a location nobody can write."""
+    if what == "out":
+        out, existing = _read_only_dir(tmpfs, with_existing=True)
+        extra: list[object] = ["--overwrite"] if existing else []
+    else:
+        ro, _ = _read_only_dir(tmpfs, with_existing=False)
+        out, existing = tmp_path / "out", make_existing_output(tmp_path / "out")
+        extra = ["--overwrite", "--cache", ro / "store.zarr"]
+    proc = run_cli(*run_args(traj.base, traj.runs, out, *extra), expect_rc=None)
+    assert_refused(proc, out, existing)
+
+
+@pytest.mark.parametrize("what", ["store", "outputs"])
+def test_not_enough_disk(tmp_path: Path, tmpfs, what: str) -> None:
+    """A 512 KiB file system for the store (~7 MiB needed) or the outputs (~1 MiB): refused up
+    front, naming the space, before any weight is read."""
+    tiny = tmpfs("tiny", "size=512k")
+    traj = build_trajectory(tmp_path / "traj", Spec(steps=STEPS, vocab=16384, base_shards=2))
+    if what == "store":
+        out, existing = tmp_path / "out", make_existing_output(tmp_path / "out")
+        extra = ["--cache", tiny / "store.zarr"]
+    else:
+        out, existing = tiny / "out", make_existing_output(tiny / "out")
+        extra = ["--cache", tmp_path / "store.zarr"]
+    proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite", *extra), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "free" in line, f"the message does not mention free space: {line}"
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+@pytest.fixture(scope="module")
+def built_store(tmp_path_factory: pytest.TempPathFactory):
+    """A complete store built from trajectory A (steps 10..40): (traj A, store path)."""
+    root = tmp_path_factory.mktemp("store")
+    traj = build_trajectory(root / "a", Spec(steps=STEPS, base_shards=2))
+    store = root / "store.zarr"
+    run_traj(traj, root / "out", [100], "--cache", store)
+    return traj, store
+
+
+@pytest.mark.parametrize("other", ["other-files", "other-layout", "other-steps"])
+def test_store_built_from_other_inputs(built_store, tmp_path: Path, other: str) -> None:
+    """--cache pointing at a store of other checkpoints: same-shaped files from another run,
+    another model layout, or steps the store does not hold."""
+    _, original = built_store
+    store = tmp_path / "store.zarr"
+    shutil.copytree(original, store)
+    spec = {
+        "other-files": Spec(steps=STEPS, base_shards=2, seed=1),
+        "other-layout": Spec(steps=STEPS, base_shards=2, vocab=128),
+        "other-steps": Spec(steps=(*STEPS, 50), base_shards=2),
+    }[other]
+    traj = build_trajectory(tmp_path / "b", spec)
+    out, existing = tmp_path / "out", make_existing_output(tmp_path / "out")
+    proc = run_traj(traj, out, [100], "--cache", store, "--overwrite", expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "--rebuild" in line and str(store) in line, line
+    if other == "other-files":
+        assert ".safetensors" in line, f"the changed file is not named: {line}"
+    if other == "other-steps":
+        assert "50" in line, f"the missing step is not named: {line}"
+
+
+def test_rebuild_refuses_a_directory_that_is_not_a_store(traj, tmp_path: Path) -> None:
+    """--cache at an ordinary directory with --rebuild must not delete it."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("do not delete\n")
+    out = tmp_path / "out"
+    proc = run_traj(traj, out, [100], "--cache", precious, "--rebuild", expect_rc=None)
+    line = assert_refused(proc, out)
+    assert str(precious) in line, line
+    assert (precious / "thesis.txt").read_text() == "do not delete\n", "--rebuild deleted it"
+
+
+class _Plant:
+    """Unpickling this creates a marker file: proof that a store codec ran pickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_store_with_pickle_codec_is_refused(built_store, tmp_path: Path) -> None:
+    """A tampered store whose array metadata names a pickle codec and whose chunk is a pickle:
+    refused without unpickling anything."""
+    _, original = built_store
+    store = tmp_path / "store.zarr"
+    shutil.copytree(original, store)
+    ids = json.loads((store / "zarr.json").read_text())["attributes"]["tensor_ids"]
+    tensor_id = str(ids[Q_PROJ])
+    meta_path = store / "rows" / tensor_id / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"] = [{"name": "numcodecs.pickle", "configuration": {"protocol": 5}}]
+    meta_path.write_text(json.dumps(meta))
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Plant(marker), protocol=5)
+    for chunk in (store / "rows" / tensor_id / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(payload)
+    out = tmp_path / "out"
+    proc = run_cli(
+        "run", "--cache", store, "--target", "100", "--out", out, "--device", "cpu", "--quiet",
+        expect_rc=None,
+    )  # fmt: skip
+    assert not marker.exists(), "a pickle in the store was executed"
+    assert_refused(proc, out)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("target", ["nan", "100,abc"])
+def test_target_not_a_finite_number(traj, out_with_existing, target: str) -> None:
+    out, existing = out_with_existing
+    args = run_args(traj.base, traj.runs, out, "--overwrite")
+    args[args.index("--target") + 1] = target
+    line = assert_refused(run_cli(*args, expect_rc=None), out, existing)
+    assert "--target" in line, line
+
+
+def test_max_memory_too_small_for_one_chunk(traj, out_with_existing) -> None:
+    out, existing = out_with_existing
+    proc = run_cli(
+        *run_args(traj.base, traj.runs, out, "--overwrite", "--max-memory", "64K"), expect_rc=None
+    )
+    line = assert_refused(proc, out, existing)
+    assert "--max-memory" in line and "at least" in line, line
+
+
+# ----------------------------------------------------------------------------- not safetensors
+
+GARBAGE = b"\x80\x05\x95 this is not a valid pickle: unpickling it would raise \xff\x00" * 16
+
+
+def _replace_with(model_dir: Path, files: dict[str, bytes]) -> None:
+    """Replace a checkpoint's safetensors files with other files (config kept if present)."""
+    for path in model_dir.glob("model*.safetensors*"):
+        path.unlink()
+    for rel, data in files.items():
+        (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (model_dir / rel).write_bytes(data)
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "base"])
+def test_bin_only_model_is_refused_unread(traj, out_with_existing, which: str) -> None:
+    """pytorch_model.bin only: a message about safetensors, exit 2; the .bin is never unpickled
+    (it holds garbage, so unpickling would end in a traceback)."""
+    out, existing = out_with_existing
+    model_dir = traj.ckpt_dirs[30] if which == "checkpoint" else traj.base
+    _replace_with(model_dir, {"pytorch_model.bin": GARBAGE})
+    proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "safetensors" in line and str(model_dir.name) in line, line
+
+
+@pytest.mark.parametrize("layout", ["actor", "flat"])
+def test_verl_fsdp_checkpoint_is_refused_unread(traj, out_with_existing, layout: str) -> None:
+    """verl FSDP shards (global_step_N/actor/model_world_size_2_rank_R.pt, with the HF config
+    in actor/huggingface/): a message saying how to merge them, exit 2, nothing unpickled."""
+    out, existing = out_with_existing
+    step_root = traj.runs / "global_step_30"
+    shutil.rmtree(traj.ckpt_dirs[30])
+    prefix = "actor/" if layout == "actor" else ""
+    files = {f"{prefix}model_world_size_2_rank_{r}.pt": GARBAGE for r in (0, 1)}
+    files |= {f"{prefix}optim_world_size_2_rank_{r}.pt": GARBAGE for r in (0, 1)}
+    files[f"{prefix}huggingface/config.json"] = (traj.base / "config.json").read_bytes()
+    step_root.mkdir()
+    _replace_with(step_root, files)
+    proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "verl" in line and "merge" in line, f"no hint on merging FSDP shards: {line}"
+
+
+def test_peft_adapter_is_refused(traj, out_with_existing) -> None:
+    out, existing = out_with_existing
+    model_dir = traj.ckpt_dirs[30]
+    tensors = {"base_model.model.lora_A.weight": torch.zeros(2, 16)}
+    _replace_with(model_dir, {"adapter_config.json": b'{"peft_type": "LORA", "r": 2}'})
+    save_file(tensors, str(model_dir / "adapter_model.safetensors"))
+    proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "adapter" in line, line
