@@ -65,6 +65,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--alpha", type=float, help="expo: extrapolation strength α")
     p.add_argument("--cache", help="trajectory store to use or build (default OUT/trajectory.zarr)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the store from the sources")
+    p.add_argument(
+        "--store-codec",
+        default="xor-zstd",
+        choices=["xor-zstd", "zstd", "none"],
+        help="how a new store keeps rows: each XOR the previous then zstd (default, ~1%% of the "
+        "raw bytes on consecutive RL steps), plain zstd, or uncompressed; all lossless",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--max-memory", default="4G", help="host memory budget for buffers (e.g. 4G)")
     p.add_argument(
@@ -109,9 +116,18 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--noise",
         type=float,
-        default=0.1,
-        help="noise relative to the drift at the last step (default 0.1)",
+        default=None,
+        help="noise level (defaults: planted 0.1 of the drift, drift 1.0, walk 1.0)",
     )
+    p.add_argument(
+        "--profile",
+        default="planted",
+        choices=["planted", "drift", "walk"],
+        help="planted: rank-1 line plus noise at every saved step (default); drift: fp32 master "
+        "weights taking small noisy steps, saved as bf16, so most elements stay unchanged like "
+        "real RL; walk: a random walk with no drift",
+    )
+    p.add_argument("--lr", type=float, help="drift/walk step size (default: the profile's)")
     p.add_argument("--tied", action="store_true", help="tie lm_head to embed_tokens")
     p.add_argument(
         "--shard-size",
@@ -193,6 +209,7 @@ def _run(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         rebuild=args.rebuild,
         allow_nonfinite=args.allow_nonfinite,
+        store_codec=args.store_codec,
         quiet=args.quiet,
     )
     if not args.quiet and summary.rank == 0:
@@ -212,6 +229,8 @@ def _synth(args: argparse.Namespace) -> None:
         layers=args.layers,
         vocab=args.vocab,
         noise=args.noise,
+        profile=args.profile,
+        lr=args.lr,
         tied=args.tied,
         shard_bytes=parse_bytes(args.shard_size) if args.shard_size else None,
         overwrite=args.overwrite,

@@ -42,10 +42,11 @@ from .distributed import (
 )
 from .errors import RelexError
 from .kernels import resolve_device
+from .memory import smallest_budget
 from .methods import MethodSpec, build_spec, parse_method
 from .outputs import OutputSpec, check_plan, plan_outputs, weight_plan
 from .passes import GAP_WARNING, PassStats, TensorWork, plan_tensor, run_passes
-from .safetensors_io import DTYPES
+from .safetensors_io import DTYPES, FLOAT_CODES
 from .units import (
     StepSelection,
     format_bytes,
@@ -146,15 +147,15 @@ def _open_store(
     steps: StepSelection | None,
     window: int | None,
     rebuild: bool,
+    codec: str = "xor-zstd",
 ):
     """Open or create the store; returns (zarr group, observed steps, their row ids)."""
-    root = trajectory_store.open_existing(path)
-    if root is not None and rebuild:
+    if rebuild and trajectory_store.open_existing(path, any_version=True) is not None:
         if sources is None:
             raise RelexError("--rebuild needs the sources (--base and --runs/--ckpt)")
         log.info("removing the store at %s (--rebuild)", path)
         trajectory_store.remove(path)
-        root = None
+    root = trajectory_store.open_existing(path)
     if sources is None:
         if root is None:
             raise RelexError(f"no store at {path}; give --base and --runs (or --ckpt) to build one")
@@ -167,7 +168,7 @@ def _open_store(
         aux = sources.base.aux_files()
         layout = sources.base.layout()
         root = trajectory_store.create(
-            path, layout, chosen, fingerprints, aux, _tied_aliases(layout, aux)
+            path, layout, chosen, fingerprints, aux, _tied_aliases(layout, aux), codec
         )
         return root, chosen, list(range(len(chosen)))
     meta = trajectory_store.attrs(root)
@@ -264,6 +265,7 @@ class RunRequest:
     rebuild: bool
     allow_nonfinite: bool
     quiet: bool
+    store_codec: str = "xor-zstd"
 
     @property
     def store_path(self) -> Path:
@@ -294,6 +296,7 @@ def extrapolate(
     overwrite: bool = False,
     rebuild: bool = False,
     allow_nonfinite: bool = False,
+    store_codec: str = "xor-zstd",
     quiet: bool = False,
 ) -> RunSummary:
     """Predict the checkpoint at each target step; write one model directory per output.
@@ -311,6 +314,10 @@ def extrapolate(
         raise RelexError("give at least one --target step")
     if dtype not in DTYPE_CHOICES:
         raise RelexError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    if store_codec not in trajectory_store.CODECS:
+        raise RelexError(
+            f"--store-codec {store_codec!r} is not one of {', '.join(trajectory_store.CODECS)}"
+        )
     if base is None and (runs is not None or ckpts):
         raise RelexError("--runs/--ckpt need --base, the checkpoint the run started from")
     methods = [method] if isinstance(method, (str, MethodSpec)) else list(method)
@@ -337,6 +344,7 @@ def extrapolate(
         rebuild=rebuild,
         allow_nonfinite=allow_nonfinite,
         quiet=quiet,
+        store_codec=store_codec,
     )
     ranks = init_from_env(device)
     try:
@@ -375,7 +383,12 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
         opened = None
         if ranks.is_main:
             opened = _open_store(
-                store_path, sources, request.steps, request.widest_window, request.rebuild
+                store_path,
+                sources,
+                request.steps,
+                request.widest_window,
+                request.rebuild,
+                request.store_codec,
             )
         barrier(ranks)
         if not ranks.is_main:
@@ -458,6 +471,21 @@ def _plan_work(
     device_budget: int | None,
 ) -> list[TensorWork]:
     """Chunking, residency and kernel of every tensor that is computed (aliases follow)."""
+    needed = max(
+        smallest_budget(
+            int(np.prod(shape, dtype=np.int64)),
+            n_observed if dtype in FLOAT_CODES else 0,
+            DTYPES[dtype][1].itemsize,
+            n_outputs,
+            DTYPES[dtypes[name]][1].itemsize,
+        )
+        for name, (dtype, shape) in layout.tensors.items()
+    )
+    if needed > request.max_memory_bytes:
+        raise RelexError(
+            f"--max-memory {format_bytes(request.max_memory_bytes)} is too small to hold one "
+            f"chunk of {n_observed} checkpoints; give at least {format_bytes(needed)}"
+        )
     return [
         plan_tensor(
             name,

@@ -10,13 +10,21 @@ from .units import format_bytes
 def chunk_bytes(cols: int, n_rows: int, itemsize: int, n_outputs: int, out_itemsize: int) -> int:
     """Host bytes the engine holds for one chunk of `cols` columns, scratch included.
 
-    Rows are held once as read and once more while a store chunk is encoded or decoded; the
-    float64 delta scratch is bounded by the Gram block, not by the chunk.
+    Base and rows sit in two read buffers (one being read, one computed on) and once more while
+    a store chunk is encoded or decoded; the float64 delta scratch is bounded by the Gram
+    block, not by the chunk.
     """
     block = min(cols, GRAM_BLOCK_COLS)
     scratch = block * (n_rows * (8 + 8) + n_outputs * 16)
-    per_col = 2 * n_rows * itemsize + 2 * itemsize + n_outputs * out_itemsize
+    per_col = 3 * (n_rows + 1) * itemsize + n_outputs * out_itemsize
     return scratch + cols * per_col
+
+
+def smallest_budget(
+    numel: int, n_rows: int, itemsize: int, n_outputs: int, out_itemsize: int
+) -> int:
+    """The least --max-memory that holds one chunk of this tensor."""
+    return chunk_bytes(min(GRAM_BLOCK_COLS, numel), n_rows, itemsize, n_outputs, out_itemsize)
 
 
 def plan_chunk_cols(

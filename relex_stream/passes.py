@@ -194,7 +194,7 @@ def run_passes(
         else:
             trajectory_store.read_base(root, job.tensor, job.start, base)
             if job.n_rows:
-                trajectory_store.read_rows(root, job.tensor, row_ids, job.start, rows)
+                trajectory_store.read_rows(root, job.tensor, row_ids, job.start, base, rows)
         stats.bytes_read += chunk_nbytes(job)
 
     gram_total = sum(chunk_nbytes(j) for j in jobs if j.stage == "gram")

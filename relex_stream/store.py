@@ -1,7 +1,10 @@
 """The zarr v3 trajectory store: per tensor the base row, the K observed rows and the Gram matrix.
 
-Rows are kept as the checkpoint's bits (bf16 as uint16), losslessly compressed, in chunks of one
-row by about a megabyte so new checkpoints can be appended without rewriting old chunks. The
+Rows are kept as the checkpoint's bits (bf16 as uint16), losslessly: row k is stored XOR row k−1
+(row 0 XOR the base), which RL leaves mostly zero, then zstd-1 and a crc32c checksum
+(bench/RESULTS.md: ~1% of the raw bytes on consecutive steps, and faster to read than a plain
+zstd store). Chunks are one row by about a megabyte, so new checkpoints can be appended without
+rewriting old chunks. The
 store also keeps the model layout and small files (config, tokenizer), so a run can work from it
 alone after the sources are gone. Every tensor carries a completion mark written after its data;
 the store-wide mark is written last.
@@ -22,12 +25,16 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 
+from . import row_codec
 from .checkpoints import ModelLayout
 from .errors import RelexError
 from .kernels import GRAM_BLOCK_COLS
 from .safetensors_io import DTYPES
 
-STORE_FORMAT = "relex_stream.trajectory/1"
+STORE_FORMAT = "relex_stream.trajectory/2"
+# --store-codec -> (row_codec transform, compressed?). xor-zstd, the default, is chosen by
+# measurement (bench/RESULTS.md); the others exist to compare against and for odd data.
+CODECS = {"xor-zstd": ("prev", True), "zstd": ("none", True), "none": ("none", False)}
 ROW_CHUNK_BYTES = 1 << 20
 
 
@@ -37,16 +44,19 @@ def row_chunk_cols(dtype_code: str, numel: int) -> int:
     return max(1, min(cols, numel))
 
 
-# Every chunk is written, all-zero ones too, so a chunk file that is missing on disk means
-# damage (zarr itself would read it as zeros); reads check for them.
-_ARRAY_CONFIG = {"write_empty_chunks": True}
+# Every chunk is written, all-zero ones too (see write_chunk), so a chunk file that is missing
+# on disk means damage (zarr itself would read it as zeros); reads check for them.
 _CHUNK_KEYS = {"name": "default", "separator": "/"}
 
 
-def _compressors():
+def _compressors(codec: str) -> list:
     # crc32c after compression: a chunk damaged on disk fails loudly instead of decoding
     # into wrong weights.
-    return [ZstdCodec(level=1), Crc32cCodec()]
+    return [ZstdCodec(level=1), Crc32cCodec()] if CODECS[codec][1] else [Crc32cCodec()]
+
+
+def _transform(root: zarr.Group) -> str:
+    return CODECS[root.attrs["codec"]][0]
 
 
 @contextlib.contextmanager
@@ -88,6 +98,7 @@ def create(
     sources: dict,
     aux_files: dict[str, bytes],
     aliases: dict[str, str],
+    codec: str = "xor-zstd",
 ) -> zarr.Group:
     """A new, empty store for `steps`; overwrites nothing (the caller removed any old one).
 
@@ -104,6 +115,7 @@ def create(
             "aliases": aliases,
             "sources": sources,
             "tensor_ids": {name: i for i, name in enumerate(layout.tensors)},
+            "codec": codec,
             "complete": False,
         }
     )
@@ -120,20 +132,26 @@ def create(
     return zarr.open_group(str(path), mode="a")
 
 
-def open_existing(path: Path) -> zarr.Group | None:
-    """The store at `path`, or None if there is none; a non-store directory is an error."""
+def open_existing(path: Path, any_version: bool = False) -> zarr.Group | None:
+    """The store at `path`, or None if there is none; a non-store directory is an error.
+
+    any_version: also accept a store of an older format (only to remove it, for --rebuild).
+    """
     if not path.exists():
         return None
     try:
         root = zarr.open_group(str(path), mode="a")
+        found = root.attrs.get("format")
     except Exception:  # zarr raises several types for a directory that is not a group
+        found = None
+    if not isinstance(found, str) or not found.startswith(STORE_FORMAT.split("/")[0] + "/"):
         raise RelexError(
             f"{path} exists but is not a relex_stream store; pass another --cache or remove it"
-        ) from None
-    if root.attrs.get("format") != STORE_FORMAT:
+        )
+    if found != STORE_FORMAT and not any_version:
         raise RelexError(
-            f"{path} is not a relex_stream store (format {root.attrs.get('format')!r}); "
-            "pass another --cache or remove it"
+            f"the store at {path} was written by another version of relex_stream ({found}, "
+            f"this one reads {STORE_FORMAT}); rebuild it with --rebuild or use another --cache"
         )
     return root
 
@@ -177,9 +195,8 @@ def prepare_tensor(
         shape=(numel,),
         chunks=(chunk,),
         dtype=bits,
-        compressors=_compressors(),
+        compressors=_compressors(root.attrs["codec"]),
         chunk_key_encoding=_CHUNK_KEYS,
-        config=_ARRAY_CONFIG,
         overwrite=True,
     )
     if float_rows:
@@ -188,12 +205,20 @@ def prepare_tensor(
             key,
             shape=(n_steps, numel),
             chunks=(1, chunk),
-            dtype=bits,
-            compressors=_compressors(),
+            dtype=_unsigned_dtype(bits),
+            compressors=_compressors(root.attrs["codec"]),
             chunk_key_encoding=_CHUNK_KEYS,
-            config=_ARRAY_CONFIG,
             overwrite=True,
         )
+
+
+def _unsigned_dtype(bits: np.dtype) -> np.dtype:
+    return np.dtype(f"u{np.dtype(bits).itemsize}")
+
+
+def _unsigned(array: np.ndarray) -> np.ndarray:
+    """The same memory viewed as unsigned words (bf16, fp16, fp32 bits alike)."""
+    return array.view(_unsigned_dtype(array.dtype))
 
 
 def write_chunk(
@@ -202,9 +227,12 @@ def write_chunk(
     """Store base (c,) and rows (K, c) bits for columns [start, start + c)."""
     key = _key(root, name)
     stop = start + base.shape[0]
-    root["base"][key][start:stop] = base
-    if rows is not None:
-        root["rows"][key][:, start:stop] = rows
+    # write_empty_chunks is a runtime setting of an opened array, not stored with it
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        root["base"][key][start:stop] = base
+        if rows is not None:
+            codes = row_codec.encode(_unsigned(rows), _unsigned(base), _transform(root))  # (K, c)
+            root["rows"][key][:, start:stop] = codes
 
 
 @contextlib.contextmanager
@@ -247,13 +275,33 @@ def read_base(root: zarr.Group, name: str, start: int, out: np.ndarray) -> None:
         )
 
 
-def read_rows(root: zarr.Group, name: str, row_ids: list[int], start: int, out: np.ndarray) -> None:
-    """Fill `out` (len(row_ids), c) with the bits of rows `row_ids`, columns [start, start + c)."""
+def read_rows(
+    root: zarr.Group,
+    name: str,
+    row_ids: list[int],
+    start: int,
+    base: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Fill `out` (len(row_ids), c) with the bits of rows `row_ids`, columns [start, start + c).
+
+    base: (c,) the base's bits of the same columns (row 0 is stored against it). Row k decodes
+    from rows 0..k, so a prefix of rows decodes in place; other selections decode the prefix up
+    to their last row in a scratch buffer. Reads are row slices: zarr's orthogonal selection
+    with a list of rows is ~20x slower (bench/RESULTS.md).
+    """
     with _decoding(root, name):
-        _require_chunks(root, "rows", name, row_ids, start, start + out.shape[1])
+        needed = max(row_ids) + 1
+        _require_chunks(root, "rows", name, list(range(needed)), start, start + out.shape[1])
         array = root["rows"][_key(root, name)]
+        prefix = row_ids == list(range(needed))
+        scratch = out if prefix else np.empty((needed, out.shape[1]), dtype=out.dtype)
+        codes = _unsigned(scratch)  # (needed, c)
         columns = slice(start, start + out.shape[1])
-        array.get_orthogonal_selection((row_ids, columns), out=NDBuffer.from_numpy_array(out))
+        array.get_basic_selection((slice(0, needed), columns), out=NDBuffer.from_numpy_array(codes))
+        row_codec.decode(codes, _unsigned(base), _transform(root), out=codes)
+        if not prefix:
+            out[...] = scratch[row_ids]
 
 
 def finish_tensor(
