@@ -6,7 +6,6 @@ This module wires the pieces together and owns no numerics or file formats of it
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import resource
@@ -20,16 +19,7 @@ import psutil
 import torch
 
 from . import store as trajectory_store
-from .checkpoints import (
-    Checkpoint,
-    ModelFiles,
-    ModelLayout,
-    check_same_model,
-    discover_runs,
-    open_model,
-    parse_ckpt_args,
-    select_steps,
-)
+from .checkpoints import ModelLayout
 from .distributed import (
     Ranks,
     assign,
@@ -41,6 +31,7 @@ from .distributed import (
     shutdown,
 )
 from .errors import RelexError
+from .inputs import Sources, open_sources, open_store
 from .kernels import resolve_device
 from .memory import smallest_budget
 from .methods import MethodSpec, build_spec, parse_method
@@ -92,117 +83,6 @@ class RunSummary:
             + (f" (largest of {self.ranks} ranks)" if self.ranks > 1 else ""),
             *(f"output: {path}" for path in self.outputs),
         ]
-
-
-@dataclass(frozen=True)
-class _Sources:
-    base: ModelFiles
-    checkpoints: list[Checkpoint]  # the observed ones, sorted by step
-
-    def fingerprints(self) -> dict:
-        return {
-            "base": self.base.fingerprint(),
-            "steps": {str(c.step): c.model.fingerprint() for c in self.checkpoints},
-        }
-
-
-def _open_sources(
-    base: Path,
-    runs: Path | None,
-    ckpts: list[str] | None,
-    steps: StepSelection | None,
-    window: int | None,
-) -> _Sources:
-    if runs is not None and ckpts:
-        raise RelexError("give either --runs or --ckpt, not both")
-    if runs is None and not ckpts:
-        raise RelexError("give the observed checkpoints with --runs RUN_DIR or --ckpt STEP=PATH")
-    found = discover_runs(Path(runs)) if runs is not None else parse_ckpt_args(list(ckpts or []))
-    chosen = select_steps(list(found), steps, window)
-    base_model = open_model(Path(base))
-    checkpoints = [Checkpoint(step, open_model(found[step])) for step in chosen]
-    check_same_model(base_model, checkpoints)
-    return _Sources(base_model, checkpoints)
-
-
-def _tied_aliases(layout: ModelLayout, aux_files: dict[str, bytes]) -> dict[str, str]:
-    """{'lm_head.weight': 'model.embed_tokens.weight'} when the config ties them, else {}."""
-    try:
-        config = json.loads(aux_files.get("config.json", b"{}"))
-    except json.JSONDecodeError:
-        raise RelexError("the base's config.json is not valid JSON") from None
-    head, embed = "lm_head.weight", "model.embed_tokens.weight"
-    if (
-        config.get("tie_word_embeddings") is True
-        and head in layout.tensors
-        and layout.tensors.get(embed) == layout.tensors[head]
-    ):
-        return {head: embed}
-    return {}
-
-
-def _open_store(
-    path: Path,
-    sources: _Sources | None,
-    steps: StepSelection | None,
-    window: int | None,
-    rebuild: bool,
-    codec: str = "xor-zstd",
-):
-    """Open or create the store; returns (zarr group, observed steps, their row ids)."""
-    if rebuild and trajectory_store.open_existing(path, any_version=True) is not None:
-        if sources is None:
-            raise RelexError("--rebuild needs the sources (--base and --runs/--ckpt)")
-        log.info("removing the store at %s (--rebuild)", path)
-        trajectory_store.remove(path)
-    root = trajectory_store.open_existing(path)
-    if sources is None:
-        if root is None:
-            raise RelexError(f"no store at {path}; give --base and --runs (or --ckpt) to build one")
-        stored = list(root.attrs["steps"])
-        chosen = select_steps(stored, steps, window)
-        return root, chosen, [stored.index(s) for s in chosen]
-    chosen = [c.step for c in sources.checkpoints]
-    fingerprints = sources.fingerprints()
-    if root is None:
-        aux = sources.base.aux_files()
-        layout = sources.base.layout()
-        root = trajectory_store.create(
-            path, layout, chosen, fingerprints, aux, _tied_aliases(layout, aux), codec
-        )
-        return root, chosen, list(range(len(chosen)))
-    meta = trajectory_store.attrs(root)
-    stored = list(meta["steps"])
-    if meta["layout"] != sources.base.layout().to_json():
-        raise RelexError(
-            f"the store at {path} was built for another model layout; "
-            "use --rebuild or another --cache"
-        )
-    missing = [s for s in chosen if s not in stored]
-    if missing:
-        raise RelexError(
-            f"the store at {path} holds steps {stored[0]}..{stored[-1]} ({len(stored)}) but not "
-            f"step(s) {missing[:5]}; use --rebuild to rebuild it, or another --cache"
-        )
-    old = meta["sources"]
-    changed = _first_change(old["base"], fingerprints["base"], "base")
-    for step in chosen:
-        changed = changed or _first_change(
-            old["steps"][str(step)], fingerprints["steps"][str(step)], f"step {step}"
-        )
-    if changed:
-        raise RelexError(
-            f"the store at {path} was built from other inputs ({changed}); "
-            "use --rebuild to rebuild it, or another --cache"
-        )
-    return root, chosen, [stored.index(s) for s in chosen]
-
-
-def _first_change(old: dict, new: dict, what: str) -> str | None:
-    for shard in sorted(set(old) | set(new)):
-        if old.get(shard) != new.get(shard):
-            return f"{what} file {shard} differs"
-    return None
 
 
 def _check_disk(path: Path, needed: int, what: str) -> None:
@@ -361,7 +241,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     device_budget = _device_budget(torch_device, request.max_gpu_memory)
     store_path = request.store_path
     sources = (
-        _open_sources(
+        open_sources(
             request.base, request.runs, request.ckpts, request.steps, request.widest_window
         )
         if request.base is not None
@@ -382,7 +262,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     with lock:
         opened = None
         if ranks.is_main:
-            opened = _open_store(
+            opened = open_store(
                 store_path,
                 sources,
                 request.steps,
@@ -392,7 +272,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
             )
         barrier(ranks)
         if not ranks.is_main:
-            opened = _open_store(
+            opened = open_store(
                 store_path, sources, request.steps, request.widest_window, rebuild=False
             )
         root, observed, row_ids = opened
@@ -512,7 +392,7 @@ def _write_outputs(
     layout: ModelLayout,
     dtypes: dict[str, str],
     my_work: list[TensorWork],
-    sources: _Sources | None,
+    sources: Sources | None,
     root,
     row_ids: list[int],
     observed: list[int],

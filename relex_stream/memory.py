@@ -10,13 +10,13 @@ from .units import format_bytes
 def chunk_bytes(cols: int, n_rows: int, itemsize: int, n_outputs: int, out_itemsize: int) -> int:
     """Host bytes the engine holds for one chunk of `cols` columns, scratch included.
 
-    Base and rows sit in two read buffers (one being read, one computed on) and once more while
-    a store chunk is encoded or decoded; the float64 delta scratch is bounded by the Gram
-    block, not by the chunk.
+    Base and rows sit in three read buffers (one being read, one computed on, one being
+    written to the store) and once more while a store chunk is encoded or decoded; the float64
+    delta scratch is bounded by the Gram block, not by the chunk.
     """
     block = min(cols, GRAM_BLOCK_COLS)
     scratch = block * (n_rows * (8 + 8) + n_outputs * 16)
-    per_col = 3 * (n_rows + 1) * itemsize + n_outputs * out_itemsize
+    per_col = 4 * (n_rows + 1) * itemsize + n_outputs * out_itemsize
     return scratch + cols * per_col
 
 

@@ -24,11 +24,14 @@ from .memory import chunk_bytes, plan_chunk_cols
 from .plan import fit_diagnostics
 from .reader import ChunkRead, ChunkReader, chunk_nbytes
 from .safetensors_io import DTYPES, FLOAT_CODES, bits_to_torch, read_into
+from .store_writer import StoreWriter, release_after
 from .writer import ModelWriter
 
 log = logging.getLogger(__name__)
 
 GAP_WARNING = 0.9  # σ₂/σ₁ above this: the top direction is poorly defined
+# Read buffers: one being read, one computed on, one being written to the store.
+N_ARENAS = 3
 
 
 @dataclass
@@ -200,7 +203,8 @@ def run_passes(
     gram_total = sum(chunk_nbytes(j) for j in jobs if j.stage == "gram")
     mat_total = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work)
     bar = dict(unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress)
-    reader = ChunkReader(jobs, fill, n_arenas=2, pin_memory=device.type == "cuda")
+    reader = ChunkReader(jobs, fill, n_arenas=N_ARENAS, pin_memory=device.type == "cuda")
+    store_writer = StoreWriter()
     try:
         with (
             tqdm(total=gram_total, desc="gram pass", position=0, **bar) as gram_bar,
@@ -208,8 +212,12 @@ def run_passes(
         ):
             for chunk in reader:
                 job, w = chunk.job, by_name[chunk.job.tensor]
+                release = chunk.release
                 if job.stage == "gram":
-                    _gram_step(w, chunk.base, chunk.rows, job, root, device, stats)
+                    # the buffer goes back once both the store write and the compute are done
+                    release = release_after(2, chunk.release)
+                    _gram_step(w, chunk.base, chunk.rows, job, root, device, stats, store_writer,
+                               release)  # fmt: skip
                     gram_bar.update(chunk_nbytes(job))
                     if not w.is_float:
                         _write(w, writers, job.start, [chunk.base] * len(writers), stats)
@@ -237,7 +245,8 @@ def run_passes(
                     mat_bar.update(chunk_nbytes(job))
                 if device.type == "cuda":
                     torch.cuda.current_stream(device).synchronize()  # uploads from the arena done
-                chunk.release()
+                release()
+        store_writer.close()
     finally:
         reader.close()
 
@@ -250,20 +259,28 @@ def _gram_step(
     root,
     device: torch.device,
     stats: PassStats,
+    store_writer: StoreWriter,
+    written: Callable[[], None],
 ) -> None:
+    """Gram pass over one chunk; the store write runs on `store_writer`, then `written()`."""
     if job.start == 0:
-        trajectory_store.prepare_tensor(root, w.name, w.dtype_code, w.numel, w.is_float)
+        store_writer.submit(
+            lambda: trajectory_store.prepare_tensor(root, w.name, w.dtype_code, w.numel, w.is_float)
+        )
         if w.is_float:
             w.gram = torch.zeros((w.n_rows, w.n_rows), dtype=torch.float64, device=device)
         if w.device_resident:
             torch_dtype = DTYPES[w.dtype_code][0]
             w.device_rows = torch.empty((w.n_rows, w.numel), dtype=torch_dtype, device=device)
             w.device_base = torch.empty((w.numel,), dtype=torch_dtype, device=device)
-    trajectory_store.write_chunk(root, w.name, job.start, base, rows if w.is_float else None)
+    float_rows = rows if w.is_float else None
+    store_writer.submit(
+        lambda: trajectory_store.write_chunk(root, w.name, job.start, base, float_rows), written
+    )
     stats.store_bytes_written += base.nbytes + (rows.nbytes if w.is_float else 0)
     if not w.is_float:
         if job.stop == w.numel:
-            trajectory_store.finish_tensor(root, w.name, None)
+            store_writer.submit(lambda: trajectory_store.finish_tensor(root, w.name, None))
         return
     rows_t, base_t = bits_to_torch(rows, w.dtype_code), bits_to_torch(base, w.dtype_code)
     if w.device_resident:
@@ -284,8 +301,8 @@ def _gram_step(
                 oversample=RANDOMIZED_WIDTH - 1,
                 iterations=RANDOMIZED_ITERATIONS,
             )
-        w.gram = w.gram.cpu()
-        trajectory_store.finish_tensor(root, w.name, w.gram, kind=w.svd)
+        w.gram = gram = w.gram.cpu()
+        store_writer.submit(lambda: trajectory_store.finish_tensor(root, w.name, gram, kind=w.svd))
 
 
 def _refuse_nonfinite(w: TensorWork, observed_steps: list[int]) -> None:
