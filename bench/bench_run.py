@@ -60,7 +60,7 @@ def make_trajectory(args: argparse.Namespace) -> Path:
         if args.profile != "planted":
             cmd += ["--profile", args.profile]
         started = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=sys.stderr)
         print(f"generated {path} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return path
 
