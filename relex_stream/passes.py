@@ -19,8 +19,8 @@ from tqdm import tqdm
 from . import store as trajectory_store
 from .checkpoints import ModelLayout
 from .errors import RelexError
-from .kernels import accumulate_gram, combine, randomized_gram
-from .memory import chunk_bytes, plan_chunk_cols
+from .kernels import GRAM_BLOCK_COLS, accumulate_gram, combine, randomized_gram
+from .memory import plan_chunk_cols
 from .plan import fit_diagnostics
 from .reader import ChunkRead, ChunkReader, chunk_nbytes
 from .safetensors_io import DTYPES, FLOAT_CODES, bits_to_torch, read_into
@@ -111,11 +111,11 @@ def plan_tensor(
         host_budget,
         trajectory_store.row_chunk_cols(dtype_code, numel),
     )
+    # On the device a resident tensor is its rows and base once, plus one block's scratch.
+    block_scratch = min(numel, GRAM_BLOCK_COLS) * (rows * (8 + 8) + n_outputs * 16)
+    device_bytes = (rows + 1) * numel * itemsize + block_scratch
     device_resident = (
-        device_budget is not None
-        and rows > 0
-        and cols < numel
-        and chunk_bytes(numel, rows, itemsize, n_outputs, output_itemsize) <= device_budget
+        device_budget is not None and rows > 0 and cols < numel and device_bytes <= device_budget
     )
     resident = cols == numel or device_resident
     return TensorWork(
