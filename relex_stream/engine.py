@@ -37,6 +37,7 @@ from .memory import smallest_budget
 from .methods import MethodSpec, build_spec, parse_method
 from .outputs import OutputSpec, check_plan, plan_outputs, weight_plan
 from .passes import GAP_WARNING, PassStats, TensorWork, plan_tensor, run_passes
+from .progress import Progress
 from .safetensors_io import DTYPES, FLOAT_CODES
 from .units import (
     StepSelection,
@@ -307,8 +308,13 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
         )
         my_work = [w for w, owner in zip(work, owners, strict=True) if owner == ranks.rank]
         stats = PassStats()
+        progress_totals = {
+            "gram": sum(sum(j.nbytes for j in w.jobs() if j.stage == "gram") for w in work),
+            "materialise": summary.input_bytes,
+        }
         _write_outputs(
-            request, ranks, outputs, layout, dtypes, my_work, sources, root, row_ids,
+            request, ranks, outputs, layout, dtypes, my_work, progress_totals, sources, root,
+            row_ids,
             observed, torch_device, stats, summary,
         )  # fmt: skip
 
@@ -392,6 +398,7 @@ def _write_outputs(
     layout: ModelLayout,
     dtypes: dict[str, str],
     my_work: list[TensorWork],
+    progress_totals: dict[str, int],
     sources: Sources | None,
     root,
     row_ids: list[int],
@@ -403,6 +410,12 @@ def _write_outputs(
     """Lay out the outputs (rank 0), run both passes over this rank's tensors, finalise."""
     plan = weight_plan(outputs, observed)
     run_id = broadcast(os.getpid(), ranks)
+    progress = Progress(
+        progress_totals,
+        show=ranks.is_main and not request.quiet and _stderr_is_tty(),
+        board=request.out / f".relex-progress-{run_id}" if ranks.distributed else None,
+        rank=ranks.rank,
+    )
     writers: list[ModelWriter] = []
     try:
         for spec in outputs if ranks.is_main else []:
@@ -423,14 +436,16 @@ def _write_outputs(
             device,
             stats,
             summary.ill_conditioned,
-            show_progress=ranks.is_main and not request.quiet and _stderr_is_tty(),
+            progress=progress,
             allow_nonfinite=request.allow_nonfinite,
             observed_steps=observed,
         )
+        progress.close()
         for writer in writers:
             writer.close()
         barrier(ranks)
         if ranks.is_main:
+            progress.remove_board()
             if sources is not None:
                 trajectory_store.mark_complete(root)
             aux = (

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import store as trajectory_store
 from .checkpoints import ModelLayout
@@ -22,7 +21,8 @@ from .errors import RelexError
 from .kernels import GRAM_BLOCK_COLS, accumulate_gram, combine, randomized_gram
 from .memory import plan_chunk_cols
 from .plan import fit_diagnostics
-from .reader import ChunkRead, ChunkReader, chunk_nbytes
+from .progress import Progress
+from .reader import ChunkRead, ChunkReader
 from .safetensors_io import DTYPES, FLOAT_CODES, bits_to_torch, read_into
 from .store_writer import StoreWriter, release_after
 from .writer import ModelWriter
@@ -162,7 +162,7 @@ def run_passes(
     device: torch.device,
     stats: PassStats,
     ill_conditioned: list[tuple[str, float]],
-    show_progress: bool,
+    progress: Progress,
     allow_nonfinite: bool,
     observed_steps: list[int],
 ) -> None:
@@ -198,54 +198,45 @@ def run_passes(
             trajectory_store.read_base(root, job.tensor, job.start, base)
             if job.n_rows:
                 trajectory_store.read_rows(root, job.tensor, row_ids, job.start, base, rows)
-        stats.bytes_read += chunk_nbytes(job)
+        stats.bytes_read += job.nbytes
 
-    gram_total = sum(chunk_nbytes(j) for j in jobs if j.stage == "gram")
-    mat_total = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work)
-    bar = dict(unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress)
     reader = ChunkReader(jobs, fill, n_arenas=N_ARENAS, pin_memory=device.type == "cuda")
     store_writer = StoreWriter()
     try:
-        with (
-            tqdm(total=gram_total, desc="gram pass", position=0, **bar) as gram_bar,
-            tqdm(total=mat_total, desc="materialise", position=1, **bar) as mat_bar,
-        ):
-            for chunk in reader:
-                job, w = chunk.job, by_name[chunk.job.tensor]
-                release = chunk.release
-                if job.stage == "gram":
-                    # the buffer goes back once both the store write and the compute are done
-                    release = release_after(2, chunk.release)
-                    _gram_step(w, chunk.base, chunk.rows, job, root, device, stats, store_writer,
-                               release)  # fmt: skip
-                    gram_bar.update(chunk_nbytes(job))
-                    if not w.is_float:
-                        _write(w, writers, job.start, [chunk.base] * len(writers), stats)
-                        mat_bar.update(chunk_nbytes(job))
-                    last = job.stop == w.numel
-                    if last and w.is_float:
-                        weights_for(w)
-                        if len(w.chunks()) == 1:
-                            _materialise(
-                                w, chunk.base, chunk.rows, job.start, writers, device, stats
-                            )
-                            mat_bar.update(chunk_nbytes(job))
-                        elif w.device_resident:
-                            _materialise_resident(w, writers, device, stats)
-                            mat_bar.update((w.n_rows + 1) * w.numel * w.bits.itemsize)
-                else:
-                    if w.is_float:
-                        if w.weights is None:
-                            full = trajectory_store.read_gram(root, w.name)
-                            w.gram = full[row_ids][:, row_ids]
-                            weights_for(w)
+        for chunk in reader:
+            job, w = chunk.job, by_name[chunk.job.tensor]
+            release = chunk.release
+            if job.stage == "gram":
+                # the buffer goes back once both the store write and the compute are done
+                release = release_after(2, chunk.release)
+                _gram_step(w, chunk.base, chunk.rows, job, root, device, stats, store_writer,
+                           release)  # fmt: skip
+                progress.add("gram", job.nbytes)
+                if not w.is_float:
+                    _write(w, writers, job.start, [chunk.base] * len(writers), stats)
+                    progress.add("materialise", job.nbytes)
+                last = job.stop == w.numel
+                if last and w.is_float:
+                    weights_for(w)
+                    if len(w.chunks()) == 1:
                         _materialise(w, chunk.base, chunk.rows, job.start, writers, device, stats)
-                    else:
-                        _write(w, writers, job.start, [chunk.base] * len(writers), stats)
-                    mat_bar.update(chunk_nbytes(job))
-                if device.type == "cuda":
-                    torch.cuda.current_stream(device).synchronize()  # uploads from the arena done
-                release()
+                        progress.add("materialise", job.nbytes)
+                    elif w.device_resident:
+                        _materialise_resident(w, writers, device, stats)
+                        progress.add("materialise", (w.n_rows + 1) * w.numel * w.bits.itemsize)
+            else:
+                if w.is_float:
+                    if w.weights is None:
+                        full = trajectory_store.read_gram(root, w.name)
+                        w.gram = full[row_ids][:, row_ids]
+                        weights_for(w)
+                    _materialise(w, chunk.base, chunk.rows, job.start, writers, device, stats)
+                else:
+                    _write(w, writers, job.start, [chunk.base] * len(writers), stats)
+                progress.add("materialise", job.nbytes)
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # uploads from the arena done
+            release()
         store_writer.close()
     finally:
         reader.close()

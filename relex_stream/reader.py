@@ -28,6 +28,11 @@ class ChunkRead:
     n_rows: int
     bits: np.dtype  # numpy dtype holding the tensor's bits
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of base and rows this read brings in."""
+        return (self.n_rows + 1) * (self.stop - self.start) * self.bits.itemsize
+
 
 @dataclass
 class Chunk:
@@ -37,10 +42,6 @@ class Chunk:
     base: np.ndarray
     rows: np.ndarray
     release: Callable[[], None]
-
-
-def chunk_nbytes(job: ChunkRead) -> int:
-    return (job.n_rows + 1) * (job.stop - job.start) * job.bits.itemsize
 
 
 class ChunkReader:
@@ -54,7 +55,7 @@ class ChunkReader:
         pin_memory: bool = False,
     ):
         self._jobs, self._fill = jobs, fill
-        arena_bytes = max((chunk_nbytes(j) for j in jobs), default=0) + 64
+        arena_bytes = max((j.nbytes for j in jobs), default=0) + 64
         self._arenas = [
             torch.empty(arena_bytes, dtype=torch.uint8, pin_memory=pin_memory)
             for _ in range(n_arenas)
@@ -74,7 +75,7 @@ class ChunkReader:
     def _views(self, arena: int, job: ChunkRead) -> tuple[np.ndarray, np.ndarray]:
         width = job.stop - job.start
         raw = self._arenas[arena].numpy()
-        flat = raw[: chunk_nbytes(job)].view(job.bits)
+        flat = raw[: job.nbytes].view(job.bits)
         return flat[:width], flat[width:].reshape(job.n_rows, width)
 
     def _run(self) -> None:

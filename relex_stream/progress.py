@@ -1,0 +1,80 @@
+"""Progress bars in bytes for the two passes; under torchrun rank 0 shows every rank's work.
+
+Ranks report through small files in a directory they all see (the output directory, which
+torchrun runs already share): each rank rewrites its own count at most twice a second and
+rank 0 adds them up. No collective call is needed, so ranks never wait on each other for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+STAGES = ("gram", "materialise")
+
+
+class Progress:
+    """Byte counts of the Gram and materialise passes, shown as two tqdm bars."""
+
+    def __init__(
+        self,
+        totals: dict[str, int],
+        show: bool,
+        board: Path | None = None,
+        rank: int = 0,
+        interval_s: float = 0.5,
+    ):
+        self.done = dict.fromkeys(STAGES, 0)
+        self._board, self._rank, self._interval = board, rank, interval_s
+        self._last = 0.0
+        style = dict(unit="B", unit_scale=True, unit_divisor=1024, disable=not show)
+        self._bars = {
+            stage: tqdm(total=totals[stage], desc=f"{stage} pass", position=i, **style)
+            for i, stage in enumerate(STAGES)
+        }
+        if board is not None:
+            board.mkdir(parents=True, exist_ok=True)
+
+    def add(self, stage: str, n_bytes: int) -> None:
+        self.done[stage] += n_bytes
+        if self._board is None:
+            self._bars[stage].update(n_bytes)
+            return
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._publish()
+
+    def _publish(self) -> None:
+        tmp = self._board / f".{self._rank}.tmp"
+        tmp.write_text(json.dumps(self.done))
+        os.replace(tmp, self._board / str(self._rank))
+        if self._rank != 0:
+            return
+        totals = dict.fromkeys(STAGES, 0)
+        for path in self._board.iterdir():
+            if path.name.isdigit():
+                try:
+                    counts = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue  # being replaced right now; next time
+                for stage in STAGES:
+                    totals[stage] += counts.get(stage, 0)
+        for stage, bar in self._bars.items():
+            bar.update(totals[stage] - bar.n)
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._publish()
+        for bar in self._bars.values():
+            bar.close()
+
+    def remove_board(self) -> None:
+        """Rank 0, after the last barrier: delete the shared progress files."""
+        if self._board is not None:
+            shutil.rmtree(self._board, ignore_errors=True)
