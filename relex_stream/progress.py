@@ -29,7 +29,8 @@ class Progress:
         rank: int = 0,
         interval_s: float = 0.5,
     ):
-        self.done = dict.fromkeys(STAGES, 0)
+        self.done = dict.fromkeys(STAGES, 0)  # this rank's bytes
+        self.shown = dict.fromkeys(STAGES, 0)  # what the bars show: every rank's, on rank 0
         self._board, self._rank, self._interval = board, rank, interval_s
         self._last = 0.0
         style = dict(unit="B", unit_scale=True, unit_divisor=1024, disable=not show)
@@ -43,7 +44,7 @@ class Progress:
     def add(self, stage: str, n_bytes: int) -> None:
         self.done[stage] += n_bytes
         if self._board is None:
-            self._bars[stage].update(n_bytes)
+            self._show(stage, self.done[stage])
             return
         now = time.monotonic()
         if now - self._last >= self._interval:
@@ -65,8 +66,12 @@ class Progress:
                     continue  # being replaced right now; next time
                 for stage in STAGES:
                     totals[stage] += counts.get(stage, 0)
-        for stage, bar in self._bars.items():
-            bar.update(totals[stage] - bar.n)
+        for stage in STAGES:
+            self._show(stage, totals[stage])
+
+    def _show(self, stage: str, value: int) -> None:
+        self._bars[stage].update(value - self.shown[stage])
+        self.shown[stage] = value
 
     def close(self) -> None:
         if self._board is not None:
