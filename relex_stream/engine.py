@@ -32,13 +32,13 @@ from .distributed import (
 )
 from .errors import RelexError
 from .inputs import Sources, open_sources, open_store
-from .kernels import resolve_device
+from .kernels import GRAM_BLOCK_COLS, resolve_device
 from .memory import smallest_budget
 from .methods import MethodSpec, build_spec, parse_method
 from .outputs import OutputSpec, check_plan, plan_outputs, weight_plan
 from .passes import GAP_WARNING, PassStats, TensorWork, plan_tensor, run_passes
 from .progress import Progress
-from .safetensors_io import DTYPES, FLOAT_CODES
+from .safetensors_io import DTYPES, FLOAT_CODES, read_into
 from .units import (
     StepSelection,
     format_bytes,
@@ -86,16 +86,45 @@ class RunSummary:
         ]
 
 
-def _check_disk(path: Path, needed: int, what: str) -> None:
+def _free_bytes(path: Path) -> tuple[Path, int]:
     probe = path
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    return probe, shutil.disk_usage(probe).free
+
+
+def _check_disk(path: Path, needed: int, what: str) -> None:
+    probe, free = _free_bytes(path)
     if needed > free:
         raise RelexError(
             f"writing {what} takes about {format_bytes(needed)} but {probe} has "
             f"{format_bytes(free)} free; free space or choose another location"
         )
+
+
+def _check_store_disk(path: Path, work: list[TensorWork], sources: Sources | None, codec: str):
+    """Refuse up front when the store will not fit, its size estimated from a sample.
+
+    The compressed size depends on the data (1% to 45% of the raw rows measured), so the
+    first columns of the largest tensors are read and compressed as the store would.
+    """
+    building = [w for w in work if w.building]
+    raw = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in building)
+    if not building or sources is None:
+        return
+    sample = sorted((w for w in building if w.is_float), key=lambda w: -w.numel)[:4]
+    fraction = 1.0 if not sample else max(_sample_fraction(w, sources, codec) for w in sample)
+    _check_disk(path, int(raw * min(1.0, fraction * 1.25)), "the trajectory store")
+
+
+def _sample_fraction(w: TensorWork, sources: Sources, codec: str) -> float:
+    cols = min(w.numel, GRAM_BLOCK_COLS)  # a few MiB per tensor, not counted in bytes read
+    base = np.empty(cols, dtype=w.bits)
+    rows = np.empty((w.n_rows, cols), dtype=w.bits)
+    read_into(sources.base.tensors[w.name], 0, base)
+    for k, ckpt in enumerate(sources.checkpoints):
+        read_into(ckpt.model.tensors[w.name], 0, rows[k])
+    return trajectory_store.compressed_fraction(base, rows, codec)
 
 
 def _layout_bytes(layout: ModelLayout, dtypes: dict[str, str]) -> int:
@@ -293,8 +322,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
             )
         work = _plan_work(layout, aliases, dtypes, len(observed), len(outputs), building,
                           request, device_budget)  # fmt: skip
-        store_bytes = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work if w.building)
-        _check_disk(store_path, store_bytes, "the trajectory store")
+        _check_store_disk(store_path, work, sources, request.store_codec)
         _check_disk(request.out, _layout_bytes(layout, dtypes) * len(outputs), "the outputs")
 
         summary = RunSummary(

@@ -55,6 +55,23 @@ def _compressors(codec: str) -> list:
     return [ZstdCodec(level=1), Crc32cCodec()] if CODECS[codec][1] else [Crc32cCodec()]
 
 
+def compressed_fraction(base: np.ndarray, rows: np.ndarray, codec: str) -> float:
+    """Stored size / raw size of a sample: base (c,) and rows (K, c) bits, as `codec` keeps them."""
+    from numcodecs import Zstd
+
+    transform, compressed = CODECS[codec]
+    codes = row_codec.encode(_unsigned(rows), _unsigned(base), transform)  # (K, c)
+    if not compressed:
+        return 1.0
+    chunk = ROW_CHUNK_BYTES // codes.itemsize
+    stored = sum(
+        len(Zstd(level=1).encode(np.ascontiguousarray(row[i : i + chunk])))
+        for row in codes
+        for i in range(0, row.shape[0], chunk)
+    )
+    return stored / codes.nbytes
+
+
 def _transform(root: zarr.Group) -> str:
     return CODECS[root.attrs["codec"]][0]
 

@@ -6,6 +6,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+from .errors import RelexError
+
 
 class StoreWriter:
     """Runs submitted store writes in order on one thread; errors surface on the next call.
@@ -29,6 +31,11 @@ class StoreWriter:
             try:
                 if self._error is None:
                     write()
+            except OSError as exc:
+                self._error = RelexError(
+                    f"cannot write the trajectory store: {exc.strerror or exc}; free space (or "
+                    "fix the file system) and rerun: finished tensors are kept"
+                )
             except BaseException as exc:  # re-raised in the submitting thread
                 self._error = exc
             finally:
