@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -260,11 +261,39 @@ def _decoding(root: zarr.Group, name: str) -> Iterator[None]:
     except RelexError:
         raise
     except Exception as exc:  # zarr and numcodecs raise many types for damaged chunks
-        where = str(root.store_path).removeprefix("file://")
         raise RelexError(
-            f"the store at {where} has a damaged chunk of tensor {name!r} ({exc}); "
+            f"the store at {_store_dir(root)} has a damaged chunk of tensor {name!r} ({exc}); "
             "rebuild it from the sources with --rebuild (or delete the store)"
         ) from None
+
+
+# Codecs a store of ours uses. Anything else (numcodecs.pickle, say) in a store's metadata means
+# it was not written by us; it is refused before zarr gets to decode a chunk with it.
+_ALLOWED_CODECS = {"bytes", "zstd", "crc32c"}
+
+
+def _array(root: zarr.Group, group: str, name: str) -> zarr.Array:
+    """The array of one tensor, after checking its codecs on disk."""
+    key = _key(root, name)
+    meta_path = _store_dir(root) / group / key / "zarr.json"
+    try:
+        codecs = {c["name"] for c in json.loads(meta_path.read_text())["codecs"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RelexError(
+            f"the store at {_store_dir(root)} has unreadable metadata for tensor {name!r} "
+            f"({exc}); rebuild it from the sources with --rebuild"
+        ) from None
+    if not codecs <= _ALLOWED_CODECS:
+        raise RelexError(
+            f"the store at {_store_dir(root)} asks for codec(s) {sorted(codecs - _ALLOWED_CODECS)} "
+            f"for tensor {name!r}, which relex_stream never writes; refusing to decode it "
+            "(rebuild it from the sources with --rebuild)"
+        )
+    return root[group][key]
+
+
+def _store_dir(root: zarr.Group) -> Path:
+    return Path(str(root.store_path).removeprefix("file://"))
 
 
 def _require_chunks(root: zarr.Group, group: str, name: str, rows: list[int] | None,
@@ -272,7 +301,7 @@ def _require_chunks(root: zarr.Group, group: str, name: str, rows: list[int] | N
     """Raise if a chunk file that the read needs is missing (zarr would return zeros)."""
     key = _key(root, name)
     chunk = root[group][key].chunks[-1]
-    directory = Path(str(root.store_path).removeprefix("file://")) / group / key / "c"
+    directory = _store_dir(root) / group / key / "c"
     for j in range(start // chunk, (stop - 1) // chunk + 1):
         paths = (
             [directory / str(j)] if rows is None else [directory / str(r) / str(j) for r in rows]
@@ -285,8 +314,8 @@ def _require_chunks(root: zarr.Group, group: str, name: str, rows: list[int] | N
 def read_base(root: zarr.Group, name: str, start: int, out: np.ndarray) -> None:
     """Fill `out` (c,) with the base's bits for columns [start, start + c)."""
     with _decoding(root, name):
+        array = _array(root, "base", name)
         _require_chunks(root, "base", name, None, start, start + out.shape[0])
-        array = root["base"][_key(root, name)]
         array.get_basic_selection(
             slice(start, start + out.shape[0]), out=NDBuffer.from_numpy_array(out)
         )
@@ -309,8 +338,8 @@ def read_rows(
     """
     with _decoding(root, name):
         needed = max(row_ids) + 1
+        array = _array(root, "rows", name)
         _require_chunks(root, "rows", name, list(range(needed)), start, start + out.shape[1])
-        array = root["rows"][_key(root, name)]
         prefix = row_ids == list(range(needed))
         scratch = out if prefix else np.empty((needed, out.shape[1]), dtype=out.dtype)
         codes = _unsigned(scratch)  # (needed, c)
@@ -348,7 +377,7 @@ def gram_kind(root: zarr.Group, name: str) -> str:
 def read_gram(root: zarr.Group, name: str) -> torch.Tensor:
     """The stored Gram matrix (K, K) float64 of all stored steps."""
     with _decoding(root, name):
-        return torch.from_numpy(root["gram"][_key(root, name)][:].astype(np.float64))
+        return torch.from_numpy(_array(root, "gram", name)[:].astype(np.float64))
 
 
 def mark_complete(root: zarr.Group) -> None:
