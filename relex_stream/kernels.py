@@ -43,7 +43,8 @@ def block_deltas(rows: torch.Tensor, base: torch.Tensor, device: torch.device) -
     """D = rows − base in float64 on `device`: rows (K, s), base (s,) in the checkpoint dtype."""
     # Widen then subtract in place: one (K, s) float64 buffer, no broadcast temporary
     # (measured 4.2 G elements/s on 2 CPU cores, 5x numpy's casting subtract).
-    deltas = rows.to(device, non_blocking=True).double()  # (K, s)
+    # copy=True: for float64 rows .double() is the caller's buffer, which must not change.
+    deltas = rows.to(device, torch.float64, non_blocking=True, copy=True)  # (K, s)
     deltas -= base.to(device, non_blocking=True).double()
     return deltas
 

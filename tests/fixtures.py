@@ -15,7 +15,12 @@ INT_BUFFER = "model.layers.0.some_buffer"
 ZERO_DELTA = "model.layers.0.post_attention_layernorm.weight"
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
-DTYPE_STR = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DTYPE_STR = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
 LAYOUTS = (
     "checkpoint-{}",
     "global_step_{}",
