@@ -66,6 +66,25 @@ def test_tied_without_lm_head(make_traj, tmp_path: Path) -> None:
     assert LM_HEAD not in got
 
 
+def test_fp64_base(make_traj, tmp_path: Path) -> None:
+    """fp64 checkpoints: the output is float64 and agrees with the float64 reference to 1e-10.
+
+    One float64 ulp is below what either float64 computation can promise, so the bound here
+    is relative; it still catches a wrong prediction by ten orders of magnitude.
+    """
+    from tests.reference import load_model_dir, reference_from_dirs
+
+    traj = make_traj(steps=IRREGULAR, dtype=torch.float64, base_shards=2)
+    run_traj(traj, tmp_path / "out", [100])
+    ref = reference_from_dirs(traj.base, traj.ckpt_dirs, [100.0])[100.0]
+    got = load_model_dir(tmp_path / "out" / "step-100")
+    for name, value in got.items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float64, name
+            scale = float(ref[name].abs().max()) or 1.0
+            assert float((value - ref[name]).abs().max()) <= 1e-10 * scale, name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_other_base_dtypes(make_traj, tmp_path: Path, dtype: torch.dtype) -> None:
     """fp16 and fp32 bases: output keeps the base dtype and meets the bound."""
