@@ -268,6 +268,10 @@ def extrapolate(
 def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     """The run proper, on one torchrun rank (or the only process)."""
     torch_device = resolve_device(device_for(request.device, ranks))
+    if torch_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Leave a core to the reader and store-writer threads: on 2 cores, 1 torch thread ran
+        # the 100M/K=30 bench in ~25 s against ~29 s with 2 (bench/RESULTS.md).
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     device_budget = _device_budget(torch_device, request.max_gpu_memory)
     store_path = request.store_path
     sources = (
