@@ -109,7 +109,7 @@ def _check_store_disk(path: Path, work: list[TensorWork], sources: Sources | Non
     first columns of the largest tensors are read and compressed as the store would.
     """
     building = [w for w in work if w.building]
-    raw = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in building)
+    raw = sum(w.input_bytes for w in building)
     if not building or sources is None:
         return
     sample = sorted((w for w in building if w.is_float), key=lambda w: -w.numel)[:4]
@@ -334,10 +334,8 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
         )
         summary.rank = ranks.rank
         summary.tensors = sum(len(w.out_names) for w in work)
-        summary.input_bytes = sum((w.n_rows + 1) * w.numel * w.bits.itemsize for w in work)
-        owners = assign(
-            [(w.n_rows + 1) * w.numel * w.bits.itemsize for w in work], ranks.world_size
-        )
+        summary.input_bytes = sum(w.input_bytes for w in work)
+        owners = assign([w.input_bytes for w in work], ranks.world_size)
         my_work = [w for w, owner in zip(work, owners, strict=True) if owner == ranks.rank]
         stats = PassStats()
         progress_totals = {
@@ -346,8 +344,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
         }
         _write_outputs(
             request, ranks, outputs, layout, dtypes, my_work, progress_totals, sources, root,
-            row_ids,
-            observed, torch_device, stats, summary,
+            row_ids, observed, torch_device, stats, summary,
         )  # fmt: skip
 
     per_rank = gather(

@@ -61,6 +61,11 @@ class TensorWork:
     def bits(self) -> np.dtype:
         return DTYPES[self.dtype_code][1]
 
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of the base and the observed rows of this tensor."""
+        return (self.n_rows + 1) * self.numel * self.bits.itemsize
+
     def chunks(self) -> list[tuple[int, int]]:
         return [(s, min(s + self.cols, self.numel)) for s in range(0, self.numel, self.cols)]
 
@@ -223,7 +228,7 @@ def run_passes(
                         progress.add("materialise", job.nbytes)
                     elif w.device_resident:
                         _materialise_resident(w, writers, device, stats)
-                        progress.add("materialise", (w.n_rows + 1) * w.numel * w.bits.itemsize)
+                        progress.add("materialise", w.input_bytes)
             else:
                 if w.is_float:
                     if w.weights is None:
