@@ -244,6 +244,7 @@ def run_passes(
             release()
         store_writer.close()
     finally:
+        store_writer.close(raise_errors=False)  # after an error elsewhere: just stop it
         reader.close()
 
 

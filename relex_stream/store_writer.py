@@ -52,11 +52,13 @@ class StoreWriter:
         self._raise()
         self._queue.put((write, done))
 
-    def close(self) -> None:
-        """Wait for every queued write; raise the first error, if any."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for every queued write; raise the first error, if any (and asked to)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if raise_errors:
+            self._raise()
 
 
 def release_after(count: int, release: Callable[[], None]) -> Callable[[], None]:
