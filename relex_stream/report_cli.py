@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .report import DEFAULT_METHODS, DEFAULT_THRESHOLD, parse_windows
+from .backtest import DEFAULT_METHODS, DEFAULT_THRESHOLD, parse_windows
 
 METHOD_HELP = (
     "methods to compare (default: relex raw-ols two-point): relex[:rank=R,fit=linear|poly:D], "
@@ -78,7 +78,7 @@ def run_report(args: argparse.Namespace) -> None:
 
 def run_backtest(args: argparse.Namespace) -> None:
     """Handler of `backtest`: compute, print the table and verdicts, write files with --out."""
-    from .report import backtest
+    from .backtest import backtest
 
     result = backtest(
         args.store,

@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from relex_stream import store as trajectory_store
+from relex_stream.backtest import backtest, parse_windows
 from relex_stream.cli import main as cli_main
 from relex_stream.diagnostics import tensor_stats
 from relex_stream.errors import RelexError
 from relex_stream.methods import combination_weights, parse_method
-from relex_stream.report import backtest, load_grams, parse_windows, report
+from relex_stream.report import load_grams, report
 from relex_stream.report_cli import REPORT_HANDLERS, add_report_parsers
 from tests.fixtures import EMBED, INT_BUFFER, LM_HEAD, ZERO_DELTA
 from tests.helpers import run_cli
