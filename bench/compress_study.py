@@ -37,6 +37,7 @@ import numcodecs
 import numpy as np
 import torch
 import zarr
+from bench_run import drop_caches  # bench/ is on sys.path when run as a script
 from numcodecs import blosc
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
@@ -151,15 +152,6 @@ def blocks(n: int):
     width = ROW_CHUNK * BLOCK_CHUNKS
     for start in range(0, n, width):
         yield start, min(n, start + width)
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def run_config(tmp: Path, base, rows, mode, op, compressors, cold: bool, reads: int) -> dict:

@@ -33,7 +33,7 @@ from .distributed import (
 from .errors import RelexError
 from .inputs import Sources, open_sources, open_store
 from .kernels import GRAM_BLOCK_COLS, resolve_device
-from .memory import smallest_budget
+from .memory import budget_too_small, smallest_budget
 from .methods import MethodSpec, build_spec, parse_method
 from .outputs import OutputSpec, check_plan, plan_outputs, weight_plan
 from .passes import GAP_WARNING, PassStats, TensorWork, plan_tensor, run_passes
@@ -397,10 +397,7 @@ def _plan_work(
         for name, (dtype, shape) in layout.tensors.items()
     )
     if needed > request.max_memory_bytes:
-        raise RelexError(
-            f"--max-memory {format_bytes(request.max_memory_bytes)} is too small to hold one "
-            f"chunk of {n_observed} checkpoints; give at least {format_bytes(needed)}"
-        )
+        raise budget_too_small(request.max_memory_bytes, n_observed, needed)
     return [
         plan_tensor(
             name,

@@ -20,6 +20,14 @@ def chunk_bytes(cols: int, n_rows: int, itemsize: int, n_outputs: int, out_items
     return scratch + cols * per_col
 
 
+def budget_too_small(budget_bytes: int, n_rows: int, needed_bytes: int) -> RelexError:
+    """The user error for a --max-memory below what one chunk needs."""
+    return RelexError(
+        f"--max-memory {format_bytes(budget_bytes)} is too small to hold one chunk of "
+        f"{n_rows} checkpoints; give at least {format_bytes(needed_bytes)}"
+    )
+
+
 def smallest_budget(
     numel: int, n_rows: int, itemsize: int, n_outputs: int, out_itemsize: int
 ) -> int:
@@ -44,13 +52,11 @@ def plan_chunk_cols(
     if chunk_bytes(numel, *args) <= budget_bytes:
         return numel
     smallest = min(GRAM_BLOCK_COLS, numel)
-    if chunk_bytes(smallest, *args) > budget_bytes:
-        raise RelexError(
-            f"--max-memory {format_bytes(budget_bytes)} is too small to hold one chunk of "
-            f"{n_rows} checkpoints; give at least {format_bytes(chunk_bytes(smallest, *args))}"
-        )
+    needed = smallest_budget(numel, *args)
+    if needed > budget_bytes:
+        raise budget_too_small(budget_bytes, n_rows, needed)
     per_col = chunk_bytes(2, *args) - chunk_bytes(1, *args)
-    fixed = chunk_bytes(smallest, *args) - smallest * per_col
+    fixed = needed - smallest * per_col
     cols = (budget_bytes - fixed) // per_col
     align = store_chunk_cols if cols >= store_chunk_cols else GRAM_BLOCK_COLS
     return max(smallest, cols // align * align)

@@ -32,26 +32,6 @@ def format_bytes(n_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def parse_steps(text: str) -> list[int]:
-    """Step numbers from '1-75' (inclusive), '10-80:10' (stride) and comma lists of those."""
-    steps: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part)
-        if not match:
-            raise RelexError(
-                f"cannot read steps {text!r}: use ranges and lists like 1-75, 10-80:10 or 10,20,40"
-            )
-        first, last, stride = match.groups()
-        if last is None:
-            steps.append(int(first))
-            continue
-        if int(last) < int(first) or (stride is not None and int(stride) == 0):
-            raise RelexError(f"step range {part!r} is empty: write it as LOW-HIGH[:STRIDE]")
-        steps.extend(range(int(first), int(last) + 1, int(stride or 1)))
-    return sorted(set(steps))
-
-
 @dataclass(frozen=True)
 class StepSelection:
     """Which observed steps --steps keeps: any inside a range, and each listed step exactly."""
@@ -59,6 +39,11 @@ class StepSelection:
     ranges: tuple[tuple[int, int, int], ...]  # (low, high, stride), inclusive
     exact: tuple[int, ...]
     text: str
+
+    def listed(self) -> list[int]:
+        """Every step the text names, ranges expanded: what synth writes."""
+        expanded = [s for low, high, stride in self.ranges for s in range(low, high + 1, stride)]
+        return sorted(set(expanded) | set(self.exact))
 
     def keeps(self, step: int) -> bool:
         return step in self.exact or any(
@@ -83,6 +68,11 @@ def parse_step_selection(text: str) -> StepSelection:
         else:
             ranges.append((int(first), int(last), int(stride or 1)))
     return StepSelection(tuple(ranges), tuple(exact), text)
+
+
+def parse_steps(text: str) -> list[int]:
+    """Step numbers from '1-75' (inclusive), '10-80:10' (stride) and comma lists of those."""
+    return parse_step_selection(text).listed()
 
 
 def parse_targets(text: str) -> list[float]:
