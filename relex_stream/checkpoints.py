@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RelexError
-from .safetensors_io import INDEX_NAME, SINGLE_NAME, TensorInfo, header_fingerprint, read_header
+from .safetensors_io import FLOAT_CODES, INDEX_NAME, SINGLE_NAME, header_fingerprint, read_header
+from .tensor_files import Piece, TensorInfo, widest
 from .units import StepSelection
 
 log = logging.getLogger(__name__)
 
 # checkpoint-N (HF Trainer, TRL), global_step_N / global_stepN (verl, DeepSpeed),
 # global_stepN_hf (OpenRLHF), step_N, step-N
-STEP_DIR_RE = re.compile(r"^(?:checkpoint-|global_step_?|step[_-])(\d+)(?:_hf)?$")
+STEP_DIR_RE = re.compile(r"^(?:checkpoint-|global_step_?|step[_-])([0-9]{1,15})(?:_hf)?$", re.ASCII)
 MODEL_SUBDIRS = (".", "huggingface", "actor/huggingface")
-
-
 AUX_EXCLUDE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5")
+AUX_MAX_BYTES = 256 * 2**20  # a tokenizer.json is tens of MB at most
+JSON_AUX = ("config.json", "generation_config.json")
+MIN_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -38,13 +41,43 @@ class ModelLayout:
             "sharded": self.sharded,
         }
 
-    @staticmethod
-    def from_json(data: dict) -> ModelLayout:
-        return ModelLayout(
-            tensors={n: (d, tuple(s)) for n, (d, s) in data["tensors"].items()},
-            shard_tensors={f: tuple(names) for f, names in data["shard_tensors"].items()},
-            sharded=bool(data["sharded"]),
-        )
+    def numel(self, name: str) -> int:
+        return math.prod(self.tensors[name][1])
+
+
+def is_shard_name(name: object) -> bool:
+    """A plain file name ending in .safetensors: safe to create inside an output directory."""
+    return (
+        isinstance(name, str)
+        and name.endswith(".safetensors")
+        and 0 < len(name) <= 255
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and name.isprintable()
+    )
+
+
+def check_layout(layout: ModelLayout, where: str) -> None:
+    """Every tensor in exactly one shard, shard files plainly named, at least one tensor."""
+    if not layout.tensors:
+        raise RelexError(f"{where} holds no tensors")
+    seen: set[str] = set()
+    for shard, names in layout.shard_tensors.items():
+        if not is_shard_name(shard):
+            raise RelexError(
+                f"{where} names an output shard {shard!r}, which is not a plain .safetensors file "
+                "name; refusing to write it"
+            )
+        for name in names:
+            if name in seen or name not in layout.tensors:
+                raise RelexError(f"{where} lists tensor {name!r} in its shards twice or unknown")
+            seen.add(name)
+    if seen != set(layout.tensors):
+        missing = sorted(set(layout.tensors) - seen)[0]
+        raise RelexError(f"{where} has tensor {missing!r} in no shard")
+    if not layout.sharded and list(layout.shard_tensors) != [SINGLE_NAME]:
+        raise RelexError(f"{where} is a single-file model that is not named {SINGLE_NAME}")
 
 
 @dataclass(frozen=True)
@@ -53,9 +86,10 @@ class ModelFiles:
 
     directory: Path
     tensors: dict[str, TensorInfo]
-    shard_names: tuple[str, ...]  # file names, in the order they should be written
     shard_tensors: dict[str, tuple[str, ...]]  # file name -> tensor names in header order
     sharded: bool
+    files: tuple[Path, ...]  # every weight file read (for fingerprints)
+    config_dir: Path  # where config and tokenizer files are
 
     def layout(self) -> ModelLayout:
         return ModelLayout(
@@ -66,17 +100,53 @@ class ModelFiles:
 
     def aux_files(self) -> dict[str, bytes]:
         """Config, tokenizer and other small files that an output model needs, by name."""
-        return {
-            path.name: path.read_bytes()
-            for path in sorted(self.directory.iterdir())
-            if path.is_file()
-            and path.name != INDEX_NAME
-            and not path.name.endswith(AUX_EXCLUDE_SUFFIXES)
-        }
+        files: dict[str, bytes] = {}
+        total = 0
+        for path in sorted(self.config_dir.iterdir()):
+            name = path.name
+            if (not path.is_file() or name == INDEX_NAME or name.endswith(AUX_EXCLUDE_SUFFIXES)
+                    or name.startswith(".") or not name.isprintable()):
+                continue
+            size = path.stat().st_size
+            total += size
+            if total > AUX_MAX_BYTES:
+                raise RelexError(
+                    f"the files next to the model in {self.config_dir} add up to more than "
+                    f"{AUX_MAX_BYTES >> 20} MiB; move what is not config or tokenizer elsewhere"
+                )
+            files[name] = path.read_bytes()
+        for name in JSON_AUX:
+            if name in files:
+                _check_json_object(files[name], self.config_dir / name)
+        return files
 
     def fingerprint(self) -> dict:
-        """Per shard file: size, mtime and header hash."""
-        return {name: header_fingerprint(self.directory / name) for name in self.shard_names}
+        """Per weight file: size, mtime and a hash of its header (no weights read)."""
+        return {_relative(p, self.directory): header_fingerprint(p) for p in self.files}
+
+
+def _relative(path: Path, directory: Path) -> str:
+    try:
+        return str(path.relative_to(directory))
+    except ValueError:
+        return path.name
+
+
+def _check_json_object(raw: bytes, path: Path) -> dict:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RelexError(f"{path} is not valid UTF-8 JSON; fix or remove it") from None
+    if not isinstance(data, dict):
+        raise RelexError(f"{path} is not a JSON object; fix or remove it")
+    return data
+
+
+def config_of(aux_files: dict[str, bytes], where: str) -> dict:
+    """The parsed config.json (an object) or {} when there is none."""
+    if "config.json" not in aux_files:
+        return {}
+    return _check_json_object(aux_files["config.json"], Path(where) / "config.json")
 
 
 @dataclass(frozen=True)
@@ -88,12 +158,6 @@ class Checkpoint:
 
 
 def _explain_non_safetensors(directory: Path) -> str:
-    if any(directory.glob("model_world_size_*_rank_*.pt")):
-        return (
-            f"{directory} holds verl FSDP shards, not a Hugging Face model; merge them first, e.g. "
-            f"`python -m verl.model_merger merge --backend fsdp --local_dir {directory} "
-            f"--target_dir {directory}/huggingface`"
-        )
     if (directory / "adapter_config.json").exists():
         return (
             f"{directory} holds a PEFT adapter, not a full model; merge it into the base first "
@@ -101,43 +165,43 @@ def _explain_non_safetensors(directory: Path) -> str:
         )
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         return (
-            f"{directory} holds .bin/.pt weights; relex_stream reads safetensors only (pickle "
-            "files can run code). Convert with "
+            f"{directory} holds .bin/.pt weights; relex_stream reads safetensors and verl FSDP "
+            "shards only (other pickle files can run code). Convert with "
             "`model.save_pretrained(dir, safe_serialization=True)`"
         )
-    return f"{directory} holds no model.safetensors or {INDEX_NAME}"
+    return f"{directory} holds no model.safetensors, {INDEX_NAME} or verl FSDP shards"
 
 
-def find_model_dir(directory: Path) -> Path:
-    """The safetensors model's directory: DIR, DIR/huggingface or DIR/actor/huggingface."""
+def find_model_dir(directory: Path) -> tuple[str, Path]:
+    """('safetensors', DIR[/huggingface|/actor/huggingface]) or ('fsdp', the actor directory)."""
     for sub in MODEL_SUBDIRS:
         candidate = (directory / sub).resolve()
         if (candidate / INDEX_NAME).is_file() or (candidate / SINGLE_NAME).is_file():
-            return candidate
-    for sub in (*MODEL_SUBDIRS, "actor"):  # verl keeps FSDP shards in step/actor/
+            return "safetensors", candidate
+    from .fsdp import find_fsdp_dir
+
+    fsdp_dir = find_fsdp_dir(directory)
+    if fsdp_dir is not None:
+        return "fsdp", fsdp_dir
+    for sub in (*MODEL_SUBDIRS, "actor"):
         candidate = directory / sub
-        if candidate.is_dir() and (
-            any(candidate.glob("model_world_size_*_rank_*.pt"))
-            or (candidate / "adapter_config.json").exists()
-        ):
+        if candidate.is_dir() and (candidate / "adapter_config.json").exists():
             raise RelexError(_explain_non_safetensors(candidate))
     raise RelexError(_explain_non_safetensors(directory))
 
 
-def open_model(directory: Path) -> ModelFiles:
-    """Index the tensors of a single-file or sharded safetensors model (headers only)."""
+def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
+    """Index the tensors of a safetensors model or a verl FSDP checkpoint (headers only)."""
     if not directory.is_dir():
         raise RelexError(f"model directory {directory} does not exist")
-    model_dir = find_model_dir(directory)
+    kind, model_dir = find_model_dir(directory)
+    if kind == "fsdp":
+        from .fsdp import open_fsdp_model
+
+        return open_fsdp_model(model_dir, config_dir)
     index_path = model_dir / INDEX_NAME
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise RelexError(
-                f"{index_path} is not a valid safetensors index (no weight_map)"
-            ) from None
-        shard_names = list(dict.fromkeys(weight_map.values()))
+        shard_names, weight_map = _read_index(index_path)
         sharded = True
     else:
         weight_map, shard_names, sharded = None, [SINGLE_NAME], False
@@ -147,32 +211,56 @@ def open_model(directory: Path) -> ModelFiles:
         # A shard must be named by a plain file name in the model's own directory. Its file
         # may be a link (the Hugging Face cache links snapshots into blobs/): the directory's
         # owner put it there; an index file cannot point anywhere else.
-        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+        if not is_shard_name(shard):
             raise RelexError(
-                f"{index_path} points to {shard!r}, outside its directory; refusing to read it"
+                f"{index_path} points to {shard!r}, outside its directory (a shard must be a "
+                "plain .safetensors file name next to the index); refusing to read it"
             )
         path = model_dir / shard
         if not path.is_file():
             raise RelexError(f"{index_path} names shard {shard!r}, which is missing")
         header, data_start, _ = read_header(path)
-        order = sorted(header, key=lambda n: int(header[n]["data_offsets"][0]))
+        order = sorted(header, key=lambda n: (int(header[n]["data_offsets"][0]), n))
         for name in order:
             entry = header[name]
             if name in tensors:
                 raise RelexError(f"tensor {name!r} appears in two shards of {model_dir}")
+            shape = tuple(int(d) for d in entry["shape"])
             tensors[name] = TensorInfo(
                 name=name,
-                file=path,
-                offset=data_start + int(entry["data_offsets"][0]),
                 dtype=entry["dtype"],
-                shape=tuple(int(d) for d in entry["shape"]),
+                shape=shape,
+                pieces=(Piece(path, data_start + int(entry["data_offsets"][0]), math.prod(shape)),),
             )
         shard_tensors[shard] = tuple(order)
     if weight_map is not None:
         for name, shard in weight_map.items():
-            if tensors.get(name) is None or tensors[name].file.name != shard:
+            if tensors.get(name) is None or tensors[name].pieces[0].file.name != shard:
                 raise RelexError(f"{index_path}: tensor {name!r} is not in shard {shard!r}")
-    return ModelFiles(model_dir, tensors, tuple(shard_names), shard_tensors, sharded)
+        extra = sorted(set(tensors) - set(weight_map))
+        if extra:
+            raise RelexError(f"{index_path} does not list tensor {extra[0]!r} of its shards")
+    files = tuple(model_dir / s for s in shard_names)
+    model = ModelFiles(model_dir, tensors, shard_tensors, sharded, files, model_dir)
+    check_layout(model.layout(), str(model_dir))
+    return model
+
+
+def _read_index(index_path: Path) -> tuple[list[str], dict[str, str]]:
+    """(shard file names in order of first use, weight_map) of a safetensors index file."""
+    try:
+        raw = index_path.read_bytes()
+    except OSError as exc:
+        raise RelexError(f"cannot read {index_path}: {exc.strerror}") from None
+    data = _check_json_object(raw, index_path)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise RelexError(
+            f"{index_path} is not a valid safetensors index (its weight_map must map tensor "
+            "names to shard file names)"
+        )
+    return list(dict.fromkeys(weight_map.values())), weight_map
 
 
 def discover_runs(runs_dir: Path) -> dict[int, Path]:
@@ -204,7 +292,8 @@ def parse_ckpt_args(pairs: list[str]) -> dict[int, Path]:
     found: dict[int, Path] = {}
     for pair in pairs:
         step_text, sep, path = pair.partition("=")
-        if not sep or not step_text.strip().isdigit():
+        step_text = step_text.strip()
+        if not sep or not path or not re.fullmatch(r"[0-9]{1,15}", step_text, re.ASCII):
             raise RelexError(
                 f"--ckpt {pair!r} must look like STEP=PATH, e.g. --ckpt 100=run/ckpt100"
             )
@@ -229,10 +318,9 @@ def select_steps(
             )
         chosen = [s for s in chosen if steps.keeps(s)]
     if window is not None:
-        if window < 2:
-            raise RelexError("--window must be at least 2")
+        check_window(window)
         chosen = chosen[-window:]
-    if len(chosen) < 2:
+    if len(chosen) < MIN_STEPS:
         raise RelexError(
             f"need at least two observed checkpoints, got {len(chosen)}; "
             "add checkpoints or widen --steps/--window"
@@ -240,8 +328,17 @@ def select_steps(
     return chosen
 
 
-def check_same_model(base: ModelFiles, checkpoints: list[Checkpoint]) -> None:
-    """Refuse before reading weights if names, shapes or dtypes differ from the base."""
+def check_window(window: int) -> None:
+    """A window holds at least two observed steps (a line needs two points)."""
+    if window < MIN_STEPS:
+        raise RelexError(f"--window must be at least {MIN_STEPS}, not {window}")
+
+
+def check_same_model(base: ModelFiles, checkpoints: list[Checkpoint]) -> dict[str, str]:
+    """Refuse before reading weights if names or shapes differ from the base; float dtypes may
+    differ (a bf16 base with fp32 checkpoints). Returns each float tensor's row dtype: the
+    widest dtype of its checkpoints, which holds every observed value exactly."""
+    row_codes: dict[str, list[str]] = {n: [] for n, t in base.tensors.items() if t.is_float}
     for ckpt in checkpoints:
         names, base_names = set(ckpt.model.tensors), set(base.tensors)
         if names != base_names:
@@ -258,8 +355,11 @@ def check_same_model(base: ModelFiles, checkpoints: list[Checkpoint]) -> None:
                     f"tensor {name!r} has shape {list(other.shape)} at step {ckpt.step} "
                     f"but {list(info.shape)} in the base"
                 )
-            if other.dtype != info.dtype:
+            if info.is_float and other.dtype in FLOAT_CODES:
+                row_codes[name].append(other.dtype)
+            elif other.dtype != info.dtype:
                 raise RelexError(
                     f"tensor {name!r} has dtype {other.dtype} at step {ckpt.step} "
-                    f"but {info.dtype} in the base; save all checkpoints in one dtype"
+                    f"but {info.dtype} in the base; only floating-point tensors may change dtype"
                 )
+    return {name: widest(codes) for name, codes in row_codes.items() if codes}

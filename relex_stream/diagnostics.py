@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .plan import TensorFit, fit_diagnostics
+from .fit import TensorFit, fit_diagnostics
 
 NULL_QUANTILES = (0.05, 0.5, 0.95)
 

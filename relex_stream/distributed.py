@@ -79,17 +79,6 @@ def gather(value, ranks: Ranks) -> list:
     return boxes
 
 
-def assign(sizes: list[int], world_size: int) -> list[int]:
-    """Rank for each item: largest first onto the least loaded rank (balanced by bytes)."""
-    loads = [0] * world_size
-    owner = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        owner[i] = rank
-        loads[rank] += sizes[i]
-    return owner
-
-
 def shutdown(ranks: Ranks) -> None:
     if ranks.distributed and dist.is_initialized():
         dist.destroy_process_group()

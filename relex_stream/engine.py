@@ -1,11 +1,11 @@
-"""The engine: discover → validate → store → Gram pass → weights → materialise → write.
+"""The engine: check → decide → store → Gram pass → weights → materialise → commit → finalise.
 
-This module wires the pieces together and owns no numerics or file formats of its own.
+This module wires the pieces together and owns no numerics or file formats of its own. Every
+check runs before the first byte is written: a refused run leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import resource
@@ -18,40 +18,26 @@ import numpy as np
 import psutil
 import torch
 
-from . import store as trajectory_store
-from .checkpoints import ModelLayout
-from .distributed import (
-    Ranks,
-    assign,
-    barrier,
-    broadcast,
-    device_for,
-    gather,
-    init_from_env,
-    shutdown,
-)
+from .distributed import Ranks, barrier, broadcast, device_for, gather, init_from_env, shutdown
 from .errors import RelexError
-from .inputs import Sources, open_sources, open_store
-from .kernels import GRAM_BLOCK_COLS, resolve_device
-from .memory import budget_too_small, smallest_budget
-from .methods import MethodSpec, build_spec, parse_method
-from .outputs import OutputSpec, check_plan, plan_outputs, weight_plan
-from .passes import GAP_WARNING, PassStats, TensorWork, plan_tensor, run_passes
+from .fit import GAP_WARNING
+from .inputs import RunInputs, gather_inputs
+from .kernels import GRAM_BLOCK_COLS
+from .memory import Budget
+from .outputs import OutputSpec, check_plan, output_weights, plan_outputs
+from .passes import GroupWork, PassContext, PassStats, run_passes
+from .plan import assign, chunking, device_budget, group_work
 from .progress import Progress
-from .safetensors_io import DTYPES, FLOAT_CODES, read_into
-from .units import (
-    StepSelection,
-    format_bytes,
-    parse_bytes,
-    parse_step_selection,
-    parse_targets,
-    step_label,
-)
-from .writer import ModelWriter, output_dtypes
+from .reader import Ring
+from .request import RunRequest, make_request
+from .safetensors_io import DTYPES
+from .sources import RowOrigin, RowReader
+from .store import TrajectoryStore, compressed_sample_fraction
+from .store_layout import Generation, Group
+from .units import format_bytes, step_label
+from .writer import ModelWriter, check_output_dir, output_dtypes, remove_leftovers
 
 log = logging.getLogger("relex_stream")
-
-DTYPE_CHOICES = {"auto": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 @dataclass
@@ -62,201 +48,57 @@ class RunSummary:
     store: Path
     observed_steps: list[int]
     tensors: int = 0
+    appended_steps: list[int] = field(default_factory=list)
     input_bytes: int = 0  # bytes of base + observed rows that the run needed
-    bytes_read: int = 0  # bytes actually read from sources and store
+    bytes_from_sources: int = 0
+    bytes_from_store: int = 0
     bytes_written: int = 0  # bytes of output tensors
     store_bytes_written: int = 0
+    support_fraction: float = 0.0  # changed elements ÷ elements, over the observed steps
     wall_seconds: float = 0.0
     peak_rss_bytes: int = 0  # the largest of any rank
     rank: int = 0  # this process's torchrun rank
     ranks: int = 1
     ill_conditioned: list[tuple[str, float]] = field(default_factory=list)
 
+    @property
+    def bytes_read(self) -> int:
+        return self.bytes_from_sources + self.bytes_from_store
+
     def lines(self) -> list[str]:
-        ratio = self.bytes_read / self.input_bytes if self.input_bytes else 0.0
+        ratio = self.bytes_from_sources / self.input_bytes if self.input_bytes else 0.0
+        appended = (
+            f"; appended {len(self.appended_steps)} step(s) "
+            f"({self.appended_steps[0]}..{self.appended_steps[-1]})"
+            if self.appended_steps else ""
+        )
         return [
             f"tensors: {self.tensors}; observed steps: {len(self.observed_steps)} "
-            f"({self.observed_steps[0]}..{self.observed_steps[-1]})",
-            f"read: {format_bytes(self.bytes_read)} ({ratio:.2f}x the input's "
-            f"{format_bytes(self.input_bytes)}); written: {format_bytes(self.bytes_written)} "
-            f"of outputs, {format_bytes(self.store_bytes_written)} into the store",
+            f"({self.observed_steps[0]}..{self.observed_steps[-1]}){appended}",
+            f"read: {format_bytes(self.bytes_from_sources)} from checkpoints ({ratio:.2f}x the "
+            f"input's {format_bytes(self.input_bytes)}), {format_bytes(self.bytes_from_store)} "
+            f"from the store; written: {format_bytes(self.bytes_written)} of outputs, "
+            f"{format_bytes(self.store_bytes_written)} into the store",
+            f"support: {100 * self.support_fraction:.1f}% of elements changed over the observed "
+            "steps",
             f"wall time: {self.wall_seconds:.1f} s; peak RSS: {format_bytes(self.peak_rss_bytes)}"
             + (f" (largest of {self.ranks} ranks)" if self.ranks > 1 else ""),
             *(f"output: {path}" for path in self.outputs),
         ]
 
 
-def _free_bytes(path: Path) -> tuple[Path, int]:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    return probe, shutil.disk_usage(probe).free
-
-
-def _check_disk(path: Path, needed: int, what: str) -> None:
-    probe, free = _free_bytes(path)
-    if needed > free:
-        raise RelexError(
-            f"writing {what} takes about {format_bytes(needed)} but {probe} has "
-            f"{format_bytes(free)} free; free space or choose another location"
-        )
-
-
-def _check_store_disk(path: Path, work: list[TensorWork], sources: Sources | None, codec: str):
-    """Refuse up front when the store will not fit, its size estimated from a sample.
-
-    The compressed size depends on the data (1% to 45% of the raw rows measured), so the
-    first columns of the largest tensors are read and compressed as the store would.
-    """
-    building = [w for w in work if w.building]
-    raw = sum(w.input_bytes for w in building)
-    if not building or sources is None:
-        return
-    sample = sorted((w for w in building if w.is_float), key=lambda w: -w.numel)[:4]
-    fraction = 1.0 if not sample else max(_sample_fraction(w, sources, codec) for w in sample)
-    _check_disk(path, int(raw * min(1.0, fraction * 1.25)), "the trajectory store")
-
-
-def _sample_fraction(w: TensorWork, sources: Sources, codec: str) -> float:
-    cols = min(w.numel, GRAM_BLOCK_COLS)  # a few MiB per tensor, not counted in bytes read
-    base = np.empty(cols, dtype=w.bits)
-    rows = np.empty((w.n_rows, cols), dtype=w.bits)
-    read_into(sources.base.tensors[w.name], 0, base)
-    for k, ckpt in enumerate(sources.checkpoints):
-        read_into(ckpt.model.tensors[w.name], 0, rows[k])
-    return trajectory_store.compressed_fraction(base, rows, codec)
-
-
-def _layout_bytes(layout: ModelLayout, dtypes: dict[str, str]) -> int:
-    return sum(
-        int(np.prod(shape, dtype=np.int64)) * DTYPES[dtypes[name]][1].itemsize
-        for name, (_, shape) in layout.tensors.items()
-    )
-
-
-def _device_budget(device: torch.device, max_gpu_memory: str | int | None) -> int | None:
-    """Bytes a tensor may keep on the device between the passes, or None for no residency.
-
-    On CUDA: the flag, or free GPU memory less 10% and 1 GiB. On CPU only when the flag is
-    given: the same code path then keeps a second copy in host memory (what the CPU tests use
-    to cover the GPU path).
-    """
-    if max_gpu_memory is not None:
-        return parse_bytes(max_gpu_memory)
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free * 0.9) - 2**30
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    """Everything a run was asked for, checked and parsed."""
-
-    out: Path
-    targets: list[float]
-    methods: list[MethodSpec]
-    windows: list[int | None]  # last N observed steps per output group; None = all
-    steps: StepSelection | None
-    base: Path | None
-    runs: Path | None
-    ckpts: list[str] | None
-    cache: Path | None
-    device: str
-    max_memory_bytes: int
-    max_gpu_memory: str | int | None
-    svd: str
-    dtype: str
-    overwrite: bool
-    rebuild: bool
-    allow_nonfinite: bool
-    quiet: bool
-    store_codec: str = "xor-zstd"
-
-    @property
-    def store_path(self) -> Path:
-        return self.cache if self.cache is not None else self.out / "trajectory.zarr"
-
-    @property
-    def widest_window(self) -> int | None:
-        return None if None in self.windows else max(self.windows)  # type: ignore[type-var]
-
-
-def extrapolate(
-    *,
-    targets: list[float] | str,
-    out: str | Path,
-    base: str | Path | None = None,
-    runs: str | Path | None = None,
-    ckpts: list[str] | None = None,
-    steps: StepSelection | str | None = None,
-    window: int | list[int | None] | None = None,
-    method: str | MethodSpec | list[str | MethodSpec] = "relex",
-    mode: str = "extrapolate",
-    cache: str | Path | None = None,
-    device: str = "auto",
-    max_memory: str | int = "4G",
-    max_gpu_memory: str | int | None = None,
-    svd: str = "auto",
-    dtype: str = "auto",
-    overwrite: bool = False,
-    rebuild: bool = False,
-    allow_nonfinite: bool = False,
-    store_codec: str = "xor-zstd",
-    quiet: bool = False,
-) -> RunSummary:
+def extrapolate(**kwargs) -> RunSummary:
     """Predict the checkpoint at each target step; write one model directory per output.
 
-    Works from sources (base plus runs or ckpts) or, with neither, from the store at `cache`.
-    Several methods (e.g. ["relex", "raw-ols", "two-point:from=10,to=40"]) and windows (last N
-    observed steps) are materialised together in one pass. `mode` ("reconstruct",
-    "fit-reconstruct") turns the relex method into the paper's reconstructions.
+    Keyword arguments as `request.make_request`: targets, out, base, runs or ckpts, steps,
+    window, method, mode, cache, device, max_memory, max_gpu_memory, svd, dtype, overwrite,
+    rebuild, allow_nonfinite, store_codec, quiet. Works from sources (base plus runs or ckpts)
+    or, with neither, from the store at `cache`. Several methods and windows are materialised
+    together in one pass.
     """
     started = time.perf_counter()
-    target_steps = (
-        parse_targets(targets) if isinstance(targets, str) else [float(t) for t in targets]
-    )
-    if not target_steps:
-        raise RelexError("give at least one --target step")
-    if dtype not in DTYPE_CHOICES:
-        raise RelexError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-    if store_codec not in trajectory_store.CODECS:
-        raise RelexError(
-            f"--store-codec {store_codec!r} is not one of {', '.join(trajectory_store.CODECS)}"
-        )
-    if base is None and (runs is not None or ckpts):
-        raise RelexError("--runs/--ckpt need --base, the checkpoint the run started from")
-    methods = [method] if isinstance(method, (str, MethodSpec)) else list(method)
-    specs = [m if isinstance(m, MethodSpec) else parse_method(m) for m in methods]
-    if mode != "extrapolate":
-        specs = [build_spec(s.name, mode, s.rank, s.fit) for s in specs]
-    windows = window if isinstance(window, list) else [window]
-    request = RunRequest(
-        out=Path(out),
-        targets=target_steps,
-        methods=specs,
-        windows=windows,
-        steps=parse_step_selection(steps) if isinstance(steps, str) else steps,
-        base=Path(base) if base is not None else None,
-        runs=Path(runs) if runs is not None else None,
-        ckpts=ckpts,
-        cache=Path(cache) if cache is not None else None,
-        device=device,
-        max_memory_bytes=parse_bytes(max_memory),
-        max_gpu_memory=max_gpu_memory,
-        svd=svd,
-        dtype=dtype,
-        overwrite=overwrite,
-        rebuild=rebuild,
-        allow_nonfinite=allow_nonfinite,
-        quiet=quiet,
-        store_codec=store_codec,
-    )
-    ranks = init_from_env(device)
+    request = make_request(**kwargs)
+    ranks = init_from_env(request.device)
     try:
         summary = _execute(request, ranks)
     finally:
@@ -267,257 +109,342 @@ def extrapolate(
 
 def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     """The run proper, on one torchrun rank (or the only process)."""
-    torch_device = resolve_device(device_for(request.device, ranks))
-    if torch_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Leave a core to the reader and store-writer threads: on 2 cores, 1 torch thread ran
-        # the 100M/K=30 bench in ~25 s against ~29 s with 2 (bench/RESULTS.md).
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    device_budget = _device_budget(torch_device, request.max_gpu_memory)
-    store_path = request.store_path
-    sources = (
-        open_sources(
-            request.base, request.runs, request.ckpts, request.steps, request.widest_window
-        )
-        if request.base is not None
-        else None
+    device = _device(request, ranks)
+    inputs = gather_inputs(
+        request.store_path, request.base, request.runs, request.ckpts, request.steps,
+        request.widest_window, request.rebuild, request.store_codec,
     )
+    outputs = plan_outputs(request.out, list(request.targets), list(request.methods),
+                           list(request.windows))
+    check_plan(outputs, inputs.observed)
+    _check_paths(request, outputs)
+    gen = inputs.target
+    dtypes = output_dtypes(gen.layout, request.output_dtype)
+    budget = _budget(request, gen, len(outputs))
+    gpu_bytes = device_budget(device, request.max_gpu_memory_bytes)
+    device_jobs = None if gpu_bytes is None else max(0, (gpu_bytes - budget.fixed) // 2)
+    plan = chunking(inputs, budget, device_jobs)
+    for spec in outputs:
+        check_output_dir(spec.directory, request.overwrite)
+    if ranks.is_main:
+        _check_disk(request, inputs, outputs, dtypes, budget)
+        _warn_about(outputs, inputs.observed, request.max_memory_bytes)
 
-    outputs = plan_outputs(request.out, request.targets, request.methods, request.windows)
-    if sources is not None:  # catch option and budget mistakes before the store is touched
-        check_plan(outputs, [c.step for c in sources.checkpoints])
-        layout = sources.base.layout()
-        everything = dict.fromkeys(layout.tensors, True)
-        dtypes = output_dtypes(layout, DTYPE_CHOICES[request.dtype])
-        _plan_work(layout, {}, dtypes, len(sources.checkpoints), len(outputs), everything,
-                   request, device_budget)  # fmt: skip
-
-    # Only rank 0 locks, creates or rebuilds the store; the others open it after a barrier.
-    lock = trajectory_store.locked(store_path) if ranks.is_main else contextlib.nullcontext()
-    with lock:
-        opened = None
-        if ranks.is_main:
-            opened = open_store(
-                store_path,
-                sources,
-                request.steps,
-                request.widest_window,
-                request.rebuild,
-                request.store_codec,
-            )
-        barrier(ranks)
-        if not ranks.is_main:
-            opened = open_store(
-                store_path, sources, request.steps, request.widest_window, rebuild=False
-            )
-        root, observed, row_ids = opened
-        check_plan(outputs, observed)
-        _check_outputs(request.out, outputs, request.overwrite, ranks)
-        meta = trajectory_store.attrs(root)
-        layout = ModelLayout.from_json(meta["layout"])
-        aliases: dict[str, str] = meta["aliases"]
-        dtypes = output_dtypes(layout, DTYPE_CHOICES[request.dtype])
-        if ranks.is_main:
-            _warn_about(outputs, observed, request.max_memory_bytes)
-        building = {n: not trajectory_store.is_complete(root, n) for n in layout.tensors}
-        if sources is None and any(building[n] for n in layout.tensors if n not in aliases):
-            raise RelexError(
-                f"the store at {store_path} is incomplete (an interrupted run?); rerun with "
-                "--base and --runs to finish it"
-            )
-        work = _plan_work(layout, aliases, dtypes, len(observed), len(outputs), building,
-                          request, device_budget)  # fmt: skip
-        _check_store_disk(store_path, work, sources, request.store_codec)
-        _check_disk(request.out, _layout_bytes(layout, dtypes) * len(outputs), "the outputs")
-
-        summary = RunSummary(
-            outputs=[o.directory for o in outputs], store=store_path, observed_steps=observed
-        )
+    store = _open_store(inputs, ranks)
+    try:
+        groups = _my_groups(gen, ranks)
+        works = group_work(inputs, store, groups, plan, request.svd)
+        summary = RunSummary([o.directory for o in outputs], request.store_path, inputs.observed)
         summary.rank = ranks.rank
-        summary.tensors = sum(len(w.out_names) for w in work)
-        summary.input_bytes = sum(w.input_bytes for w in work)
-        owners = assign([w.input_bytes for w in work], ranks.world_size)
-        my_work = [w for w, owner in zip(work, owners, strict=True) if owner == ranks.rank]
-        stats = PassStats()
-        progress_totals = {
-            "gram": sum(sum(j.nbytes for j in w.jobs() if j.stage == "gram") for w in work),
-            "materialise": summary.input_bytes,
-        }
-        _write_outputs(
-            request, ranks, outputs, layout, dtypes, my_work, progress_totals, sources, root,
-            row_ids, observed, torch_device, stats, summary,
-        )  # fmt: skip
-
-    per_rank = gather(
-        (
-            stats.bytes_read,
-            stats.bytes_written,
-            stats.store_bytes_written,
-            summary.ill_conditioned,
-            _peak_rss_bytes(),
-        ),
-        ranks,
-    )
-    summary.bytes_read = sum(r[0] for r in per_rank)
-    summary.bytes_written = sum(r[1] for r in per_rank)
-    summary.store_bytes_written = sum(r[2] for r in per_rank)
-    summary.ill_conditioned = [item for r in per_rank for item in r[3]]
-    summary.peak_rss_bytes = max(r[4] for r in per_rank)
+        summary.appended_steps = inputs.new_steps if inputs.kind == "append" else []
+        all_works = gen.groups()
+        summary.tensors = sum(len(g.tensors) for g in all_works) + len(gen.aliases)
+        summary.input_bytes = _input_bytes(all_works, len(inputs.observed))
+        keep = budget.keep if gpu_bytes is None else max(0, gpu_bytes - budget.fixed) // 2
+        writers, stats, reader = _write_outputs(request, ranks, inputs, store, outputs, dtypes,
+                                                works, device, keep, budget, summary)
+        try:
+            per_rank = gather(
+                (reader.bytes_from_sources, reader.bytes_from_store, stats.bytes_written,
+                 stats.store_bytes_written, stats.support_observed, stats.elements_observed,
+                 summary.ill_conditioned, _peak_rss_bytes()),
+                ranks,
+            )
+            if ranks.is_main:
+                if inputs.kind is not None:
+                    store.commit()
+                aux = inputs.aux if inputs.aux is not None else store.aux_files()
+                for writer in writers:
+                    writer.finalize(aux, request.overwrite)
+                writers = []
+            barrier(ranks)
+        finally:
+            for writer in writers:
+                writer.abort()
+    finally:
+        store.close()
+    summary.bytes_from_sources = sum(r[0] for r in per_rank)
+    summary.bytes_from_store = sum(r[1] for r in per_rank)
+    summary.bytes_written = sum(r[2] for r in per_rank)
+    summary.store_bytes_written = sum(r[3] for r in per_rank)
+    elements = sum(r[5] for r in per_rank)
+    summary.support_fraction = sum(r[4] for r in per_rank) / elements if elements else 0.0
+    summary.ill_conditioned = [item for r in per_rank for item in r[6]]
+    summary.peak_rss_bytes = max(r[7] for r in per_rank)
     summary.ranks = ranks.world_size
     if summary.ill_conditioned and ranks.is_main:
         worst = max(summary.ill_conditioned, key=lambda item: item[1])
         log.warning(
             "%d tensor(s) have σ₂/σ₁ above %.2f, so their rank-1 direction is ill-defined "
             "(worst: %s at %.3f)",
-            len(summary.ill_conditioned),
-            GAP_WARNING,
-            *worst,
+            len(summary.ill_conditioned), GAP_WARNING, *worst,
         )
     return summary
 
 
-def _plan_work(
-    layout: ModelLayout,
-    aliases: dict[str, str],
-    dtypes: dict[str, str],
-    n_observed: int,
-    n_outputs: int,
-    building: dict[str, bool],
-    request: RunRequest,
-    device_budget: int | None,
-) -> list[TensorWork]:
-    """Chunking, residency and kernel of every tensor that is computed (aliases follow)."""
-    needed = max(
-        smallest_budget(
-            int(np.prod(shape, dtype=np.int64)),
-            n_observed if dtype in FLOAT_CODES else 0,
-            DTYPES[dtype][1].itemsize,
-            n_outputs,
-            DTYPES[dtypes[name]][1].itemsize,
-        )
-        for name, (dtype, shape) in layout.tensors.items()
-    )
-    if needed > request.max_memory_bytes:
-        raise budget_too_small(request.max_memory_bytes, n_observed, needed)
-    return [
-        plan_tensor(
-            name,
-            [name] + [a for a, src in aliases.items() if src == name],
-            layout,
-            DTYPES[dtypes[name]][1].itemsize,
-            n_observed,
-            n_outputs,
-            building[name],
-            request.max_memory_bytes,
-            device_budget,
-            request.svd,
-        )
-        for names in layout.shard_tensors.values()
-        for name in names
-        if name not in aliases
-    ]
+def _budget(request: RunRequest, gen: Generation, n_outputs: int) -> Budget:
+    groups = gen.groups()
+    widest = max((n for g in groups for n in g.numels), default=1)
+    chunk_bytes = max(g.chunk_cols * DTYPES[g.row_dtype or g.base_dtype][1].itemsize
+                      for g in groups)
+    return Budget.split(request.max_memory_bytes, len(gen.steps), n_outputs,
+                        min(widest, GRAM_BLOCK_COLS), chunk_bytes)
+
+
+def _device(request: RunRequest, ranks: Ranks) -> torch.device:
+    from .kernels import resolve_device
+
+    device = resolve_device(device_for(request.device, ranks))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # Leave a core to the reader and store-writer threads: on 2 cores, 1 torch thread ran
+        # the 100M/K=30 bench in ~25 s against ~29 s with 2 (bench/RESULTS.md).
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    return device
+
+
+def _open_store(inputs: RunInputs, ranks: Ranks) -> TrajectoryStore:
+    """Rank 0 creates or locks the store and records the pending change; the others follow."""
+    path = inputs.store_path
+    if ranks.is_main:
+        if inputs.kind is None:
+            store = TrajectoryStore.open(path, lock="shared")
+        elif inputs.store_state in ("absent", "empty", "old"):
+            store = TrajectoryStore.create(path)
+        else:
+            store = TrajectoryStore.open(path, lock="exclusive")
+        try:
+            if inputs.kind is not None:
+                current = store.manifest.current
+                planned = inputs.committed_steps
+                if (current.steps if current else ()) != planned and inputs.kind == "append":
+                    raise RelexError(
+                        f"the store at {path} changed while this run started; run it again"
+                    )
+                store.begin(inputs.kind, inputs.target)
+                if inputs.kind == "build":
+                    store.write_aux(inputs.target, inputs.aux)
+        except BaseException:
+            store.close()
+            raise
+    barrier(ranks)
+    if not ranks.is_main:
+        store = TrajectoryStore.open(path)
+    return store
+
+
+def _my_groups(gen: Generation, ranks: Ranks) -> list[Group]:
+    groups = gen.groups()
+    sizes = [sum(g.numels) * (len(gen.steps) + 1) for g in groups]
+    owners = assign(sizes, ranks.world_size)
+    return [g for g, owner in zip(groups, owners, strict=True) if owner == ranks.rank]
+
+
+def _input_bytes(groups: list[Group], n_observed: int) -> int:
+    total = 0
+    for group in groups:
+        rows = DTYPES[group.row_dtype][1].itemsize * n_observed if group.has_rows else 0
+        total += sum(group.numels) * (DTYPES[group.base_dtype][1].itemsize + rows)
+    return total
+
+
+def _run_id(ranks: Ranks) -> int:
+    return broadcast(os.getpid(), ranks) if ranks.distributed else os.getpid()
 
 
 def _write_outputs(
     request: RunRequest,
     ranks: Ranks,
+    inputs: RunInputs,
+    store: TrajectoryStore,
     outputs: list[OutputSpec],
-    layout: ModelLayout,
     dtypes: dict[str, str],
-    my_work: list[TensorWork],
-    progress_totals: dict[str, int],
-    sources: Sources | None,
-    root,
-    row_ids: list[int],
-    observed: list[int],
+    works: list[GroupWork],
     device: torch.device,
-    stats: PassStats,
+    keep_budget: int,
+    budget: Budget,
     summary: RunSummary,
-) -> None:
-    """Lay out the outputs (rank 0), run both passes over this rank's tensors, finalise."""
-    plan = weight_plan(outputs, observed)
-    run_id = broadcast(os.getpid(), ranks)
+) -> tuple[list[ModelWriter], PassStats, RowReader]:
+    """Lay out the outputs (rank 0), run both passes over this rank's groups; returns the
+    closed writers, to be finalised once the store is committed."""
+    gen = inputs.target
+    run_id = _run_id(ranks)
+    if ranks.is_main:
+        for parent in {spec.directory.parent for spec in outputs}:
+            remove_leftovers(parent)
     progress = Progress(
-        progress_totals,
+        _progress_totals(works, len(inputs.observed), len(gen.steps)),
         show=ranks.is_main and not request.quiet and _stderr_is_tty(),
         board=request.out / f".relex-progress-{run_id}" if ranks.distributed else None,
         rank=ranks.rank,
     )
     writers: list[ModelWriter] = []
+    reader = RowReader(inputs.sources, store, gen, inputs.committed_steps)
+    stats = PassStats()
+    owner = ranks.is_main
     try:
-        for spec in outputs if ranks.is_main else []:
-            tmp = spec.directory.with_name(f".{spec.directory.name}.tmp-{run_id}")
-            writers.append(ModelWriter(tmp, spec.directory, layout, dtypes))
+        for spec in outputs if owner else []:
+            writers.append(ModelWriter.create(spec.directory, run_id, gen.layout, dtypes))
         barrier(ranks)
-        for spec in [] if ranks.is_main else outputs:
-            tmp = spec.directory.with_name(f".{spec.directory.name}.tmp-{run_id}")
-            writers.append(ModelWriter(tmp, spec.directory, layout, dtypes, create=False))
-        run_passes(
-            my_work,
-            sources,
-            root,
-            row_ids,
-            torch.tensor(observed, dtype=torch.float64),
-            lambda name, gram: plan(gram),
-            writers,
-            device,
-            stats,
-            summary.ill_conditioned,
-            progress=progress,
+        for spec in [] if owner else outputs:
+            writers.append(ModelWriter.attach(spec.directory, run_id, gen.layout, dtypes))
+        for gw in works:
+            if gw.write:
+                gw.open_writer = _writer_factory(store, gen, gw.group, inputs)
+        ctx = PassContext(
+            reader=reader,
+            writers=writers,
+            out_dtypes={n: DTYPES[d][0] for n, d in dtypes.items()},
+            device=device,
+            plan_weights=output_weights(outputs, inputs.observed),
+            observed_steps=inputs.observed,
             allow_nonfinite=request.allow_nonfinite,
-            observed_steps=observed,
+            keep_budget=keep_budget,
+            progress=progress,
+            stats=stats,
+            ill_conditioned=summary.ill_conditioned,
         )
+        ring = Ring(budget.ring, pin=device.type == "cuda")
+        try:
+            run_passes(works, ctx, ring)
+        except torch.cuda.OutOfMemoryError:
+            raise RelexError(
+                "the GPU ran out of memory; lower --max-gpu-memory (or --max-memory), or run "
+                "with --device cpu"
+            ) from None
+        finally:
+            ring.close()
         progress.close()
         for writer in writers:
             writer.close()
         barrier(ranks)
-        if ranks.is_main:
+        if owner:
             progress.remove_board()
-            if sources is not None:
-                trajectory_store.mark_complete(root)
-            aux = (
-                sources.base.aux_files()
-                if sources is not None
-                else trajectory_store.aux_files(root)
-            )
-            for writer in writers:
-                writer.finalize(aux, request.overwrite)
-        writers = []
     except BaseException:
         for writer in writers:
             writer.abort()
         raise
+    finally:
+        reader.close()
+    return writers, stats, reader
 
 
-def _check_outputs(out: Path, outputs: list[OutputSpec], overwrite: bool, ranks: Ranks) -> None:
-    """Refuse existing output directories unless `overwrite`; make sure OUT is writable."""
+def _writer_factory(store: TrajectoryStore, gen: Generation, group: Group, inputs: RunInputs):
+    def make():
+        return store.group_writer(gen, group, inputs.first_new_row,
+                                  write_base=inputs.kind == "build")
+
+    return make
+
+
+def _progress_totals(works: list[GroupWork], n_observed: int, n_stored: int) -> dict[str, int]:
+    gram = out = 0
+    for gw in works:
+        for w in gw.tensors:
+            base = DTYPES[w.base_dtype][1].itemsize * w.numel
+            rows = DTYPES[w.row_dtype][1].itemsize * w.numel if w.is_float else 0
+            if w.write:
+                gram += base + rows * n_stored
+            out += base + rows * n_observed
+    return {"gram": gram, "materialise": out}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_paths(request: RunRequest, outputs: list[OutputSpec]) -> None:
+    """The store and the outputs must not lie inside each other (a replaced output would take
+    the store with it)."""
+    store = request.store_path.resolve()
     for spec in outputs:
-        if spec.directory.exists() and not overwrite:
-            raise RelexError(f"{spec.directory} already exists; pass --overwrite to replace it")
+        directory = spec.directory.resolve()
+        if store == directory or store.is_relative_to(directory) or directory.is_relative_to(
+                store):
+            raise RelexError(
+                f"the store {request.store_path} and the output {spec.directory} overlap; give "
+                "--cache a path outside the output directories"
+            )
+    for path in (request.base, request.runs):
+        if path is not None and (store.is_relative_to(path.resolve()) or
+                                 path.resolve().is_relative_to(store)):
+            raise RelexError(
+                f"the store {request.store_path} and the input {path} overlap; give --cache a "
+                "path outside the checkpoints"
+            )
+
+
+def _free_bytes(path: Path) -> tuple[Path, int]:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return probe, shutil.disk_usage(probe).free
+
+
+def _check_disk(request: RunRequest, inputs: RunInputs, outputs: list[OutputSpec],
+                dtypes: dict[str, str], budget: Budget) -> None:
+    """Refuse up front when the outputs or the store's new rows will not fit on disk.
+
+    The store's size depends on the data (1% to 45% of the raw rows measured), so the first
+    columns of the largest tensors are read and compressed as the store would.
+    """
+    gen = inputs.target
+    out_bytes = sum(
+        int(np.prod(shape, dtype=np.int64)) * DTYPES[dtypes[name]][1].itemsize
+        for name, (_, shape) in gen.layout.tensors.items()
+    ) * len(outputs)
+    _require_space(request.out, out_bytes, "the outputs")
+    if inputs.kind is None or inputs.sources is None:
+        return
+    new_rows = len(gen.steps) - inputs.first_new_row
+    raw = 0
+    candidates = []
+    for group in gen.groups():
+        itemsize = DTYPES[group.row_dtype][1].itemsize if group.has_rows else 0
+        for name, numel in zip(group.tensors, group.numels, strict=True):
+            raw += numel * itemsize * new_rows
+            if inputs.kind == "build":
+                raw += numel * DTYPES[group.base_dtype][1].itemsize
+            if group.has_rows and numel:
+                candidates.append((numel, group, name))
+    fraction = 1.0
+    largest = sorted(candidates, key=lambda c: -c[0])[:4]
+    if largest and inputs.kind == "build":
+        fraction = max(_sample_fraction(inputs, group, name) for _, group, name in largest)
+    _require_space(request.store_path, int(raw * min(1.0, fraction * 1.25)), "the store")
+
+
+def _sample_fraction(inputs: RunInputs, group: Group, name: str) -> float:
+    """Stored size ÷ raw size of the first inner chunk of `name` in every row, as the store
+    keeps it (read with the row reader; a few MiB, not counted in the run's bytes)."""
+    cols = min(group.numels[group.tensors.index(name)], group.chunk_cols)
+    steps = inputs.target.steps
+    base = np.empty(cols, dtype=np.dtype(f"u{DTYPES[group.base_dtype][1].itemsize}"))
+    rows = np.empty((len(steps), cols), dtype=np.dtype(f"u{DTYPES[group.row_dtype][1].itemsize}"))
+    reader = RowReader(inputs.sources, None, inputs.target, ())
     try:
-        for parent in {spec.directory.parent for spec in outputs}:
-            parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RelexError(f"cannot create {out}: {exc.strerror}; choose another --out") from None
-    if not os.access(out, os.W_OK):
-        raise RelexError(f"cannot write to {out}: choose a writable --out")
-    if ranks.is_main:
-        for parent in {spec.directory.parent for spec in outputs}:
-            _remove_leftovers(parent)
+        reader.fill(group, name, 0, RowOrigin(False, (), tuple(steps), (None,) * len(steps)),
+                    base, rows, None)
+    finally:
+        reader.close()
+    return compressed_sample_fraction(base, rows, group, inputs.target.codec)
 
 
-def _remove_leftovers(directory: Path) -> None:
-    """Remove what killed runs left: temporary outputs of dead processes, replaced outputs."""
-    for stale in directory.glob(".step-*.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and psutil.pid_exists(int(pid)):
-            continue  # another live run writing into the same OUT
-        shutil.rmtree(stale, ignore_errors=True)
-    for replaced in directory.glob("step-*.replaced-tmp"):
-        shutil.rmtree(replaced, ignore_errors=True)
+def _require_space(path: Path, needed: int, what: str) -> None:
+    probe, free = _free_bytes(path)
+    if needed > free:
+        raise RelexError(
+            f"writing {what} takes about {format_bytes(needed)} but {probe} has "
+            f"{format_bytes(free)} free; free space or choose another location"
+        )
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _warn_about(outputs: list[OutputSpec], observed: list[int], budget: int) -> None:
-    for target in sorted({spec.target for spec in outputs if spec.method.name != "reconstruct"}):
+    for target in sorted({spec.target for spec in outputs if spec.method.extrapolates}):
         if target <= observed[-1]:
             log.warning(
                 "target %s is not beyond the last observed step %d: this interpolates or "
@@ -538,3 +465,4 @@ def _stderr_is_tty() -> bool:
     import sys
 
     return sys.stderr.isatty()
+

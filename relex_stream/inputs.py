@@ -1,142 +1,189 @@
-"""Opening what a run reads: the source checkpoints and the trajectory store, checked together."""
+"""What a run reads and what the store must gain: sources and store, checked together.
+
+A run reads the observed steps it chose (after --steps and --window) from the store where the
+store has them and from the checkpoints otherwise. Checkpoints after the store's last step are
+appended to it; a checkpoint before that step that the store lacks is an error (a store's rows
+are appended in step order). Without a store (or with --rebuild) the chosen steps build a new
+one. Nothing is written here: the decision is made, and every mistake found, first.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import zarr
-
-from . import store as trajectory_store
-from .checkpoints import (
-    Checkpoint,
-    ModelFiles,
-    ModelLayout,
-    check_same_model,
-    discover_runs,
-    open_model,
-    parse_ckpt_args,
-    select_steps,
-)
+from .checkpoints import ModelLayout, config_of, select_steps
 from .errors import RelexError
+from .sources import Sources, find_checkpoints, open_sources
+from .store import TrajectoryStore, is_old_format
+from .store_layout import AuxFile, Generation
+from .tensor_files import widest
 from .units import StepSelection
 
 log = logging.getLogger("relex_stream")
 
 
 @dataclass(frozen=True)
-class Sources:
-    """The base and the observed checkpoints of a run, opened (headers only)."""
+class RunInputs:
+    """The decision: which generation the run reads, which of its rows are new, and how."""
 
-    base: ModelFiles
-    checkpoints: list[Checkpoint]  # the observed ones, sorted by step
+    sources: Sources | None
+    store_path: Path
+    store_state: str  # 'absent', 'empty', 'store' or 'old' (an earlier format, for --rebuild)
+    kind: str | None  # None (read only), 'build' (a new generation) or 'append'
+    target: Generation  # what the store holds once the run has written it
+    committed_steps: tuple[int, ...]  # steps the store holds now (of target's generation)
+    observed: list[int]  # steps the outputs use
+    row_ids: list[int]  # their rows in `target`
+    aux: dict[str, bytes] | None  # files to keep in a new generation
 
-    def fingerprints(self) -> dict:
-        return {
-            "base": self.base.fingerprint(),
-            "steps": {str(c.step): c.model.fingerprint() for c in self.checkpoints},
-        }
+    @property
+    def first_new_row(self) -> int:
+        """Rows from here on are read from the checkpoints and appended."""
+        return len(self.committed_steps) if self.kind == "append" else (
+            0 if self.kind == "build" else len(self.target.steps))
 
-
-def open_sources(
-    base: Path,
-    runs: Path | None,
-    ckpts: list[str] | None,
-    steps: StepSelection | None,
-    window: int | None,
-) -> Sources:
-    if runs is not None and ckpts:
-        raise RelexError("give either --runs or --ckpt, not both")
-    if runs is None and not ckpts:
-        raise RelexError("give the observed checkpoints with --runs RUN_DIR or --ckpt STEP=PATH")
-    found = discover_runs(Path(runs)) if runs is not None else parse_ckpt_args(list(ckpts or []))
-    chosen = select_steps(list(found), steps, window)
-    base_model = open_model(Path(base))
-    checkpoints = [Checkpoint(step, open_model(found[step])) for step in chosen]
-    check_same_model(base_model, checkpoints)
-    return Sources(base_model, checkpoints)
+    @property
+    def new_steps(self) -> list[int]:
+        return list(self.target.steps[self.first_new_row :])
 
 
-def tied_aliases(layout: ModelLayout, aux_files: dict[str, bytes]) -> dict[str, str]:
+def tied_aliases(layout: ModelLayout, config: dict) -> dict[str, str]:
     """{'lm_head.weight': 'model.embed_tokens.weight'} when the config ties them, else {}."""
-    try:
-        config = json.loads(aux_files.get("config.json", b"{}"))
-    except json.JSONDecodeError:
-        raise RelexError("the base's config.json is not valid JSON") from None
     head, embed = "lm_head.weight", "model.embed_tokens.weight"
-    if (
-        config.get("tie_word_embeddings") is True
-        and head in layout.tensors
-        and layout.tensors.get(embed) == layout.tensors[head]
-    ):
+    tie = config.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise RelexError("the base's config.json has a tie_word_embeddings that is not true/false")
+    if tie and head in layout.tensors and layout.tensors.get(embed) == layout.tensors[head]:
         return {head: embed}
     return {}
 
 
-def open_store(
-    path: Path,
-    sources: Sources | None,
+def gather_inputs(
+    store_path: Path,
+    base: Path | None,
+    runs: Path | None,
+    ckpts: tuple[str, ...] | None,
     steps: StepSelection | None,
     window: int | None,
     rebuild: bool,
-    codec: str = "xor-zstd",
-) -> tuple[zarr.Group, list[int], list[int]]:
-    """Open or create the store; returns (zarr group, observed steps, their row ids).
-
-    With sources, an existing store must hold their steps and match their fingerprints.
-    """
-    if rebuild and trajectory_store.open_existing(path, any_version=True) is not None:
-        if sources is None:
+    codec: str,
+) -> RunInputs:
+    """Open (headers only) and check sources and store, and decide what the run writes."""
+    state = TrajectoryStore.probe(store_path)
+    if state == "store" and is_old_format(store_path):
+        if not rebuild:
+            TrajectoryStore.open(store_path).close()  # raises the 'older relex_stream' error
+        state = "old"
+    current = pending = None
+    if state == "store":
+        with TrajectoryStore.open(store_path) as store:
+            current, pending = store.manifest.current, store.manifest.pending
+    if base is None:
+        if rebuild:
             raise RelexError("--rebuild needs the sources (--base and --runs/--ckpt)")
-        log.info("removing the store at %s (--rebuild)", path)
-        trajectory_store.remove(path)
-    root = trajectory_store.open_existing(path)
-    if sources is None:
-        if root is None:
-            raise RelexError(f"no store at {path}; give --base and --runs (or --ckpt) to build one")
-        stored = list(root.attrs["steps"])
-        chosen = select_steps(stored, steps, window)
-        return root, chosen, [stored.index(s) for s in chosen]
-    chosen = [c.step for c in sources.checkpoints]
-    fingerprints = sources.fingerprints()
-    if root is None:
-        aux = sources.base.aux_files()
-        layout = sources.base.layout()
-        root = trajectory_store.create(
-            path, layout, chosen, fingerprints, aux, tied_aliases(layout, aux), codec
-        )
-        return root, chosen, list(range(len(chosen)))
-    meta = trajectory_store.attrs(root)
-    stored = list(meta["steps"])
-    if meta["layout"] != sources.base.layout().to_json():
+        if current is None:
+            raise RelexError(
+                f"no finished store at {store_path}; give --base and --runs (or --ckpt) to "
+                "build one" + (" (a run building it was interrupted)" if state == "store" else "")
+            )
+        observed = select_steps(list(current.steps), steps, window)
+        return RunInputs(None, store_path, state, None, current, current.steps, observed,
+                         [current.steps.index(s) for s in observed], None)
+    found = find_checkpoints(runs, list(ckpts) if ckpts else None)
+    stored = list(current.steps) if current is not None and not rebuild else []
+    sources = open_sources(base, found, steps, window, also=stored)
+    layout = sources.base.layout()
+    if current is None or rebuild:
+        return _build(sources, store_path, state, current, pending, steps, window, codec, layout)
+    return _append(sources, store_path, state, current, steps, window, layout)
+
+
+def _build(sources: Sources, store_path: Path, state: str, current: Generation | None,
+           pending: Generation | None, steps, window, codec: str,
+           layout: ModelLayout) -> RunInputs:
+    aux = sources.base.aux_files()
+    chosen = select_steps(sources.steps, steps, window)
+    number = (current.generation + 1) if current is not None else (
+        pending.generation if pending is not None else 1)
+    aliases = tied_aliases(layout, config_of(aux, str(sources.base.config_dir)))
+    target = Generation(
+        generation=number,
+        steps=tuple(chosen),
+        layout=layout,
+        row_dtypes={n: d for n, d in sources.row_dtypes.items() if n not in aliases},
+        aliases=aliases,
+        aux=tuple(AuxFile(n, len(b), _sha256(b)) for n, b in aux.items()),
+        codec=codec,
+        sources=sources.fingerprints(chosen),
+    )
+    return RunInputs(sources, store_path, state, "build", target, (), chosen,
+                     list(range(len(chosen))), aux)
+
+
+def _append(sources: Sources, store_path: Path, state: str, current: Generation,
+            steps, window, layout: ModelLayout) -> RunInputs:
+    if layout.to_json() != current.layout.to_json():
         raise RelexError(
-            f"the store at {path} was built for another model layout; "
-            "use --rebuild or another --cache"
+            f"the store at {store_path} was built for another model layout; use --rebuild or "
+            "another --cache"
         )
-    missing = [s for s in chosen if s not in stored]
-    if missing:
+    stored = list(current.steps)
+    chosen = select_steps(sorted(set(stored) | set(sources.steps)), steps, window)
+    prints = sources.fingerprints()
+    if prints["base"] != current.sources["base"]:
+        changed = _first_change(current.sources["base"], prints["base"])
         raise RelexError(
-            f"the store at {path} holds steps {stored[0]}..{stored[-1]} ({len(stored)}) but not "
-            f"step(s) {missing[:5]}; use --rebuild to rebuild it, or another --cache"
+            f"the store at {store_path} was built from other inputs (base file {changed} "
+            "differs); use --rebuild to rebuild it, or another --cache"
         )
-    old = meta["sources"]
-    changed = _first_change(old["base"], fingerprints["base"], "base")
     for step in chosen:
-        changed = changed or _first_change(
-            old["steps"][str(step)], fingerprints["steps"][str(step)], f"step {step}"
-        )
-    if changed:
+        if step in stored and str(step) in prints["steps"]:
+            old, new = current.sources["steps"][str(step)], prints["steps"][str(step)]
+            if old != new:
+                raise RelexError(
+                    f"the store at {store_path} was built from other inputs (step {step} file "
+                    f"{_first_change(old, new)} differs); use --rebuild to rebuild it, or "
+                    "another --cache"
+                )
+    new_steps = [s for s in chosen if s not in stored]
+    early = [s for s in new_steps if s < stored[-1]]
+    if early:
+        path = sources.checkpoint(early[0]).directory
         raise RelexError(
-            f"the store at {path} was built from other inputs ({changed}); "
-            "use --rebuild to rebuild it, or another --cache"
+            f"the checkpoint at step {early[0]} ({path}) is before the last step {stored[-1]} "
+            f"of the store at {store_path}, which lacks it; rows are appended in step order: "
+            "exclude it with --steps, or rebuild the store with --rebuild"
         )
-    return root, chosen, [stored.index(s) for s in chosen]
+    for name, code in sources.row_dtypes.items():
+        kept = current.row_dtypes.get(name)
+        if new_steps and kept is not None and widest([kept, code]) != kept:
+            raise RelexError(
+                f"tensor {name!r} is {code} in the new checkpoints but the store keeps its rows "
+                f"as {kept}, which cannot hold them exactly; rebuild the store with --rebuild"
+            )
+    observed_rows = stored + new_steps
+    target = current
+    kind = None
+    if new_steps:
+        kind = "append"
+        merged = {**current.sources["steps"],
+                  **{str(s): prints["steps"][str(s)] for s in new_steps}}
+        target = replace(current, steps=tuple(observed_rows),
+                         sources={"base": current.sources["base"], "steps": merged})
+    return RunInputs(sources, store_path, state, kind, target, current.steps, chosen,
+                     [observed_rows.index(s) for s in chosen], None)
 
 
-def _first_change(old: dict, new: dict, what: str) -> str | None:
-    for shard in sorted(set(old) | set(new)):
-        if old.get(shard) != new.get(shard):
-            return f"{what} file {shard} differs"
-    return None
+def _first_change(old: dict, new: dict) -> str:
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            return name
+    return "?"
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()

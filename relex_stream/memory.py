@@ -1,62 +1,86 @@
-"""How many columns of a tensor to hold at once, from the --max-memory budget."""
+"""The memory budget: what the engine holds, and how many columns of a tensor fit at once.
+
+--max-memory covers every buffer the engine allocates on the host:
+
+    fixed scratch   one Gram block being computed: the rows' change mask, their float64 deltas
+                    on the support and one panel's copy of them; one block of outputs; the store
+                    codec's per-chunk buffers
+    read ring       the reader's buffers: base and rows of the chunks in flight (read, computed
+                    on, written to the store), pinned on CUDA
+    kept deltas     float64 deltas on the support kept between the two passes when they fit, so
+                    the second pass neither reads nor widens them again
+
+The fixed scratch comes first; the ring gets RING_SHARE of the rest and kept deltas the
+remainder. A tensor whose base and rows fit the ring is one chunk: read once. Larger tensors are
+read in chunks of a third of the ring (one being read, one computed on, one being stored), each
+a whole number of the store's inner chunks.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .errors import RelexError
 from .kernels import GRAM_BLOCK_COLS
 from .units import format_bytes
 
-
-def chunk_bytes(cols: int, n_rows: int, itemsize: int, n_outputs: int, out_itemsize: int) -> int:
-    """Host bytes the engine holds for one chunk of `cols` columns, scratch included.
-
-    Base and rows sit in three read buffers (one being read, one computed on, one being
-    written to the store) and once more while a store chunk is encoded or decoded; the float64
-    delta scratch is bounded by the Gram block, not by the chunk.
-    """
-    block = min(cols, GRAM_BLOCK_COLS)
-    scratch = block * (n_rows * (8 + 8) + n_outputs * 16)
-    per_col = 4 * (n_rows + 1) * itemsize + n_outputs * out_itemsize
-    return scratch + cols * per_col
+RING_SHARE = 0.75
+CODEC_BUFFERS = 6  # inner chunks the store writer and reader hold at once (codes, frames)
+CHUNKS_IN_FLIGHT = 3
 
 
-def budget_too_small(budget_bytes: int, n_rows: int, needed_bytes: int) -> RelexError:
+def block_scratch_bytes(n_rows: int, n_outputs: int, block_cols: int = GRAM_BLOCK_COLS) -> int:
+    """Bytes of one Gram block's work: mask (1), deltas and a panel copy (2 × 8), a gathered
+    copy in the row dtype before widening (8), and the outputs' float64 and cast (8 + 8 + 8)."""
+    return block_cols * (n_rows * (1 + 8 + 8 + 8) + n_outputs * (8 + 8 + 8))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a --max-memory budget is spent (bytes)."""
+
+    total: int
+    fixed: int
+    ring: int
+    keep: int
+
+    @staticmethod
+    def split(
+        total: int, n_rows: int, n_outputs: int, block_cols: int, inner_chunk_bytes: int
+    ) -> Budget:
+        """block_cols: the widest Gram block of the model (a tensor may be smaller than one);
+        inner_chunk_bytes: the store's largest inner chunk."""
+        fixed = block_scratch_bytes(n_rows, n_outputs, block_cols)
+        fixed += CODEC_BUFFERS * inner_chunk_bytes
+        rest = max(0, total - fixed)
+        ring = int(rest * RING_SHARE)
+        return Budget(total, fixed, ring, rest - ring)
+
+
+def budget_too_small(total: int, n_rows: int, needed: int) -> RelexError:
     """The user error for a --max-memory below what one chunk needs."""
     return RelexError(
-        f"--max-memory {format_bytes(budget_bytes)} is too small to hold one chunk of "
-        f"{n_rows} checkpoints; give at least {format_bytes(needed_bytes)}"
+        f"--max-memory {format_bytes(total)} is too small to hold one chunk of {n_rows} "
+        f"checkpoints; give at least {format_bytes(needed)}"
     )
 
 
-def smallest_budget(
-    numel: int, n_rows: int, itemsize: int, n_outputs: int, out_itemsize: int
+def chunk_cols(
+    numel: int, bytes_per_col: int, ring_bytes: int, align: int, budget: Budget, n_rows: int
 ) -> int:
-    """The least --max-memory that holds one chunk of this tensor."""
-    return chunk_bytes(min(GRAM_BLOCK_COLS, numel), n_rows, itemsize, n_outputs, out_itemsize)
-
-
-def plan_chunk_cols(
-    numel: int,
-    n_rows: int,
-    itemsize: int,
-    n_outputs: int,
-    out_itemsize: int,
-    budget_bytes: int,
-    store_chunk_cols: int,
-) -> int:
-    """Columns per chunk: the whole tensor when it fits (one read), else the most that fit.
-
-    Chunks start on multiples of the store's chunk (or at least of the Gram block grid).
-    """
-    args = (n_rows, itemsize, n_outputs, out_itemsize)
-    if chunk_bytes(numel, *args) <= budget_bytes:
+    """Columns per chunk: the whole tensor when it fits the ring, else a third of the ring (at
+    least one `align`ed unit, alone in the ring if need be), a multiple of `align`."""
+    if numel * bytes_per_col <= ring_bytes:
         return numel
-    smallest = min(GRAM_BLOCK_COLS, numel)
-    needed = smallest_budget(numel, *args)
-    if needed > budget_bytes:
-        raise budget_too_small(budget_bytes, n_rows, needed)
-    per_col = chunk_bytes(2, *args) - chunk_bytes(1, *args)
-    fixed = needed - smallest * per_col
-    cols = (budget_bytes - fixed) // per_col
-    align = store_chunk_cols if cols >= store_chunk_cols else GRAM_BLOCK_COLS
-    return max(smallest, cols // align * align)
+    cols = ring_bytes // CHUNKS_IN_FLIGHT // bytes_per_col // align * align
+    if cols == 0:
+        cols = align
+    if cols * bytes_per_col > ring_bytes:
+        needed = budget.fixed + int(align * bytes_per_col / RING_SHARE) + 1
+        raise budget_too_small(budget.total, n_rows, needed)
+    return min(cols, numel)
+
+
+def smallest_unit(inner_chunk_cols: int) -> int:
+    """Chunks start on store inner chunks, which are whole Gram blocks (or a small tensor)."""
+    return max(inner_chunk_cols, GRAM_BLOCK_COLS)

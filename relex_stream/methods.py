@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import RelexError
+from .fit import line_weights
 from .kernels import eigh_descending
-from .plan import line_weights
 
 METHODS = ("relex", "reconstruct", "fit-reconstruct", "raw-ols", "two-point", "expo")
 MODES = {"extrapolate": "relex", "reconstruct": "reconstruct", "fit-reconstruct": "fit-reconstruct"}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import check_window
 from .errors import RelexError
 from .methods import MethodSpec, combination_weights
 from .units import step_label
@@ -59,7 +60,7 @@ def plan_outputs(
     return specs
 
 
-def weight_plan(
+def output_weights(
     outputs: list[OutputSpec], observed_steps: list[int]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function from a tensor's Gram matrix (K, K) to its weights (n_outputs, K), float64."""
@@ -85,10 +86,10 @@ def weight_plan(
 def check_plan(outputs: list[OutputSpec], observed_steps: list[int]) -> None:
     """Surface option mistakes (e.g. reconstructing an unobserved step) before any read."""
     for window in {s.window for s in outputs}:
-        if window is not None and window < 2:
-            raise RelexError("--window must be at least 2")
-        if window is not None and window > len(observed_steps):
-            raise RelexError(
-                f"--window {window} is larger than the {len(observed_steps)} observed steps"
-            )
-    weight_plan(outputs, observed_steps)(torch.eye(len(observed_steps), dtype=torch.float64))
+        if window is not None:
+            check_window(window)
+            if window > len(observed_steps):
+                raise RelexError(
+                    f"--window {window} is larger than the {len(observed_steps)} observed steps"
+                )
+    output_weights(outputs, observed_steps)(torch.eye(len(observed_steps), dtype=torch.float64))

@@ -1,37 +1,51 @@
 """The two streaming passes over every tensor: Gram (and store) then materialise.
 
-Per tensor: the Gram pass reads its base and K rows chunk by chunk, appends them to the store
-and accumulates G; the combination weights follow from G; the materialise pass writes
-W_0 + wᵀD into every output. A tensor that fits the host budget is one chunk and is read once;
-on CUDA a tensor that fits the GPU budget is kept there after the Gram pass and also read once.
+Per tensor: the first pass reads its base and rows chunk by chunk, appends the new rows to the
+store and adds each Gram block's panels; the combination weights follow from the Gram matrix;
+the second pass writes W_0 + wᵀD into every output, block by block, on the support only (the
+base's bits everywhere else). A tensor that fits the read ring is one chunk, read once; the
+deltas of a larger one are kept between the passes when they fit the budget, else its second
+pass reads again, from the store or the checkpoints, whichever the cost model says is cheaper.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from . import store as trajectory_store
-from .checkpoints import ModelLayout
 from .errors import RelexError
-from .kernels import GRAM_BLOCK_COLS, accumulate_gram, combine, randomized_gram
-from .memory import plan_chunk_cols
-from .plan import fit_diagnostics
+from .fit import GAP_WARNING, fit_diagnostics
+from .kernels import (
+    GRAM_BLOCK_COLS,
+    BlockDeltas,
+    add_gram_panels,
+    block_deltas,
+    changed_columns,
+    combine_block,
+    randomized_gram,
+    symmetric,
+)
 from .progress import Progress
-from .reader import ChunkRead, ChunkReader
-from .safetensors_io import DTYPES, FLOAT_CODES, bits_to_torch, read_into
+from .reader import Chunk, ChunkReader, ReadJob, Ring
+from .sources import RowOrigin, RowReader
+from .store import GroupRecord, GroupWriter
+from .store_layout import Group
 from .store_writer import StoreWriter, release_after
+from .tensor_files import bits_to_torch
 from .writer import ModelWriter
 
 log = logging.getLogger(__name__)
 
-GAP_WARNING = 0.9  # σ₂/σ₁ above this: the top direction is poorly defined
-# Read buffers: one being read, one computed on, one being written to the store.
-N_ARENAS = 3
+# Pass 2 reads the store rather than the checkpoints when the store keeps a tensor's rows in
+# less than this fraction of their raw bytes: reading at R bytes/s and decoding at D raw bytes/s,
+# the store costs ratio/R + 1/D against 1/R, so it wins below 1 − R/D. With R = 1.3 GB/s (a cold
+# disk here) and D = 3 GB/s (the store's decoder on one core, bench/RESULTS.md): 0.57.
+STORE_READ_CUTOFF = 0.55
 
 
 @dataclass
@@ -39,329 +53,389 @@ class TensorWork:
     """Plan and running state of one tensor's passes."""
 
     name: str
-    out_names: list[str]  # the tensor and its tied aliases
-    dtype_code: str
+    out_names: tuple[str, ...]  # the tensor and its tied aliases
+    group: Group
+    base_dtype: str
+    row_dtype: str | None  # None: not floating point, copied from the base
     numel: int
-    n_rows: int  # observed rows (0 for non-float tensors, which are copied)
-    cols: int  # columns per host chunk
-    building: bool  # not yet complete in the store: read sources, write store
-    device_resident: bool  # kept on the GPU between the passes
-    svd: str = "exact"  # "exact" Gram matrix or "randomized" subspace iteration
-    keep_base: bool = False  # non-finite values and --allow-nonfinite: output the base
+    gram_cols: int  # columns per first-pass chunk
+    out_cols: int  # columns per second-pass chunk
+    write: bool  # the first pass runs: its group is written in this run
+    svd: str  # "exact" (Gram panels) or "randomized" (subspace iteration, resident only)
+    gram_origin: RowOrigin | None
+    out_from_store: RowOrigin  # the second pass's rows read from the store
+    out_from_sources: RowOrigin | None  # ... or from the checkpoints, when they hold them all
+    n_rows: int  # rows of the first pass (every stored row)
+    row_positions: list[int]  # rows of the outputs, as positions among the first pass's rows
+    out_origin: RowOrigin | None = None  # chosen by the cost model (after the first pass)
+    # running state
     gram: torch.Tensor | None = None
-    weights: torch.Tensor | None = None  # (T, K) float64
-    device_base: torch.Tensor | None = None  # (n,) on device when device_resident
-    device_rows: torch.Tensor | None = None  # (K, n) on device when device_resident
+    weights: torch.Tensor | None = None  # (T, n_observed) float64
+    kept: list[BlockDeltas] | None = None
+    keep_base: bool = False
+    support_stored: int = 0
+    support_observed: int = 0
+    first_pass_done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def is_float(self) -> bool:
-        return self.n_rows > 0
+        return self.row_dtype is not None
 
     @property
-    def bits(self) -> np.dtype:
-        return DTYPES[self.dtype_code][1]
+    def read_once(self) -> bool:
+        return self.write and self.gram_cols >= self.numel
 
-    @property
-    def input_bytes(self) -> int:
-        """Bytes of the base and the observed rows of this tensor."""
-        return (self.n_rows + 1) * self.numel * self.bits.itemsize
+    def chunks(self, cols: int) -> list[tuple[int, int]]:
+        if self.numel == 0:
+            return [(0, 0)]
+        return [(s, min(s + cols, self.numel)) for s in range(0, self.numel, cols)]
 
-    def chunks(self) -> list[tuple[int, int]]:
-        return [(s, min(s + self.cols, self.numel)) for s in range(0, self.numel, self.cols)]
 
-    def jobs(self) -> list[ChunkRead]:
-        """Every read of this tensor, in order."""
+@dataclass
+class GroupWork:
+    """A group of tensors written (or only read) by this run."""
 
-        def make(stage: str) -> list[ChunkRead]:
-            return [
-                ChunkRead(self.name, stage, a, b, self.n_rows, self.bits) for a, b in self.chunks()
-            ]
-
-        if not self.building:
-            return make("materialise")
-        once = len(self.chunks()) == 1 or self.device_resident or not self.is_float
-        return make("gram") + ([] if once else make("materialise"))
+    group: Group
+    write: bool
+    first_row: int  # rows from here on are new
+    first_panel_row: int  # Gram panels recomputed from this row (a multiple of PANEL_ROWS)
+    old_record: GroupRecord | None
+    old_grams: np.ndarray | None  # (T, K, K) of the rows the store held
+    tensors: list[TensorWork]
+    open_writer: Callable[[], GroupWriter] | None = None
+    writer: GroupWriter | None = None
+    pending: int = 0  # tensors whose first pass is not done
 
 
 @dataclass
 class PassStats:
-    bytes_read: int = 0
     bytes_written: int = 0
     store_bytes_written: int = 0
+    support_stored: int = 0
+    support_observed: int = 0
+    elements_observed: int = 0
 
 
-def plan_tensor(
-    name: str,
-    out_names: list[str],
-    layout: ModelLayout,
-    output_itemsize: int,
-    n_rows: int,
-    n_outputs: int,
-    building: bool,
-    host_budget: int,
-    device_budget: int | None,
-    svd: str = "auto",
-) -> TensorWork:
-    """Chunking, residency and SVD kernel of one tensor under the memory budgets."""
-    dtype_code, shape = layout.tensors[name]
-    numel = int(np.prod(shape, dtype=np.int64))
-    rows = n_rows if dtype_code in FLOAT_CODES else 0
-    itemsize = DTYPES[dtype_code][1].itemsize
-    cols = plan_chunk_cols(
-        numel,
-        rows,
-        itemsize,
-        n_outputs,
-        output_itemsize,
-        host_budget,
-        trajectory_store.row_chunk_cols(dtype_code, numel),
-    )
-    # On the device a resident tensor is its rows and base once, plus one block's scratch.
-    block_scratch = min(numel, GRAM_BLOCK_COLS) * (rows * (8 + 8) + n_outputs * 16)
-    device_bytes = (rows + 1) * numel * itemsize + block_scratch
-    device_resident = (
-        device_budget is not None and rows > 0 and cols < numel and device_bytes <= device_budget
-    )
-    resident = cols == numel or device_resident
-    return TensorWork(
-        name,
-        out_names,
-        dtype_code,
-        numel,
-        rows,
-        cols,
-        building,
-        device_resident,
-        choose_svd(svd, rows, resident),
-    )
+@dataclass
+class PassContext:
+    """What both passes need: where rows come from, where outputs go, how weights are made."""
+
+    reader: RowReader
+    writers: list[ModelWriter]
+    out_dtypes: dict[str, torch.dtype]
+    device: torch.device
+    plan_weights: Callable[[torch.Tensor], torch.Tensor]  # G (n_obs, n_obs) -> (T, n_obs)
+    observed_steps: list[int]
+    allow_nonfinite: bool
+    keep_budget: int
+    progress: Progress
+    stats: PassStats
+    ill_conditioned: list[tuple[str, float]]
+    steps_tensor: torch.Tensor = field(init=False)
+    kept_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.steps_tensor = torch.tensor(self.observed_steps, dtype=torch.float64)
 
 
-RANDOMIZED_WIDTH, RANDOMIZED_ITERATIONS = 5, 3  # rank 1 + oversampling 4; subspace iterations
+def jobs_for(groups: list[GroupWork]) -> list[ReadJob]:
+    """Every read of the run, in order: per tensor its first pass, then its second."""
+    jobs: list[ReadJob] = []
+    for gw in groups:
+        for w in gw.tensors:
+            base_size = _itemsize(w.base_dtype)
+            row_size = _itemsize(w.row_dtype) if w.is_float else 0
+            n_out = len(w.row_positions) if w.is_float else 0
+            if w.write:
+                stage = "both" if w.read_once else "gram"
+                for a, b in w.chunks(w.gram_cols):
+                    jobs.append(ReadJob(len(jobs), w.name, stage, a, b, base_size,
+                                        w.n_rows if w.is_float else 0, row_size))
+                if w.read_once:
+                    continue
+            for a, b in w.chunks(w.out_cols):
+                jobs.append(ReadJob(len(jobs), w.name, "out", a, b, base_size, n_out, row_size))
+    return jobs
 
 
-def choose_svd(requested: str, n_rows: int, resident: bool) -> str:
-    """The kernel for one tensor; 'auto' compares multiply-adds of the two.
+def _itemsize(code: str | None) -> int:
+    from .safetensors_io import DTYPES
 
-    Exact costs K²·n. Randomized costs (2·iterations + 1)·2·p·K·n and needs the rows in memory
-    (a chunked tensor would be re-read once per iteration), so auto picks it only for resident
-    tensors with K > 2·p·(2·iterations + 1) = 70.
-    """
-    if requested not in ("auto", "exact", "randomized"):
-        raise RelexError(f"--svd {requested!r} is not one of auto, exact, randomized")
-    if requested == "exact" or n_rows == 0:
-        return "exact"
-    if requested == "randomized":
-        return "randomized" if resident else "exact"
-    cheaper = n_rows > 2 * RANDOMIZED_WIDTH * (2 * RANDOMIZED_ITERATIONS + 1)
-    return "randomized" if cheaper and resident else "exact"
+    return DTYPES[code][1].itemsize if code else 0
 
 
-def run_passes(
-    work: list[TensorWork],
-    sources,
-    root,
-    row_ids: list[int],
-    steps: torch.Tensor,
-    plan_weights: Callable[[str, torch.Tensor], torch.Tensor],
-    writers: list[ModelWriter],
-    device: torch.device,
-    stats: PassStats,
-    ill_conditioned: list[tuple[str, float]],
-    progress: Progress,
-    allow_nonfinite: bool,
-    observed_steps: list[int],
-) -> None:
-    """Run both passes over every tensor in `work`, writing into `writers`.
+def run_passes(groups: list[GroupWork], ctx: PassContext, ring: Ring) -> None:
+    """Both passes over every tensor of `groups`, writing outputs and the store's new groups."""
+    by_name = {w.name: (gw, w) for gw in groups for w in gw.tensors}
+    for gw in groups:
+        gw.pending = sum(1 for w in gw.tensors if w.write)
+    jobs = jobs_for(groups)
+    aborted = threading.Event()
 
-    plan_weights(name, gram (K, K)) gives the (outputs, K) float64 combination weights.
-    """
+    def fill(job: ReadJob, base: np.ndarray, rows: np.ndarray) -> None:
+        gw, w = by_name[job.tensor]
+        origin = w.gram_origin if job.stage in ("gram", "both") else w.out_origin
+        if not w.is_float or job.n_rows == 0:
+            origin = RowOrigin(origin.base_from_store, (), (), ())
+        ctx.reader.fill(gw.group, w.name, job.start, origin, base, rows, gw.writer)
 
-    def weights_for(w: TensorWork) -> None:
-        if not bool(torch.isfinite(w.gram).all()):
-            if not allow_nonfinite:
-                _refuse_nonfinite(w, observed_steps)
-            log.warning(
-                "%s holds NaN or Inf; --allow-nonfinite: it keeps the base's values", w.name
-            )
-            w.keep_base = True
-            w.weights = torch.zeros((len(writers), len(observed_steps)), dtype=torch.float64)
-            return
-        w.weights = plan_weights(w.name, w.gram)
-        fit = fit_diagnostics(w.gram, steps)
-        if fit.sigma[0] > 0 and fit.spectral_gap > GAP_WARNING:
-            ill_conditioned.append((w.name, fit.spectral_gap))
+    def wait(job: ReadJob) -> ReadJob:
+        """The second pass of a tensor waits for its first; kept deltas: read the base only."""
+        gw, w = by_name[job.tensor]
+        if job.stage != "out" or not w.write:
+            return job
+        while not w.first_pass_done.wait(0.2):
+            if aborted.is_set():
+                raise RuntimeError("aborted")
+        return job if w.kept is None else replace(job, n_rows=0)
 
-    by_name = {w.name: w for w in work}
-    jobs = [job for w in work for job in w.jobs()]
-
-    def fill(job: ChunkRead, base: np.ndarray, rows: np.ndarray) -> None:
-        if sources is not None:
-            read_into(sources.base.tensors[job.tensor], job.start, base)
-            for k, ckpt in enumerate(sources.checkpoints[: job.n_rows]):
-                read_into(ckpt.model.tensors[job.tensor], job.start, rows[k])
-        else:
-            trajectory_store.read_base(root, job.tensor, job.start, base)
-            if job.n_rows:
-                trajectory_store.read_rows(root, job.tensor, row_ids, job.start, base, rows)
-        stats.bytes_read += job.nbytes
-
-    reader = ChunkReader(jobs, fill, n_arenas=N_ARENAS, pin_memory=device.type == "cuda")
+    base_dtypes = {w.name: _words(w.base_dtype) for gw in groups for w in gw.tensors}
+    row_dtypes = {w.name: _words(w.row_dtype or w.base_dtype) for gw in groups
+                  for w in gw.tensors}
     store_writer = StoreWriter()
+    reader = ChunkReader(jobs, ring, fill, wait, base_dtypes, row_dtypes)
     try:
+        for gw in groups:
+            if gw.write and gw.writer is None:
+                gw.writer = gw.open_writer()
         for chunk in reader:
-            job, w = chunk.job, by_name[chunk.job.tensor]
-            release = chunk.release
-            if job.stage == "gram":
-                # the buffer goes back once both the store write and the compute are done
-                release = release_after(2, chunk.release)
-                _gram_step(w, chunk.base, chunk.rows, job, root, device, stats, store_writer,
-                           release)  # fmt: skip
-                progress.add("gram", job.nbytes)
-                if not w.is_float:
-                    _write(w, writers, job.start, [chunk.base] * len(writers), stats)
-                    progress.add("materialise", job.nbytes)
-                last = job.stop == w.numel
-                if last and w.is_float:
-                    weights_for(w)
-                    if len(w.chunks()) == 1:
-                        _materialise(w, chunk.base, chunk.rows, job.start, writers, device, stats)
-                        progress.add("materialise", job.nbytes)
-                    elif w.device_resident:
-                        _materialise_resident(w, writers, device, stats)
-                        progress.add("materialise", w.input_bytes)
-            else:
-                if w.is_float:
-                    if w.weights is None:
-                        full = trajectory_store.read_gram(root, w.name)
-                        w.gram = full[row_ids][:, row_ids]
-                        weights_for(w)
-                    _materialise(w, chunk.base, chunk.rows, job.start, writers, device, stats)
-                else:
-                    _write(w, writers, job.start, [chunk.base] * len(writers), stats)
-                progress.add("materialise", job.nbytes)
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()  # uploads from the arena done
-            release()
+            gw, w = by_name[chunk.job.tensor]
+            _process(chunk, gw, w, ctx, store_writer)
         store_writer.close()
+    except BaseException:
+        aborted.set()
+        for gw in groups:
+            for w in gw.tensors:
+                w.first_pass_done.set()
+        raise
     finally:
-        store_writer.close(raise_errors=False)  # after an error elsewhere: just stop it
+        store_writer.close(raise_errors=False)
         reader.close()
+        for gw in groups:
+            if gw.writer is not None:
+                gw.writer.abort()
 
 
-def _gram_step(
-    w: TensorWork,
-    base: np.ndarray,
-    rows: np.ndarray,
-    job: ChunkRead,
-    root,
-    device: torch.device,
-    stats: PassStats,
-    store_writer: StoreWriter,
-    written: Callable[[], None],
-) -> None:
-    """Gram pass over one chunk; the store write runs on `store_writer`, then `written()`."""
-    if job.start == 0:
-        store_writer.submit(
-            lambda: trajectory_store.prepare_tensor(root, w.name, w.dtype_code, w.numel, w.is_float)
-        )
-        if w.is_float:
-            w.gram = torch.zeros((w.n_rows, w.n_rows), dtype=torch.float64, device=device)
-        if w.device_resident:
-            torch_dtype = DTYPES[w.dtype_code][0]
-            w.device_rows = torch.empty((w.n_rows, w.numel), dtype=torch_dtype, device=device)
-            w.device_base = torch.empty((w.numel,), dtype=torch_dtype, device=device)
-    float_rows = rows if w.is_float else None
-    store_writer.submit(
-        lambda: trajectory_store.write_chunk(root, w.name, job.start, base, float_rows), written
-    )
-    stats.store_bytes_written += base.nbytes + (rows.nbytes if w.is_float else 0)
+def _words(code: str) -> np.dtype:
+    from .tensor_files import word_dtype
+
+    return word_dtype(code)
+
+
+def _process(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassContext,
+             store_writer: StoreWriter) -> None:
+    job = chunk.job
+    release = chunk.release
+    if job.stage in ("gram", "both"):
+        # the buffer goes back once both the store write and the computation are done
+        release = release_after(2, chunk.release)
+        _first_pass_chunk(chunk, gw, w, ctx, store_writer, release)
+        ctx.progress.add("gram", job.nbytes)
+    if job.stage in ("out", "both"):
+        _materialise_chunk(chunk, w, ctx)
+        ctx.progress.add("materialise", job.nbytes)
+    if ctx.device.type == "cuda":
+        torch.cuda.current_stream(ctx.device).synchronize()  # uploads from the ring are done
+    release()
+
+
+# --------------------------------------------------------------------------- first pass
+
+
+def _first_pass_chunk(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassContext,
+                      store_writer: StoreWriter, written: Callable[[], None]) -> None:
+    job, base, rows = chunk.job, chunk.base, chunk.rows
+    writer = gw.writer
+    store_rows = rows if w.is_float else None
+    store_writer.submit(lambda: _store(ctx, writer.write(w.name, job.start, base, store_rows)),
+                        written)
     if not w.is_float:
         if job.stop == w.numel:
-            store_writer.submit(lambda: trajectory_store.finish_tensor(root, w.name, None))
+            _first_pass_done(gw, w, ctx, store_writer)
         return
-    rows_t, base_t = bits_to_torch(rows, w.dtype_code), bits_to_torch(base, w.dtype_code)
-    if w.device_resident:
-        w.device_rows[:, job.start : job.stop].copy_(rows_t, non_blocking=True)
-        w.device_base[job.start : job.stop].copy_(base_t, non_blocking=True)
-        rows_t = w.device_rows[:, job.start : job.stop]
-        base_t = w.device_base[job.start : job.stop]
-    if w.svd == "exact":
-        accumulate_gram(w.gram, rows_t, base_t, device)
+    if job.start == 0:
+        w.gram = torch.zeros((w.n_rows, w.n_rows), dtype=torch.float64, device=ctx.device)
+        if gw.old_grams is not None and gw.first_panel_row:
+            old = torch.from_numpy(gw.old_grams[gw.group.tensors.index(w.name)])
+            p = gw.first_panel_row
+            w.gram[:p, :p] = torch.tril(old[:p, :p]).to(ctx.device)
+        w.kept = [] if w.row_positions == list(range(w.n_rows)) else None
+    rows_t, base_t = _upload(rows, base, w, ctx.device)
+    if w.svd == "randomized":
+        w.gram = randomized_gram(rows_t, base_t)
+    else:
+        for a in range(0, rows_t.shape[1], GRAM_BLOCK_COLS):
+            b = min(a + GRAM_BLOCK_COLS, rows_t.shape[1])
+            rows_b, base_b = rows_t[:, a:b], base_t[a:b]
+            changed = changed_columns(rows_b, _reference(base_b, w))
+            block = block_deltas(rows_b, base_b, changed)
+            add_gram_panels(w.gram, changed, block, gw.first_panel_row)
+            w.support_stored += block.support
+            if w.kept is not None:
+                if ctx.kept_bytes + block.nbytes <= ctx.keep_budget:
+                    w.kept.append(block)
+                    ctx.kept_bytes += block.nbytes
+                else:
+                    _drop_kept(w, ctx)
     if job.stop == w.numel:
-        if w.svd == "randomized":
-            if w.device_resident:
-                rows_t, base_t = w.device_rows, w.device_base
-            w.gram = randomized_gram(
-                rows_t,
-                base_t,
-                device,
-                oversample=RANDOMIZED_WIDTH - 1,
-                iterations=RANDOMIZED_ITERATIONS,
-            )
-        w.gram = gram = w.gram.cpu()
-        store_writer.submit(lambda: trajectory_store.finish_tensor(root, w.name, gram, kind=w.svd))
+        w.gram = symmetric(w.gram).cpu() if w.svd != "randomized" else w.gram.cpu()
+        _weights(w, ctx)
+        _first_pass_done(gw, w, ctx, store_writer)
 
 
-def _refuse_nonfinite(w: TensorWork, observed_steps: list[int]) -> None:
-    """NaN or Inf anywhere in a tensor's rows shows on the Gram diagonal; name tensor and step."""
-    diagonal = torch.diagonal(w.gram)
-    bad = [observed_steps[k] for k in range(len(observed_steps)) if not diagonal[k].isfinite()]
-    where = f"step {bad[0]}" if bad and len(bad) < len(observed_steps) else "the base or every step"
+def _store(ctx: PassContext, n_bytes: int) -> None:
+    ctx.stats.store_bytes_written += n_bytes
+
+
+def _drop_kept(w: TensorWork, ctx: PassContext) -> None:
+    if w.kept:
+        ctx.kept_bytes -= sum(b.nbytes for b in w.kept)
+    w.kept = None
+
+
+def _first_pass_done(gw: GroupWork, w: TensorWork, ctx: PassContext,
+                     store_writer: StoreWriter) -> None:
+    """Let the second pass start once the store writer has written the tensor; close the group
+    (its Gram array and record) once every tensor of it is done."""
+    gw.pending -= 1
+
+    def flushed() -> None:
+        if not w.read_once:
+            w.out_origin = _cheaper_origin(gw, w)
+        w.first_pass_done.set()
+
+    store_writer.submit(flushed)
+    if gw.pending == 0:
+        grams = {t.name: t.gram.numpy() for t in gw.tensors if t.is_float}
+        kinds = {t.name: t.svd for t in gw.tensors if t.is_float}
+        support = {t.name: t.support_stored for t in gw.tensors if t.is_float}
+        writer = gw.writer
+        store_writer.submit(lambda: writer.finish(grams, kinds, support, gw.old_record))
+        for t in gw.tensors:
+            ctx.stats.support_stored += t.support_stored
+
+
+def _cheaper_origin(gw: GroupWork, w: TensorWork) -> RowOrigin:
+    """The second pass's rows: from the store when it keeps them compactly enough (or the
+    checkpoints do not hold them all), else from the checkpoints. Runs on the store writer,
+    once the tensor's new rows are written."""
+    if w.out_from_sources is None or w.kept is not None or not w.is_float:
+        return w.out_from_store
+    if gw.writer.stored_fraction(w.name) < STORE_READ_CUTOFF:
+        return w.out_from_store
+    return w.out_from_sources
+
+
+def _weights(w: TensorWork, ctx: PassContext) -> None:
+    """Combination weights from the Gram matrix; NaN or Inf in the rows shows on its diagonal."""
+    positions = torch.tensor(w.row_positions)
+    gram = w.gram[positions][:, positions]
+    if not bool(torch.isfinite(gram).all()):
+        if not ctx.allow_nonfinite:
+            _refuse_nonfinite(w.name, gram, ctx.observed_steps)
+        log.warning("%s holds NaN or Inf; --allow-nonfinite: it keeps the base's values", w.name)
+        w.keep_base = True
+        w.weights = torch.zeros((len(ctx.writers), len(positions)), dtype=torch.float64)
+        return
+    w.weights = ctx.plan_weights(gram)
+    fit = fit_diagnostics(gram, ctx.steps_tensor)
+    if fit.sigma[0] > 0 and fit.spectral_gap > GAP_WARNING:
+        ctx.ill_conditioned.append((w.name, fit.spectral_gap))
+
+
+def _refuse_nonfinite(name: str, gram: torch.Tensor, steps: list[int]) -> None:
+    diagonal = torch.diagonal(gram)
+    bad = [steps[k] for k in range(len(steps)) if not diagonal[k].isfinite()]
+    where = f"step {bad[0]}" if bad and len(bad) < len(steps) else "the base or every step"
     raise RelexError(
-        f"tensor {w.name!r} holds NaN or Inf values at {where}; fix the checkpoint, or pass "
+        f"tensor {name!r} holds NaN or Inf values at {where}; fix the checkpoint, or pass "
         "--allow-nonfinite to extrapolate anyway"
     )
 
 
-def _materialise(
-    w: TensorWork,
-    base: np.ndarray,
-    rows: np.ndarray,
-    start: int,
-    writers: list[ModelWriter],
-    device: torch.device,
-    stats: PassStats,
-) -> None:
-    out_dtype = DTYPES[writers[0].dtypes[w.name]][0]
-    predicted = _predict(
-        w, bits_to_torch(rows, w.dtype_code), bits_to_torch(base, w.dtype_code), out_dtype, device
-    )  # (T, c)
-    _write(w, writers, start, [_as_bits(predicted[i]) for i in range(len(writers))], stats)
+# --------------------------------------------------------------------------- second pass
 
 
-def _materialise_resident(
-    w: TensorWork, writers: list[ModelWriter], device: torch.device, stats: PassStats
-) -> None:
-    out_dtype = DTYPES[writers[0].dtypes[w.name]][0]
-    for start, stop in w.chunks():
-        predicted = _predict(
-            w, w.device_rows[:, start:stop], w.device_base[start:stop], out_dtype, device
-        )  # (T, c)
-        _write(w, writers, start, [_as_bits(predicted[i]) for i in range(len(writers))], stats)
-    w.device_rows = w.device_base = None  # free the GPU copy before the next tensor
+def _materialise_chunk(chunk: Chunk, w: TensorWork, ctx: PassContext) -> None:
+    job, base, rows = chunk.job, chunk.base, chunk.rows
+    if not w.is_float:
+        for i in range(len(ctx.writers)):
+            _write(w, ctx, i, job.start, base)
+        return
+    if w.weights is None:  # a tensor the store already holds: its Gram matrix is stored
+        _weights(w, ctx)
+    rows_t, base_t = _upload(rows, base, w, ctx.device)
+    if job.stage == "both" and w.row_positions != list(range(rows_t.shape[0])):
+        rows_t = rows_t[torch.tensor(w.row_positions, device=ctx.device)]
+    weights = w.weights.to(ctx.device)
+    kept = w.kept  # the first pass's deltas, block by block in order (the chunk holds the base)
+    for a in range(0, base_t.shape[0], GRAM_BLOCK_COLS):
+        b = min(a + GRAM_BLOCK_COLS, base_t.shape[0])
+        base_b = base_t[a:b]
+        if kept:
+            block = kept.pop(0)
+            ctx.kept_bytes -= block.nbytes
+        else:
+            block = block_deltas(rows_t[:, a:b], base_b,
+                                 changed_columns(rows_t[:, a:b], _reference(base_b, w)))
+        _emit_block(w, ctx, weights, block, base_b, job.start + a)
+    if job.stop == w.numel:
+        _drop_kept(w, ctx)
 
 
-def _predict(
-    w: TensorWork, rows: torch.Tensor, base: torch.Tensor, out_dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:  # fmt: skip
-    """(T, c) host tensor: W_0 + wᵀD, or W_0 for a tensor kept at the base."""
+def _emit_block(w: TensorWork, ctx: PassContext, weights: torch.Tensor, block: BlockDeltas,
+                base_b: torch.Tensor, start: int) -> None:
+    out_dtype = ctx.out_dtypes[w.name]
     if w.keep_base:
-        return base.to("cpu", out_dtype).expand(w.weights.shape[0], -1).contiguous()
-    return combine(w.weights, rows, base, out_dtype, device)
+        out = base_b.to(out_dtype).expand(weights.shape[0], -1).cpu()
+    else:
+        out = combine_block(weights, block, base_b, out_dtype)  # (T, s) host
+        if not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).any(1).nonzero()[0])
+            if not ctx.allow_nonfinite:
+                raise RelexError(
+                    f"the prediction of tensor {w.name!r} for {ctx.writers[bad].final_dir.name} "
+                    f"holds NaN or Inf (it overflows {_dtype_name(out_dtype)}, or the base holds "
+                    "them): pick a nearer --target, write --dtype float32, or pass "
+                    "--allow-nonfinite to write it anyway"
+                )
+    ctx.stats.support_observed += block.support
+    ctx.stats.elements_observed += block.width
+    for i in range(len(ctx.writers)):
+        _write(w, ctx, i, start, _as_bits(out[i]))
 
 
-def _write(
-    w: TensorWork,
-    writers: list[ModelWriter],
-    start: int,
-    data: list[np.ndarray],
-    stats: PassStats,
-) -> None:
-    for writer, values in zip(writers, data, strict=True):
-        for out_name in w.out_names:
-            writer.write(out_name, start, values)
-            stats.bytes_written += values.nbytes
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _write(w: TensorWork, ctx: PassContext, i: int, start: int, values: np.ndarray) -> None:
+    for out_name in w.out_names:
+        ctx.writers[i].write(out_name, start, values)
+        ctx.stats.bytes_written += values.nbytes
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _upload(rows: np.ndarray, base: np.ndarray, w: TensorWork,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (K, c) and base (c,) as torch tensors of their float dtypes on the device; one
+    contiguous copy each from the (pinned) ring on CUDA, views on the CPU."""
+    rows_t = bits_to_torch(rows, w.row_dtype)
+    base_t = bits_to_torch(base, w.base_dtype)
+    if device.type != "cpu":
+        rows_t = rows_t.to(device, non_blocking=True)
+        base_t = base_t.to(device, non_blocking=True)
+    return rows_t, base_t
+
+
+def _reference(base: torch.Tensor, w: TensorWork) -> torch.Tensor:
+    """The base as the rows' dtype (exact): what a row's bits are compared with."""
+    from .safetensors_io import DTYPES
+
+    row_dtype = DTYPES[w.row_dtype][0]
+    return base if base.dtype == row_dtype else base.to(row_dtype)
 
 
 def _as_bits(tensor: torch.Tensor) -> np.ndarray:
@@ -369,3 +443,4 @@ def _as_bits(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy()
     return tensor.numpy()
+

@@ -1,63 +1,186 @@
-"""The RELEX fit from a Gram matrix and step numbers, in float64: line weights, diagnostics.
+"""The run plan: for every tensor, how it is chunked, where its rows come from, which kernel.
 
-Every prediction is W_0 + wᵀD with D the (K, n) observed deltas; methods.py turns these into
-each method's K weights w (see DESIGN.md §1).
+This is the one place that turns a run's inputs and budgets into work: `chunking` is decided
+before anything is written (a budget mistake fails first), `group_work` once the store is open
+(it knows which groups an interrupted run already finished).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from .errors import RelexError
+from .inputs import RunInputs
+from .memory import Budget, budget_too_small, chunk_cols, smallest_unit
+from .passes import GroupWork, TensorWork
+from .safetensors_io import DTYPES
+from .sources import RowOrigin
+from .store import TrajectoryStore
+from .store_layout import PANEL_ROWS, Group
+
 
 @dataclass(frozen=True)
-class TensorFit:
-    """Rank-1 diagnostics of one tensor's trajectory, from its Gram matrix."""
+class Chunking:
+    """Columns per chunk of one tensor in each pass."""
 
-    sigma: tuple[float, ...]  # singular values of D, descending
-    coefficients: tuple[float, ...]  # σ₁ u₁[k], sign fixed so the last is >= 0
-    slope: float  # a in c(t) = a t + b
-    intercept: float  # b
-    r_squared: float  # of the line through the coefficients
-    explained_variance: float  # λ₁ / Σλ
-    spectral_gap: float  # σ₂ / σ₁ (1.0 when σ₁ = 0)
+    gram_cols: int
+    out_cols: int
 
 
-def line_weights(steps: torch.Tensor, target: float) -> torch.Tensor:
-    """h (K,) such that the OLS line through (t_k, y_k) evaluated at `target` is h·y; float64."""
-    t = steps.to(torch.float64)
-    centred = t - t.mean()
-    spread = float((centred * centred).sum())
-    return 1.0 / t.numel() + (target - float(t.mean())) * centred / spread
+def _bytes_per_col(group: Group, n_rows: int) -> int:
+    base = DTYPES[group.base_dtype][1].itemsize
+    rows = DTYPES[group.row_dtype][1].itemsize if group.has_rows else 0
+    return base + n_rows * rows
 
 
-def fit_diagnostics(gram: torch.Tensor, steps: torch.Tensor) -> TensorFit:
-    """Explained variance, spectral gap, coefficient trajectory and its line, from G alone."""
-    from .kernels import eigh_descending
+def chunking(inputs: RunInputs, budget: Budget, device_bytes: int | None) -> dict[str, Chunking]:
+    """Chunk columns of every stored tensor for both passes; RelexError when a budget (host or
+    device) cannot hold one unit of a tensor."""
+    gen = inputs.target
+    n_stored, n_observed = len(gen.steps), len(inputs.observed)
+    ring = budget.ring if device_bytes is None else min(budget.ring, device_bytes)
+    plan: dict[str, Chunking] = {}
+    for group in gen.groups():
+        align = smallest_unit(group.chunk_cols)
+        for name, numel in zip(group.tensors, group.numels, strict=True):
+            n_rows = (n_stored, n_observed) if group.has_rows else (0, 0)
+            cols = [
+                chunk_cols(max(numel, 1), _bytes_per_col(group, k), ring, align, budget, k)
+                for k in n_rows
+            ]
+            plan[name] = Chunking(*cols)
+    return plan
 
-    eigenvalues, vectors = eigh_descending(gram)
-    sigma = eigenvalues.sqrt()
-    total = float(eigenvalues.sum())
-    sigma_1 = float(sigma[0])
-    u_1 = vectors[:, 0]
-    if float(u_1[-1]) < 0:
-        u_1 = -u_1
-    coefficients = sigma_1 * u_1  # (K,)
-    t = steps.to(torch.float64)
-    centred = t - t.mean()
-    slope = float((centred * coefficients).sum() / (centred * centred).sum())
-    intercept = float(coefficients.mean() - slope * t.mean())
-    residual = coefficients - (slope * t + intercept)
-    spread = float(((coefficients - coefficients.mean()) ** 2).sum())
-    r_squared = 1.0 - float((residual**2).sum()) / spread if spread > 0 else math.nan
-    return TensorFit(
-        sigma=tuple(float(s) for s in sigma),
-        coefficients=tuple(float(c) for c in coefficients),
-        slope=slope,
-        intercept=intercept,
-        r_squared=r_squared,
-        explained_variance=float(eigenvalues[0]) / total if total > 0 else math.nan,
-        spectral_gap=float(sigma[1]) / sigma_1 if sigma_1 > 0 and len(sigma) > 1 else 1.0,
-    )
+
+def svd_kernel(requested: str, read_once: bool, appending: bool) -> str:
+    """The Gram kernel of one tensor. 'auto' is the exact Gram matrix: report, backtest and
+    appends need it, and the randomized kernel's (2q+1)·2p·K·n = 70·K·n multiply-adds only beat
+    the exact K²·n (on the support) past K = 70, by little. 'randomized' is used for tensors read
+    once, when building (an append extends exact Gram matrices)."""
+    if requested == "randomized" and read_once and not appending:
+        return "randomized"
+    return "exact"
+
+
+def group_work(
+    inputs: RunInputs,
+    store: TrajectoryStore,
+    groups: list[Group],
+    plan: dict[str, Chunking],
+    svd: str,
+) -> list[GroupWork]:
+    """The work of each group of this rank: written (new rows) or only read for the outputs."""
+    gen = inputs.target
+    steps = gen.steps
+    observed_rows = inputs.row_ids
+    first_new = inputs.first_new_row
+    sources = inputs.sources
+    hold_all = sources is not None and set(inputs.observed) <= set(sources.steps)
+    aliases = gen.aliases
+    works = []
+    for group in groups:
+        write = inputs.kind is not None and not store.has_record(group, gen, steps)
+        old_record = old_grams = None
+        if write and inputs.kind == "append" and group.has_rows:
+            old_record = store.record(group, gen, inputs.committed_steps)
+            old_grams = store.grams(group, gen, inputs.committed_steps)
+            if any(kind != "exact" for kind in old_record.kinds.values()):
+                raise RelexError(
+                    f"the store at {store.path} keeps randomized Gram matrices (--svd randomized); "
+                    "appending needs exact ones: rebuild it with --rebuild"
+                )
+        elif write and inputs.kind == "append":
+            old_record = store.record(group, gen, inputs.committed_steps)
+        ratio = 0.0 if write else _stored_fraction(store, group, gen)
+        stored_grams = None if write or not group.has_rows else store.grams(group, gen, steps)
+        gram_origin = None
+        if write:
+            gram_origin = RowOrigin(
+                base_from_store=inputs.kind == "append",
+                store_rows=tuple(range(first_new)),
+                source_steps=tuple(steps[first_new:]),
+                verify_rows=(None,) * (len(steps) - first_new),
+            )
+        from_store = RowOrigin(True, tuple(observed_rows), (), ())
+        from_sources = (
+            RowOrigin(False, (), tuple(inputs.observed), tuple(observed_rows))
+            if hold_all else None
+        )
+        tensors = []
+        for name, numel in zip(group.tensors, group.numels, strict=True):
+            chunks = plan[name]
+            read_once = write and chunks.gram_cols >= numel
+            work = TensorWork(
+                name=name,
+                out_names=(name, *[a for a, src in aliases.items() if src == name]),
+                group=group,
+                base_dtype=group.base_dtype,
+                row_dtype=group.row_dtype,
+                numel=numel,
+                gram_cols=max(1, chunks.gram_cols),
+                out_cols=max(1, chunks.out_cols),
+                write=write,
+                svd=svd_kernel(svd, read_once, inputs.kind == "append"),
+                gram_origin=gram_origin,
+                out_from_store=from_store,
+                out_from_sources=from_sources,
+                n_rows=len(steps) if group.has_rows else 0,
+                row_positions=list(observed_rows),
+            )
+            if not write:
+                cheaper = from_sources is not None and ratio >= _cutoff()
+                work.out_origin = from_sources if cheaper else from_store
+                if stored_grams is not None:
+                    work.gram = torch.from_numpy(stored_grams[group.tensors.index(name)].copy())
+            tensors.append(work)
+        first_panel = (first_new // PANEL_ROWS) * PANEL_ROWS if inputs.kind == "append" else 0
+        works.append(GroupWork(group, write, first_new, first_panel, old_record, old_grams,
+                               tensors))
+    return works
+
+
+def _cutoff() -> float:
+    from .passes import STORE_READ_CUTOFF
+
+    return STORE_READ_CUTOFF
+
+
+def _stored_fraction(store: TrajectoryStore, group: Group, gen) -> float:
+    """Bytes of a finished group's row shards ÷ the raw bytes of its rows (its tensors share it)."""
+    if not group.has_rows:
+        return 1.0
+    record = store.record(group, gen)
+    itemsize = DTYPES[group.row_dtype][1].itemsize
+    raw = len(record.rows) * group.width * itemsize
+    return sum(r.size for r in record.rows) / raw if raw else 1.0
+
+
+def assign(sizes: list[int], world_size: int) -> list[int]:
+    """Rank for each item: largest first onto the least loaded rank (balanced by bytes)."""
+    loads = [0] * world_size
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owner[i] = rank
+        loads[rank] += sizes[i]
+    return owner
+
+
+def device_budget(device: torch.device, requested: int | None) -> int | None:
+    """Bytes of GPU memory the engine may hold, or None on the CPU.
+
+    The flag, else the device's total memory less 10%: never the memory free at start, which
+    varies from run to run (the choices it drives do not change output bytes either way).
+    """
+    if device.type != "cuda":
+        return None
+    if requested is not None:
+        return requested
+    return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
+
+
+def check_budget_fits(budget: Budget, total: int, n_rows: int) -> None:
+    if budget.ring <= 0:
+        raise budget_too_small(total, n_rows, budget.fixed * 2)

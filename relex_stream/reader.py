@@ -1,13 +1,19 @@
-"""A background reader that fills preallocated buffers with the next chunk while one is in use.
+"""A background reader that fills buffers from a ring of host memory ahead of the computation.
 
-The order of every read of a run is known before the first one (only the writes wait for the
-combination weights), so one thread can run ahead through that list. Buffers come from a fixed
-pool of arenas: the reader waits for a free arena, so memory stays bounded whatever the model.
-On CUDA the arenas are pinned, so uploads from them can be asynchronous.
+The order of every read of a run is known before the first one, so one thread runs ahead
+through that list, as far as the ring has room. The ring is one slab of --max-memory's share,
+handed out first in, first out: a chunk's buffer comes back when both its computation and its
+store write are done. On CUDA the slab is page-locked once (cudaHostRegister), at its exact
+size, so uploads from it are asynchronous and it is counted in --max-memory as it is.
+
+Some reads wait: the second pass over a tensor starts only once its first pass has finished
+(its combination weights exist, and what the store wrote is on disk), and reads nothing at all
+when the first pass kept the tensor's deltas.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -16,77 +22,149 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+_ALIGN = 64
+
+
+class Ring:
+    """A slab of `capacity` bytes handed out in order; allocate() waits for room."""
+
+    def __init__(self, capacity: int, pin: bool = False):
+        self.capacity = max(_ALIGN, -(-capacity // _ALIGN) * _ALIGN)
+        self._slab = torch.empty(self.capacity, dtype=torch.uint8)
+        self._pinned = False
+        if pin:
+            result = torch.cuda.cudart().cudaHostRegister(
+                self._slab.data_ptr(), self.capacity, 0
+            )
+            self._pinned = int(result) == 0
+        self._array = self._slab.numpy()
+        self._live: collections.deque = collections.deque()  # [offset, size, freed], in order
+        self._head = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def _fits(self, size: int) -> int | None:
+        """Offset where `size` bytes fit now, or None."""
+        if not self._live:
+            return 0 if size <= self.capacity else None
+        tail = self._live[0][0]
+        if self._head >= tail:  # free space: [head, capacity) and [0, tail)
+            if self._head + size <= self.capacity:
+                return self._head
+            return 0 if size <= tail else None
+        return self._head if self._head + size <= tail else None
+
+    def allocate(self, size: int) -> tuple[int, np.ndarray]:
+        """(token, a uint8 view of `size` bytes); blocks until the ring has room."""
+        size = max(_ALIGN, -(-size // _ALIGN) * _ALIGN)
+        if size > self.capacity:
+            raise AssertionError(f"a read of {size} bytes exceeds the ring of {self.capacity}")
+        with self._cond:
+            while (offset := self._fits(size)) is None:
+                if self._closed:
+                    raise RuntimeError("ring closed")
+                self._cond.wait()
+            entry = [offset, size, False]
+            self._live.append(entry)
+            self._head = offset + size
+            return id(entry), self._array[offset : offset + size]
+
+    def free(self, token: int) -> None:
+        with self._cond:
+            for entry in self._live:
+                if id(entry) == token:
+                    entry[2] = True
+                    break
+            while self._live and self._live[0][2]:
+                self._live.popleft()
+            if not self._live:
+                self._head = 0
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self._slab.data_ptr())
+            self._pinned = False
+
 
 @dataclass(frozen=True)
-class ChunkRead:
-    """One read: columns [start, stop) of a tensor's base and K observed rows."""
+class ReadJob:
+    """One read: columns [start, stop) of a tensor's base and rows, for one or both passes."""
 
+    key: int  # position in the run's list of reads
     tensor: str
-    stage: str  # "gram" (first pass) or "materialise" (second pass)
+    stage: str  # "gram" (first pass), "out" (second pass) or "both" (a tensor read once)
     start: int
     stop: int
+    base_itemsize: int
     n_rows: int
-    bits: np.dtype  # numpy dtype holding the tensor's bits
+    row_itemsize: int
 
     @property
     def nbytes(self) -> int:
         """Bytes of base and rows this read brings in."""
-        return (self.n_rows + 1) * (self.stop - self.start) * self.bits.itemsize
+        width = self.stop - self.start
+        return width * (self.base_itemsize + self.n_rows * self.row_itemsize)
 
 
 @dataclass
 class Chunk:
-    """A filled buffer: base (c,) and rows (K, c) of the tensor's bit dtype; release() frees it."""
+    """A filled buffer: base and rows of a read; release() frees it."""
 
-    job: ChunkRead
-    base: np.ndarray
-    rows: np.ndarray
+    job: ReadJob
+    base: np.ndarray  # (c,) base bits
+    rows: np.ndarray  # (n_rows, c) row words
     release: Callable[[], None]
 
 
 class ChunkReader:
-    """Iterate over filled chunks in job order; `fill(job, base, rows)` does the actual reading."""
+    """Iterate over filled chunks in job order.
+
+    fill(job, base, rows) does the reading; wait(job) blocks until the job may be read and
+    returns the read to make (the pass may need fewer rows than planned).
+    """
 
     def __init__(
         self,
-        jobs: list[ChunkRead],
-        fill: Callable[[ChunkRead, np.ndarray, np.ndarray], None],
-        n_arenas: int = 2,
-        pin_memory: bool = False,
+        jobs: list[ReadJob],
+        ring: Ring,
+        fill: Callable[[ReadJob, np.ndarray, np.ndarray], None],
+        wait: Callable[[ReadJob], ReadJob],
+        base_dtypes: dict[str, np.dtype],
+        row_dtypes: dict[str, np.dtype],
     ):
-        self._jobs, self._fill = jobs, fill
-        arena_bytes = max((j.nbytes for j in jobs), default=0) + 64
-        self._arenas = [
-            torch.empty(arena_bytes, dtype=torch.uint8, pin_memory=pin_memory)
-            for _ in range(n_arenas)
-        ]
-        self._free: queue.Queue[int] = queue.Queue()
-        for i in range(n_arenas):
-            self._free.put(i)
+        self._jobs, self._ring, self._fill, self._wait = jobs, ring, fill, wait
+        self._base_dtypes, self._row_dtypes = base_dtypes, row_dtypes
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="relex-reader", daemon=True)
         self._thread.start()
 
-    @property
-    def arena_bytes(self) -> int:
-        return sum(a.numel() for a in self._arenas)
-
-    def _views(self, arena: int, job: ChunkRead) -> tuple[np.ndarray, np.ndarray]:
+    def _views(self, raw: np.ndarray, job: ReadJob) -> tuple[np.ndarray, np.ndarray]:
         width = job.stop - job.start
-        raw = self._arenas[arena].numpy()
-        flat = raw[: job.nbytes].view(job.bits)
-        return flat[:width], flat[width:].reshape(job.n_rows, width)
+        base_bytes = width * job.base_itemsize
+        base = raw[:base_bytes].view(self._base_dtypes[job.tensor])
+        rows_raw = raw[_pad(base_bytes) : _pad(base_bytes) + width * job.n_rows * job.row_itemsize]
+        rows = rows_raw.view(self._row_dtypes[job.tensor]).reshape(job.n_rows, width)
+        return base, rows
 
     def _run(self) -> None:
         try:
             for job in self._jobs:
-                arena = self._free.get()
                 if self._stop.is_set():
                     return
-                base, rows = self._views(arena, job)
-                self._fill(job, base, rows)
-                self._ready.put((job, arena, base, rows))
+                job = self._wait(job)
+                token, raw = self._ring.allocate(_pad(job.nbytes) + _ALIGN)
+                base, rows = self._views(raw, job)
+                try:
+                    self._fill(job, base, rows)
+                except BaseException:
+                    self._ring.free(token)
+                    raise
+                self._ready.put((job, token, base, rows))
             self._ready.put(None)
         except BaseException as exc:  # handed to the consuming thread, which re-raises it
             self._ready.put(exc)
@@ -98,12 +176,15 @@ class ChunkReader:
                 return
             if isinstance(item, BaseException):
                 raise item
-            job, arena, base, rows = item
-            yield Chunk(job, base, rows, lambda arena=arena: self._free.put(arena))
+            job, token, base, rows = item
+            yield Chunk(job, base, rows, lambda token=token: self._ring.free(token))
 
     def close(self) -> None:
         """Stop the thread (after the read in flight) and wait for it."""
         self._stop.set()
-        for _ in self._arenas:
-            self._free.put(0)
+        self._ring.close()
         self._thread.join()
+
+
+def _pad(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import store
 from .diagnostics import TensorStats, tensor_stats
 from .errors import RelexError
-from .safetensors_io import FLOAT_CODES
+from .store import TrajectoryStore
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +32,13 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.(.+)$")
 
 @dataclass(frozen=True)
 class StoreGrams:
-    """The Gram matrices of a store's finished floating-point tensors, and its steps."""
+    """The Gram matrices of a store's floating-point tensors, and its steps."""
 
     path: Path
     steps: list[int]
     grams: dict[str, torch.Tensor]  # name -> (K, K) float64
     numel: dict[str, int]
-    incomplete: list[str]  # tensors an interrupted run did not finish; left out
+    support: dict[str, int]  # name -> elements where some stored row differs from the base
     approximate: list[str]  # tensors with a randomized low-rank Gram (--svd randomized); left out
 
 
@@ -50,51 +49,33 @@ def _store_path(path: Path) -> Path:
 
 
 def load_grams(store_path: str | Path) -> StoreGrams:
-    """Every finished float tensor's Gram matrix from the store; aliases and int tensors skipped."""
+    """Every float tensor's exact Gram matrix from the store (tied copies are stored once)."""
     path = _store_path(Path(store_path))
-    root = store.open_existing(path)
-    if root is None:
+    if TrajectoryStore.probe(path) != "store":
         raise RelexError(
             f"no trajectory store at {path}: pass the trajectory.zarr that `run` wrote "
             "(by default OUT/trajectory.zarr)"
         )
-    meta = store.attrs(root)
-    aliases = meta.get("aliases", {})
     grams: dict[str, torch.Tensor] = {}
     numel: dict[str, int] = {}
-    incomplete: list[str] = []
+    support: dict[str, int] = {}
     approximate: list[str] = []
-    for name, (code, shape) in meta["layout"]["tensors"].items():
-        if code not in FLOAT_CODES or name in aliases:
-            continue  # copied from the base, or stored once under its source name
-        if not store.is_complete(root, name):
-            incomplete.append(name)
-        elif store.gram_kind(root, name) != "exact":
-            # A low-rank approximation of G: explained variance, null and errors would be wrong.
-            approximate.append(name)
-        else:
-            grams[name] = store.read_gram(root, name)
-            numel[name] = math.prod(shape)
-    _warn_left_out(path, incomplete, approximate)
-    if not grams:
-        raise RelexError(
-            f"the store at {path} has no finished floating-point tensor with an exact Gram "
-            "matrix; rerun `run` to finish it"
-            + (", with --svd exact --rebuild" if approximate else "")
-        )
-    steps = [int(s) for s in meta["steps"]]
-    return StoreGrams(path, steps, grams, numel, incomplete, approximate)
-
-
-def _warn_left_out(path: Path, incomplete: list[str], approximate: list[str]) -> None:
-    """Say which tensors the statistics leave out, and how to bring them in."""
-    if incomplete:
-        log.warning(
-            "%d tensor(s) in %s were not finished by an interrupted run and are left out; "
-            "rerun `run` with the same --cache to finish them",
-            len(incomplete),
-            path,
-        )
+    with TrajectoryStore.open(path, lock="shared") as store:
+        steps = store.steps
+        for group in store.groups():
+            if not group.has_rows:
+                continue  # copied from the base
+            record = store.record(group)
+            stacked = store.grams(group)
+            for i, (name, count) in enumerate(zip(group.tensors, group.numels, strict=True)):
+                if record.kinds[name] != "exact":
+                    # A low-rank approximation of G: explained variance, null and errors would
+                    # be wrong.
+                    approximate.append(name)
+                    continue
+                grams[name] = torch.from_numpy(stacked[i].copy())
+                numel[name] = count
+                support[name] = record.support[name]
     if approximate:
         log.warning(
             "%d tensor(s) in %s hold a randomized low-rank Gram matrix (--svd randomized) and are "
@@ -102,6 +83,12 @@ def _warn_left_out(path: Path, incomplete: list[str], approximate: list[str]) ->
             len(approximate),
             path,
         )
+    if not grams:
+        raise RelexError(
+            f"the store at {path} has no floating-point tensor with an exact Gram matrix"
+            + ("; rebuild it with `run --svd exact --rebuild`" if approximate else "")
+        )
+    return StoreGrams(path, steps, grams, numel, support, approximate)
 
 
 def tensor_group(name: str) -> tuple[int | None, str]:

@@ -1,384 +1,929 @@
-"""The zarr v3 trajectory store: per tensor the base row, the K observed rows and the Gram matrix.
+"""The trajectory store: a zarr v3 hierarchy holding, per group of tensors, the base row, every
+observed row (losslessly, in its own dtype) and the Gram matrices, plus the model's small files.
 
-Rows are kept as the checkpoint's bits (bf16 as uint16), losslessly: row k is stored XOR row k−1
-(row 0 XOR the base), which RL leaves mostly zero, then zstd-1 and a crc32c checksum
-(bench/RESULTS.md: ~1% of the raw bytes on consecutive steps, and faster to read than a plain
-zstd store). Chunks are one row by about a megabyte, so new checkpoints can be appended without
-rewriting old chunks. The
-store also keeps the model layout and small files (config, tokenizer), so a run can work from it
-alone after the sources are gone. Every tensor carries a completion mark written after its data;
-the store-wide mark is written last.
+    S/zarr.json                  root group; its attributes hold the manifest (and its sha256)
+    S/lock                       flock target of the run that writes the store
+    S/gen<G>/base/g<i>           the base's bits of group i: one shard
+    S/gen<G>/rows/g<i>           observed rows of group i: (K, width), one shard per row
+    S/gen<G>/gram/g<i>-k<K>      Gram matrices (T, K, K) float64 of group i's T float tensors;
+                                 its zarr.json attributes are the group record (sizes and
+                                 checksums of every shard): the group's completion mark
+    S/gen<G>/files/<j>           config, tokenizer and other files an output needs
+
+Rows are stored as codes (row k against row k − 1, row 0 against the base; row_codec.py), so an
+appended checkpoint creates new files and rewrites none. A store is input like any other: the
+manifest is checked field by field on open, every name is built from integers or checked to
+be a plain file name, every byte read is checked against a checksum its parent holds, and a
+missing or damaged piece is an error naming the tensor and the remedy, never zeros.
+
+Changes are transactions: the manifest records a pending generation (a build or an append),
+groups are written and marked complete one by one (a killed run resumes at the next group),
+and one atomic rename of the root's zarr.json commits; only then are superseded files removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
+import logging
 import os
-import shutil
-from collections.abc import Iterator
+import stat
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.core.buffer.cpu import NDBuffer
 
-from . import row_codec
-from .checkpoints import ModelLayout
+from . import shards
 from .errors import RelexError
-from .kernels import GRAM_BLOCK_COLS
+from .safefs import (
+    entries,
+    open_file,
+    open_root,
+    opened_dir,
+    read_small,
+    remove_tree,
+    write_atomic,
+)
 from .safetensors_io import DTYPES
+from .store_layout import (
+    FORMAT_FAMILY,
+    STORE_FORMAT,
+    Generation,
+    Group,
+    Manifest,
+    parse_manifest,
+)
 
-STORE_FORMAT = "relex_stream.trajectory/2"
-# --store-codec -> (row_codec transform, compressed?). xor-zstd, the default, is chosen by
-# measurement (bench/RESULTS.md); the others exist to compare against and for odd data.
-CODECS = {"xor-zstd": ("prev", True), "zstd": ("none", True), "none": ("none", False)}
-ROW_CHUNK_BYTES = 1 << 20
+log = logging.getLogger(__name__)
 
-
-def row_chunk_cols(dtype_code: str, numel: int) -> int:
-    """Columns per stored chunk: ~1 MiB of one row, a multiple of the Gram block grid."""
-    cols = max(GRAM_BLOCK_COLS, ROW_CHUNK_BYTES // DTYPES[dtype_code][1].itemsize)
-    return max(1, min(cols, numel))
-
-
-# Every chunk is written, all-zero ones too (see write_chunk), so a chunk file that is missing
-# on disk means damage (zarr itself would read it as zeros); reads check for them.
-_CHUNK_KEYS = {"name": "default", "separator": "/"}
-
-
-def _compressors(codec: str) -> list:
-    # crc32c after compression: a chunk damaged on disk fails loudly instead of decoding
-    # into wrong weights.
-    return [ZstdCodec(level=1), Crc32cCodec()] if CODECS[codec][1] else [Crc32cCodec()]
+ROOT_META = "zarr.json"
+LOCK_NAME = "lock"
+MAX_ROOT_BYTES = 256 * 2**20
+MAX_META_BYTES = 64 * 2**20
+_V2_DIRS = ("base", "rows", "gram", "files")
 
 
-def compressed_fraction(base: np.ndarray, rows: np.ndarray, codec: str) -> float:
-    """Stored size / raw size of a sample: base (c,) and rows (K, c) bits, as `codec` keeps them."""
-    from numcodecs import Zstd
-
-    transform, compressed = CODECS[codec]
-    codes = row_codec.encode(_unsigned(rows), _unsigned(base), transform)  # (K, c)
-    if not compressed:
-        return 1.0
-    chunk = ROW_CHUNK_BYTES // codes.itemsize
-    stored = sum(
-        len(Zstd(level=1).encode(np.ascontiguousarray(row[i : i + chunk])))
-        for row in codes
-        for i in range(0, row.shape[0], chunk)
+def _store_error(path: Path, what: str) -> RelexError:
+    return RelexError(
+        f"the store at {path} {what}; rebuild it from the sources with --rebuild "
+        "(or use another --cache)"
     )
-    return stored / codes.nbytes
 
 
-def _transform(root: zarr.Group) -> str:
-    return CODECS[root.attrs["codec"]][0]
+def _canonical(data: object) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the store at `path` (a sibling file PATH.lock) while in use."""
-    lock_path = path.with_name(path.name + ".lock")
+def _sha256(data: object) -> str:
+    return hashlib.sha256(_canonical(data)).hexdigest()
+
+
+def _strict_json(raw: bytes, where: str) -> dict:
+    """Parse JSON with no duplicate keys, no NaN, bounded nesting; a dict at the top."""
+
+    def pairs(items: list) -> dict:
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            raise ValueError("duplicate key")
+        return dict(items)
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "a+")  # noqa: SIM115 - closed by the with below
-    except OSError as exc:
-        raise RelexError(
-            f"cannot write the store's lock {lock_path}: {exc.strerror}; "
-            "choose a writable --cache (or --out)"
-        ) from None
-    with handle:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=pairs,
+                          parse_constant=no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError, MemoryError):
+        raise RelexError(f"{where} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise RelexError(f"{where} is not a JSON object")
+    return data
+
+
+def _zarr_json(raw: bytes, where: str) -> dict:
+    data = _strict_json(raw, where)
+    if data.get("zarr_format") != 3 or not isinstance(data.get("attributes"), dict):
+        raise RelexError(f"{where} is not zarr v3 metadata")
+    return data
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """A finished group at a given number of rows: sizes and checksums of all its pieces."""
+
+    group: int
+    steps: tuple[int, ...]
+    base: shards.ShardRecord
+    rows: tuple[shards.ShardRecord, ...]
+    gram_crc: int | None
+    kinds: dict[str, str]  # float tensor -> "exact" or "randomized"
+    support: dict[str, int]  # float tensor -> columns where some stored row differs from the base
+
+    def to_json(self, store_id: str, generation: int) -> dict:
+        return {
+            "store_id": store_id,
+            "generation": generation,
+            "group": self.group,
+            "steps": list(self.steps),
+            "base": self.base.to_json(),
+            "rows": [r.to_json() for r in self.rows],
+            "gram_crc": self.gram_crc,
+            "kinds": self.kinds,
+            "support": self.support,
+        }
+
+
+def _parse_record(
+    data: object, store_id: str, gen: Generation, group: Group, steps: tuple[int, ...]
+) -> GroupRecord:
+    """Check a group record against what the manifest says it must be."""
+    if not isinstance(data, dict) or set(data) != {"record", "sha256"}:
+        raise ValueError("malformed record")
+    body = data["record"]
+    if _sha256(body) != data["sha256"]:
+        raise ValueError("its record does not match its checksum")
+    expected_keys = {"store_id", "generation", "group", "steps", "base", "rows", "gram_crc",
+                     "kinds", "support"}
+    if not isinstance(body, dict) or set(body) != expected_keys:
+        raise ValueError("malformed record")
+    if (body["store_id"], body["generation"], body["group"], body["steps"]) != (
+        store_id, gen.generation, group.index, list(steps)):
+        raise ValueError("its record belongs to another store, generation, group or step list")
+
+    def shard(item: object) -> shards.ShardRecord:
+        if not (isinstance(item, list) and len(item) == 2 and all(type(x) is int and
+                0 <= x < 2**63 for x in item)):
+            raise ValueError("malformed shard record")
+        return shards.ShardRecord(item[0], item[1])
+
+    rows = body["rows"]
+    n_rows = len(steps) if group.has_rows else 0
+    if not isinstance(rows, list) or len(rows) != n_rows:
+        raise ValueError("its record lists the wrong number of rows")
+    float_names = set(group.tensors) if group.has_rows else set()
+    kinds, support = body["kinds"], body["support"]
+    if not (isinstance(kinds, dict) and set(kinds) == float_names
+            and all(v in ("exact", "randomized") for v in kinds.values())):
+        raise ValueError("malformed kinds")
+    numel = dict(zip(group.tensors, group.numels, strict=True))
+    if not (isinstance(support, dict) and set(support) == float_names and all(
+            type(v) is int and 0 <= v <= numel[k] for k, v in support.items())):
+        raise ValueError("malformed support counts")
+    gram_crc = body["gram_crc"]
+    if (gram_crc is None) == bool(float_names) or (gram_crc is not None and type(gram_crc) is not
+                                                    int):
+        raise ValueError("malformed Gram checksum")
+    return GroupRecord(group.index, steps, shard(body["base"]), tuple(shard(r) for r in rows),
+                       gram_crc, dict(kinds), dict(support))
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class TrajectoryStore:
+    """An opened store: its checked manifest, and reads and writes of its groups."""
+
+    def __init__(self, path: Path, root_fd: int, manifest: Manifest, lock_fd: int | None):
+        self.path = path
+        self._root_fd = root_fd
+        self.manifest = manifest
+        self._lock_fd = lock_fd
+        self._records: dict[tuple[int, int, int], GroupRecord] = {}
+        self._grams: dict[tuple[int, int, int], np.ndarray] = {}
+
+    # ------------------------------------------------------------------ open, create, close
+
+    @staticmethod
+    def probe(path: Path) -> str:
+        """'absent', 'empty' (a directory a new store may be made in) or 'store' (has metadata).
+
+        A directory with other content is refused without a byte written into it.
+        """
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            info = os.stat(path)
+        except FileNotFoundError:
+            return "absent"
+        except OSError as exc:
+            raise RelexError(f"cannot look at {path}: {exc.strerror}") from None
+        if not stat.S_ISDIR(info.st_mode):
+            raise RelexError(f"{path} exists and is not a directory; pass another --cache")
+        try:
+            names = os.listdir(path)
+        except OSError as exc:
+            raise RelexError(f"cannot read {path}: {exc.strerror}; pass another --cache") from None
+        if ROOT_META in names:
+            return "store"
+        if set(names) <= {LOCK_NAME}:
+            return "empty"
+        raise RelexError(
+            f"{path} exists but is not a relex_stream store (no {ROOT_META}); relex_stream will "
+            "not write into it: pass another --cache, or remove it"
+        )
+
+    @classmethod
+    def open(cls, path: Path, lock: str = "none") -> TrajectoryStore:
+        """Open and check an existing store; lock 'none', 'shared' or 'exclusive'."""
+        try:
+            root_fd = open_root(path)
+        except OSError as exc:
+            raise RelexError(f"cannot open the store at {path}: {exc.strerror}") from None
+        lock_fd = None
+        try:
+            if lock != "none":
+                lock_fd = _lock(path, root_fd, exclusive=lock == "exclusive")
+            manifest = _read_manifest(path, root_fd)
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            os.close(root_fd)
+            raise
+        return cls(path, root_fd, manifest, lock_fd)
+
+    @classmethod
+    def create(cls, path: Path) -> TrajectoryStore:
+        """Make a new, empty store at `path` (absent or an empty directory) and lock it."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o755)
+            root_fd = open_root(path)
+        except OSError as exc:
             raise RelexError(
-                f"the store at {path} is in use by another run (pid {holder}); wait for it to "
-                "finish, or give this run another --cache"
+                f"cannot create the store at {path}: {exc.strerror}; choose a writable --cache"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            lock_fd = _lock(path, root_fd, exclusive=True)
+        except BaseException:
+            os.close(root_fd)
+            raise
+        if ROOT_META in entries(root_fd):  # another run made it between the probe and now
+            os.close(lock_fd)
+            os.close(root_fd)
+            return cls.open(path, lock="exclusive")
+        manifest = Manifest(uuid.uuid4().hex, None, None, None)
+        store = cls(path, root_fd, manifest, lock_fd)
+        store._write_manifest(manifest)
+        return store
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def __enter__(self) -> TrajectoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the committed view
+
+    @property
+    def current(self) -> Generation:
+        if self.manifest.current is None:
+            raise RelexError(
+                f"the store at {self.path} holds no finished run yet (an interrupted first "
+                "run?); rerun with --base and --runs to build it"
+            )
+        return self.manifest.current
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self.current.steps)
+
+    def groups(self, gen: Generation | None = None) -> list[Group]:
+        return (gen or self.current).groups()
+
+    def group_of(self, name: str, gen: Generation | None = None) -> Group:
+        for group in self.groups(gen):
+            if name in group.tensors:
+                return group
+        raise KeyError(name)
+
+    def aux_files(self, gen: Generation | None = None) -> dict[str, bytes]:
+        """The model's small files (config, tokenizer), each checked against its sha256."""
+        gen = gen or self.current
+        files = {}
+        for j, aux in enumerate(gen.aux):
+            where = f"gen{gen.generation}/files/{j}"
+            try:
+                with opened_dir(self._root_fd, (f"gen{gen.generation}", "files", str(j), "c"),
+                                False, str(self.path)) as fd:
+                    raw = read_small(fd, "0", aux.size + 4)
+                data = shards.read_plain_chunk(raw, None, np.uint8, aux.size)
+            except (OSError, ValueError) as exc:
+                raise _store_error(self.path, f"has a damaged or missing {where} ({exc})") from None
+            if hashlib.sha256(data.tobytes()).hexdigest() != aux.sha256:
+                raise _store_error(self.path, f"has a damaged copy of {aux.name}")
+            files[aux.name] = data.tobytes()
+        return files
+
+    def record(self, group: Group, gen: Generation | None = None,
+               steps: tuple[int, ...] | None = None) -> GroupRecord:
+        """The record of a finished group (committed steps unless `steps` says otherwise)."""
+        gen = gen or self.current
+        steps = gen.steps if steps is None else steps
+        key = (gen.generation, group.index, len(steps))
+        if key not in self._records:
+            record = self._load_record(gen, group, steps)
+            if record is None:
+                raise _store_error(
+                    self.path, f"misses the record of tensor {group.tensors[0]!r} and others "
+                    f"(group {group.index})")
+            self._records[key] = record
+        return self._records[key]
+
+    def has_record(self, group: Group, gen: Generation, steps: tuple[int, ...]) -> bool:
+        """True when the group is finished for `steps` (a resumed run skips it)."""
+        try:
+            return self._load_record(gen, group, steps) is not None
+        except RelexError:
+            return False
+
+    def _load_record(self, gen: Generation, group: Group,
+                     steps: tuple[int, ...]) -> GroupRecord | None:
+        name = f"g{group.index}-k{len(steps)}"
+        try:
+            with opened_dir(self._root_fd, (f"gen{gen.generation}", "gram", name), False,
+                            str(self.path)) as fd:
+                raw = read_small(fd, ROOT_META, MAX_META_BYTES)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _store_error(self.path, f"has unreadable metadata of group {group.index} "
+                                          f"({exc.strerror})") from None
+        meta = _zarr_json(raw, f"{self.path}/gen{gen.generation}/gram/{name}/zarr.json")
+        expected = shards.plain_array_meta(
+            [len(group.tensors) if group.has_rows else 0, len(steps), len(steps)], "float64"
+        )
+        if {k: v for k, v in meta.items() if k != "attributes"} != {
+                k: v for k, v in expected.items() if k != "attributes"}:
+            raise _store_error(self.path, f"has changed metadata of group {group.index}")
+        try:
+            return _parse_record(meta["attributes"].get("relex_stream_group"),
+                                 self.manifest.store_id, gen, group, steps)
+        except ValueError as exc:
+            raise _store_error(self.path, f"has a damaged record of tensor {group.tensors[0]!r} "
+                                          f"and others ({exc})") from None
+
+    def grams(self, group: Group, gen: Generation | None = None,
+              steps: tuple[int, ...] | None = None) -> np.ndarray:
+        """(T, K, K) float64 Gram matrices of the group's float tensors."""
+        gen = gen or self.current
+        steps = gen.steps if steps is None else steps
+        key = (gen.generation, group.index, len(steps))
+        if key in self._grams:
+            return self._grams[key]
+        record = self.record(group, gen, steps)
+        k, t = len(steps), len(group.tensors)
+        name = f"g{group.index}-k{k}"
+        try:
+            with opened_dir(self._root_fd, (f"gen{gen.generation}", "gram", name, "c", "0", "0"),
+                            False, str(self.path)) as fd:
+                raw = read_small(fd, "0", t * k * k * 8 + 4)
+            data = shards.read_plain_chunk(raw, record.gram_crc, np.dtype("<f8"), t * k * k)
+        except (OSError, ValueError) as exc:
+            raise _store_error(
+                self.path, f"has a damaged or missing Gram matrix of tensor {group.tensors[0]!r} "
+                f"and others ({exc})") from None
+        self._grams[key] = data.reshape(t, k, k)
+        return self._grams[key]
+
+    def gram(self, name: str) -> torch.Tensor:
+        """The Gram matrix (K, K) float64 of one float tensor, over all committed steps."""
+        group = self.group_of(name)
+        return torch.from_numpy(self.grams(group)[group.tensors.index(name)].copy())
+
+    # ------------------------------------------------------------------ reading rows
+
+    def reader(self) -> StoreReader:
+        """A reader of base and row bits (one per thread)."""
+        return StoreReader(self)
+
+    def _dir(self, parts: tuple[str, ...], create: bool = False):
+        return opened_dir(self._root_fd, parts, create, str(self.path))
+
+    # ------------------------------------------------------------------ transactions
+
+    def begin(self, kind: str, pending: Generation) -> None:
+        """Record a pending build (new generation) or append; discard a different pending one."""
+        self._require_lock()
+        old = self.manifest.pending
+        if old is not None and old != pending:
+            self._discard_pending(old, self.manifest.pending_kind)
+        if old == pending:
+            return
+        manifest = replace(self.manifest, pending=pending, pending_kind=kind)
+        if kind == "build":
+            self._make_generation(pending)
+        else:
+            for group in pending.groups():
+                self._write_rows_meta(pending, group, len(pending.steps))
+        self._write_manifest(manifest)
+
+    def _make_generation(self, gen: Generation) -> None:
+        parts = (f"gen{gen.generation}",)
+        with self._dir(parts, create=True) as fd:
+            write_atomic(fd, ROOT_META, _canonical(shards.group_meta()))
+        for sub in ("base", "rows", "gram", "files"):
+            with self._dir((*parts, sub), create=True) as fd:
+                write_atomic(fd, ROOT_META, _canonical(shards.group_meta()))
+        for group in gen.groups():
+            base_meta = shards.sharded_array_meta(
+                [1, group.width], DTYPES[group.base_dtype][1].itemsize, group.chunk_cols
+            )
+            with self._dir((*parts, "base", f"g{group.index}"), create=True) as fd:
+                write_atomic(fd, ROOT_META, _canonical(base_meta))
+            self._write_rows_meta(gen, group, len(gen.steps))
+
+    def write_aux(self, gen: Generation, files: dict[str, bytes]) -> None:
+        """Keep the model's small files in the pending generation (in manifest order)."""
+        for j, aux in enumerate(gen.aux):
+            content = np.frombuffer(files[aux.name], dtype=np.uint8)
+            parts = (f"gen{gen.generation}", "files", str(j))
+            with self._dir((*parts, "c"), create=True) as fd:
+                chunk, _ = shards.plain_chunk(content)
+                write_atomic(fd, "0", chunk)
+            with self._dir(parts) as fd:
+                write_atomic(fd, ROOT_META,
+                             _canonical(shards.plain_array_meta([aux.size], "uint8")))
+
+    def _write_rows_meta(self, gen: Generation, group: Group, n_rows: int) -> None:
+        if not group.has_rows:
+            return
+        meta = shards.sharded_array_meta(
+            [n_rows, group.width], DTYPES[group.row_dtype][1].itemsize, group.chunk_cols
+        )
+        with self._dir((f"gen{gen.generation}", "rows", f"g{group.index}"), create=True) as fd:
+            write_atomic(fd, ROOT_META, _canonical(meta))
+
+    def group_writer(self, pending: Generation, group: Group, first_row: int,
+                     write_base: bool) -> GroupWriter:
+        """A writer of the group's new rows first_row.. (and its base) in the pending change."""
+        return GroupWriter(self, pending, group, first_row, write_base)
+
+    def commit(self) -> None:
+        """Make the pending change the current one, then remove what it superseded."""
+        self._require_lock()
+        manifest = self.manifest
+        if manifest.pending is None:
+            return
+        old = manifest.current
+        new = Manifest(manifest.store_id, manifest.pending, None, None)
+        self._write_manifest(new)
+        self._records.clear()
+        self._grams.clear()
+        self._collect_garbage(old)
+
+    def _collect_garbage(self, old: Generation | None) -> None:
+        """Remove files no committed state refers to: old generations, Gram versions, rows."""
+        gen = self.current
+        keep = f"gen{gen.generation}"
+        for name in entries(self._root_fd):
+            if (name.startswith("gen") and name[3:].isdigit() and name != keep) or (
+                    name in _V2_DIRS):
+                remove_tree(self._root_fd, name)
+        k = len(gen.steps)
+        with self._dir((keep, "gram")) as fd:
+            wanted = {f"g{g.index}-k{k}" for g in gen.groups()}
+            for name in entries(fd):
+                if name != ROOT_META and name not in wanted:
+                    remove_tree(fd, name)
+        for group in gen.groups():
+            if not group.has_rows:
+                continue
+            with contextlib.suppress(FileNotFoundError), self._dir(
+                    (keep, "rows", f"g{group.index}", "c")) as fd:
+                for name in entries(fd):
+                    if not (name.isdigit() and int(name) < k):
+                        remove_tree(fd, name)
+
+    def _discard_pending(self, pending: Generation, kind: str | None) -> None:
+        """Remove what an interrupted change to other steps wrote (relex_stream's own files)."""
+        if kind == "build":
+            remove_tree(self._root_fd, f"gen{pending.generation}")
+            return
+        current = self.current
+        k = len(current.steps)
+        with self._dir((f"gen{current.generation}", "gram")) as fd:
+            for name in entries(fd):
+                if name != ROOT_META and not name.endswith(f"-k{k}"):
+                    remove_tree(fd, name)
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        body = manifest.to_json()
+        attributes = {"relex_stream": body, "relex_stream_sha256": _sha256(body)}
+        write_atomic(self._root_fd, ROOT_META, _canonical(shards.group_meta(attributes)))
+        self.manifest = manifest
+
+    def _require_lock(self) -> None:
+        if self._lock_fd is None:
+            raise AssertionError("store changes need the exclusive lock")
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+
+# --------------------------------------------------------------------------- locking
+
+
+def _lock(path: Path, root_fd: int, exclusive: bool) -> int | None:
+    """flock the store's lock file (never through a link); None for a shared lock without one."""
+    flags = os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY
+    try:
+        fd = open_file(root_fd, LOCK_NAME, flags)
+    except FileNotFoundError:
+        return None  # nobody ever wrote this store from here: nothing to wait for
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RelexError(
+                f"the store's lock {path / LOCK_NAME} is a symbolic link; relex_stream will not "
+                "write through it: remove it (or use another --cache)"
+            ) from None
+        if not exclusive:
+            return None  # a store we cannot write is read without a lock
+        raise RelexError(
+            f"cannot write the store's lock {path / LOCK_NAME}: {exc.strerror}; choose a "
+            "writable --cache (or --out)"
+        ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RelexError(f"the store's lock {path / LOCK_NAME} is not a regular file; remove it")
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RelexError(
+            f"the store at {path} is in use by another run (pid {holder}); wait for it to "
+            "finish, or give this run another --cache"
+        ) from None
+    if exclusive:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _read_manifest(path: Path, root_fd: int) -> Manifest:
+    try:
+        raw = read_small(root_fd, ROOT_META, MAX_ROOT_BYTES)
+    except FileNotFoundError:
+        raise RelexError(
+            f"{path} exists but is not a relex_stream store (no {ROOT_META}); pass another "
+            "--cache, or remove it"
+        ) from None
+    except OSError as exc:
+        raise _store_error(path, f"has unreadable metadata ({exc.strerror})") from None
+    try:
+        meta = _zarr_json(raw, f"{path}/{ROOT_META}")
+    except RelexError as exc:
+        raise RelexError(
+            f"{path} exists but is not a relex_stream store ({exc}); pass another --cache, or "
+            "remove it"
+        ) from None
+    attributes = meta["attributes"]
+    found = attributes.get("format")
+    if isinstance(found, str) and found.startswith(FORMAT_FAMILY):
+        raise RelexError(
+            f"the store at {path} was written by an older relex_stream ({found}; this one reads "
+            f"{STORE_FORMAT}); rebuild it with --rebuild (or use another --cache)"
+        )
+    body = attributes.get("relex_stream")
+    if not isinstance(body, dict):
+        raise RelexError(
+            f"{path} exists but is not a relex_stream store; pass another --cache, or remove it"
+        )
+    if body.get("format") != STORE_FORMAT:
+        raise RelexError(
+            f"the store at {path} was written by another version of relex_stream "
+            f"({str(body.get('format'))[:60]!r}; this one reads {STORE_FORMAT}); rebuild it with "
+            "--rebuild (or use another --cache)"
+        )
+    if _sha256(body) != attributes.get("relex_stream_sha256"):
+        raise _store_error(path, "has metadata that does not match its checksum")
+    return parse_manifest(body)
+
+
+def is_old_format(path: Path) -> bool:
+    """True for a store of an earlier relex_stream format (which --rebuild may replace)."""
+    try:
+        raw = (path / ROOT_META).read_bytes()
+        found = _zarr_json(raw, str(path))["attributes"].get("format")
+    except (OSError, RelexError):
+        return False
+    return isinstance(found, str) and found.startswith(FORMAT_FAMILY) and found != STORE_FORMAT
+
+
+# --------------------------------------------------------------------------- row transforms
+
+
+def transform_for(codec: str, row_dtype: str | None) -> str:
+    """How rows of `row_dtype` are coded before compression under --store-codec `codec`."""
+    return "xor-prev" if codec == "xor-zstd" and row_dtype is not None else "none"
+
+
+def encode_codes(row: np.ndarray, previous: np.ndarray, transform: str) -> np.ndarray:
+    """(c,) codes of one row against the previous one (or the base)."""
+    if transform == "none":
+        return row
+    return np.bitwise_xor(row, previous)
+
+
+def decode_chunk_codes(payload: memoryview, crc: int, transform: str, target: np.ndarray) -> None:
+    """Decode one stored chunk's codes into `target` (C,) words."""
+    shards.decode_chunk(payload, crc, target)
+
+
+def compressed_sample_fraction(base: np.ndarray, rows: np.ndarray, group: Group,
+                               codec: str) -> float:
+    """Stored size ÷ raw size of a sample: base (c,) and rows (K, c) bits as the store keeps
+    them (c at most one inner chunk)."""
+    transform = transform_for(codec, group.row_dtype)
+    raw = stored = 0
+    previous = _reference_row(base, group, rows.dtype)
+    for row in rows:
+        frame, _ = shards.encode_chunk(encode_codes(row, previous, transform), codec != "none")
+        stored += len(frame) + 4
+        raw += row.nbytes
+        previous = row
+    return stored / raw if raw else 1.0
+
+
+# --------------------------------------------------------------------------- reading rows
+
+
+class StoreReader:
+    """Reads base and row bits of committed (or live, being written) groups; one per thread.
+
+    Keeps the shards of one group open at a time; every chunk is checked against the shard's
+    tail, and the tail against the group record, before its bits are used.
+    """
+
+    def __init__(self, store: TrajectoryStore):
+        self._store = store
+        self._open: dict[tuple, tuple[int, shards.ShardIndex]] = {}
+        self._group_key: tuple | None = None
+
+    def close(self) -> None:
+        for fd, _ in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+    def _shard(self, gen: Generation, group: Group, row: int | None,
+               record: shards.ShardRecord | None, live: GroupWriter | None):
+        """(fd, index) of the base shard (row None) or a row shard."""
+        key = (gen.generation, group.index, row)
+        if (gen.generation, group.index) != self._group_key:
+            self.close()
+            self._group_key = (gen.generation, group.index)
+        if key in self._open:
+            return self._open[key]
+        gen_dir, group_dir = f"gen{gen.generation}", f"g{group.index}"
+        parts = (gen_dir, "base", group_dir, "c") if row is None else (
+            gen_dir, "rows", group_dir, "c", str(row))
+        try:
+            with self._store._dir(parts) as fd_dir:
+                fd = open_file(fd_dir, "0", os.O_RDONLY)
+            try:
+                if live is not None and live.covers(row):
+                    index = live.index(row)
+                else:
+                    index = shards.read_index(fd, group.n_chunks, record)
+            except BaseException:
+                os.close(fd)
+                raise
+        except (OSError, ValueError) as exc:
+            what = "base" if row is None else f"row {row}"
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise _store_error(
+                self._store.path, f"has a damaged or missing shard ({what}) of tensor "
+                f"{group.tensors[0]!r} and others ({reason})") from None
+        self._open[key] = (fd, index)
+        return fd, index
+
+    def raw_crcs(self, gen: Generation, steps: tuple[int, ...], group: Group, row: int,
+                 live: GroupWriter | None = None) -> np.ndarray:
+        """(n_chunks,) crc32c of the raw bits of every inner chunk of a stored row."""
+        record = None if live is not None and live.covers(row) else self._store.record(
+            group, gen, steps).rows[row]
+        _, index = self._shard(gen, group, row, record, live)
+        return index.raw_crcs
+
+    def _spans(self, group: Group, name: str, start: int, stop: int):
+        """(inner chunk j, slice of the output, slice of the chunk) covering [start, stop)."""
+        offset, _ = group.position(name)
+        chunk = group.chunk_cols
+        for j in group.chunk_range(name, start, stop):
+            lo = j * chunk - offset
+            a, b = max(lo, start), min(lo + chunk, stop)
+            yield j, slice(a - start, b - start), slice(a - lo, b - lo)
+
+    def read_base(self, gen: Generation, steps: tuple[int, ...], group: Group, name: str,
+                  start: int, out: np.ndarray, live: GroupWriter | None = None) -> None:
+        """Fill `out` (c,) with the base's bits of `name`, elements [start, start + c).
+
+        steps: the steps whose group record describes what `live` does not write."""
+        record = None if live is not None and live.covers(None) else self._store.record(
+            group, gen, steps).base
+        fd, index = self._shard(gen, group, None, record, live)
+        scratch = np.empty(group.chunk_cols, dtype=out.dtype)
+        with self._guard(name):
+            for j, span, inner in self._spans(group, name, start, start + out.shape[0]):
+                payload = memoryview(shards.read_chunk_payload(fd, index, j))
+                shards.decode_chunk(payload, int(index.encoded_crcs[j]), scratch)
+                out[span] = scratch[inner]
+
+    def read_rows(self, gen: Generation, steps: tuple[int, ...], group: Group, name: str,
+                  start: int, row_ids: list[int], base: np.ndarray, out: np.ndarray,
+                  live: GroupWriter | None = None) -> None:
+        """Fill `out` (len(row_ids), c) with rows `row_ids` of `name`, elements [start, start+c).
+
+        base: (c,) the base's bits of the same elements (row 0 is coded against it). Row k
+        decodes from rows 0..k, so every row up to the last one asked for is decoded, one inner
+        chunk at a time (memory: two chunks). steps: the committed steps whose record describes
+        the rows that `live` (a group being written) does not.
+        """
+        transform = transform_for(gen.codec, group.row_dtype)
+        words = out.dtype
+        needed = max(row_ids) + 1
+        handles = []
+        for k in range(needed):
+            live_row = live is not None and live.covers(k)
+            record = None if live_row else self._store.record(group, gen, steps).rows[k]
+            handles.append(self._shard(gen, group, k, record, live))
+        position = {row: i for i, row in enumerate(row_ids)}
+        codes = np.empty(group.chunk_cols, dtype=words)
+        current = np.empty(group.chunk_cols, dtype=words)
+        with self._guard(name):
+            for j, span, inner in self._spans(group, name, start, start + out.shape[1]):
+                current[inner] = _reference_row(base[span], group, words)
+                for k, (fd, index) in enumerate(handles):
+                    payload = memoryview(shards.read_chunk_payload(fd, index, j))
+                    decode_chunk_codes(payload, int(index.encoded_crcs[j]), transform, codes)
+                    if transform == "none":
+                        current[inner] = codes[inner]
+                    else:
+                        np.bitwise_xor(current[inner], codes[inner], out=current[inner])
+                    if k in position:
+                        out[position[k], span] = current[inner]
+
+    @contextlib.contextmanager
+    def _guard(self, name: str):
         try:
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise _store_error(
+                self._store.path, f"has a damaged chunk of tensor {name!r} ({exc})") from None
 
 
-def create(
-    path: Path,
-    layout: ModelLayout,
-    steps: list[int],
-    sources: dict,
-    aux_files: dict[str, bytes],
-    aliases: dict[str, str],
-    codec: str = "xor-zstd",
-) -> zarr.Group:
-    """A new, empty store for `steps`; overwrites nothing (the caller removed any old one).
+def _reference_row(base: np.ndarray, group: Group, words: np.dtype) -> np.ndarray:
+    """The base's bits widened to the rows' dtype (what row 0 is coded against)."""
+    if group.base_dtype == group.row_dtype:
+        return base.view(words)
+    base_t = torch.from_numpy(base.view(DTYPES[group.base_dtype][1]))
+    if group.base_dtype == "BF16":
+        base_t = base_t.view(torch.bfloat16)
+    widened = base_t.to(DTYPES[group.row_dtype][0])
+    return widened.view(_torch_words(words)).numpy().view(words)
 
-    Built under a temporary name and renamed, so a store at `path` always has its metadata.
+
+def _torch_words(words: np.dtype) -> torch.dtype:
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[np.dtype(words).itemsize]
+
+
+# --------------------------------------------------------------------------- writing groups
+
+
+class GroupWriter:
+    """The new rows (and, for a new generation, the base) of one group, written shard by shard.
+
+    Used by one thread (the store writer). finish() writes the Gram array and the group record,
+    which marks the group complete.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    root = zarr.open_group(str(tmp), mode="w-")
-    root.attrs.update(
-        {
-            "format": STORE_FORMAT,
-            "steps": list(steps),
-            "layout": layout.to_json(),
-            "aliases": aliases,
-            "sources": sources,
-            "tensor_ids": {name: i for i, name in enumerate(layout.tensors)},
-            "codec": codec,
-            "complete": False,
-        }
-    )
-    files = root.create_group("files")
-    for i, (name, content) in enumerate(aux_files.items()):
-        data = np.frombuffer(content, dtype=np.uint8)
-        files.create_array(
-            str(i), data=data, chunks=(max(1, data.size),), attributes={"name": name}
-        )
-    root.create_group("base")
-    root.create_group("rows")
-    root.create_group("gram")
-    os.rename(tmp, path)
-    return zarr.open_group(str(path), mode="a")
 
+    def __init__(self, store: TrajectoryStore, pending: Generation, group: Group,
+                 first_row: int, write_base: bool):
+        self._store, self.gen, self.group = store, pending, group
+        self.first_row = first_row
+        self._shards: dict[int | None, shards.ShardWriter] = {}
+        self._transform = transform_for(pending.codec, group.row_dtype)
+        self._compress = pending.codec != "none"
+        gen_dir = f"gen{pending.generation}"
+        try:
+            if write_base:
+                with store._dir((gen_dir, "base", f"g{group.index}", "c"), create=True) as fd:
+                    self._shards[None] = shards.ShardWriter(fd, "0", group.n_chunks)
+            if group.has_rows:
+                for k in range(first_row, len(pending.steps)):
+                    with store._dir((gen_dir, "rows", f"g{group.index}", "c", str(k)),
+                                    create=True) as fd:
+                        self._shards[k] = shards.ShardWriter(fd, "0", group.n_chunks)
+        except BaseException:
+            self.abort()
+            raise
 
-def open_existing(path: Path, any_version: bool = False) -> zarr.Group | None:
-    """The store at `path`, or None if there is none; a non-store directory is an error.
+    def covers(self, row: int | None) -> bool:
+        """True when this writer writes the base (None) or row `row`."""
+        return row in self._shards
 
-    any_version: also accept a store of an older format (only to remove it, for --rebuild).
-    """
-    if not path.exists():
-        return None
-    try:
-        root = zarr.open_group(str(path), mode="a")
-        found = root.attrs.get("format")
-    except Exception:  # zarr raises several types for a directory that is not a group
-        found = None
-    if not isinstance(found, str) or not found.startswith(STORE_FORMAT.split("/")[0] + "/"):
-        raise RelexError(
-            f"{path} exists but is not a relex_stream store; pass another --cache or remove it"
-        )
-    if found != STORE_FORMAT and not any_version:
-        raise RelexError(
-            f"the store at {path} was written by another version of relex_stream ({found}, "
-            f"this one reads {STORE_FORMAT}); rebuild it with --rebuild or use another --cache"
-        )
-    return root
+    def index(self, row: int | None) -> shards.ShardIndex:
+        return self._shards[row].index
 
+    def stored_fraction(self, name: str) -> float:
+        """Bytes the new rows of `name` take in the store ÷ their raw bytes (1.0 if none)."""
+        chunks = list(self.group.chunk_range(name, 0, self.group.position(name)[1]))
+        new_rows = [k for k in self._shards if k is not None]
+        if not chunks or not new_rows:
+            return 1.0
+        stored = sum(int(self._shards[k].index.sizes[chunks].sum()) for k in new_rows)
+        itemsize = DTYPES[self.group.row_dtype][1].itemsize
+        return stored / (len(new_rows) * self.group.position(name)[1] * itemsize)
 
-def remove(path: Path) -> None:
-    """Delete a store directory (for --rebuild)."""
-    shutil.rmtree(path)
+    def write(self, name: str, start: int, base: np.ndarray, rows: np.ndarray | None) -> int:
+        """Store elements [start, start + c) of `name`: base (c,) bits and rows (K, c) bits of
+        every row up to the last new one (the row before the first new row is the reference).
 
+        Returns the bytes written.
+        """
+        written = 0
+        if None in self._shards:
+            written += self._write_shard(None, name, start, base, None)
+        if rows is None or not self.group.has_rows:
+            return written
+        for k in range(self.first_row, rows.shape[0]):
+            previous = None if k == 0 else rows[k - 1]
+            written += self._write_shard(k, name, start, rows[k], previous, base)
+        return written
 
-def attrs(root: zarr.Group) -> dict:
-    return root.attrs.asdict()
+    def _write_shard(self, row: int | None, name: str, start: int, raw: np.ndarray,
+                     previous: np.ndarray | None, base: np.ndarray | None = None) -> int:
+        """Encode and append the inner chunks of `raw` (c,) to one shard; codes are taken
+        against `previous` (or, for row 0, the base widened to the rows' dtype)."""
+        group, shard = self.group, self._shards[row]
+        offset, numel = group.position(name)
+        chunk = group.chunk_cols
+        stop = start + raw.shape[0]
+        written = 0
+        for j in group.chunk_range(name, start, stop):
+            lo = j * chunk - offset
+            a, b = max(lo, start), min(lo + chunk, stop, numel)
+            data = raw[a - start : b - start]
+            if row is None or self._transform == "none":
+                payload = data
+            else:
+                reference = (
+                    previous[a - start : b - start] if previous is not None
+                    else _reference_row(base[a - start : b - start], group, raw.dtype)
+                )
+                payload = encode_codes(data, reference, self._transform)
+            if b - a < chunk:  # the tensor's last chunk: zarr pads with the fill value
+                padded = np.zeros(chunk * payload.itemsize, dtype=np.uint8)
+                padded[: payload.nbytes] = payload.view(np.uint8)
+                payload = padded
+            frame, crc = shards.encode_chunk(payload, self._compress)
+            shard.write_chunk(j, frame, crc, shards.crc32c(data))
+            written += len(frame) + 4
+        return written
 
+    def finish(self, grams: dict[str, np.ndarray], kinds: dict[str, str],
+               support: dict[str, int], old: GroupRecord | None) -> None:
+        """Close the shards, write the Gram array and the record (the completion mark)."""
+        group, gen = self.group, self.gen
+        base = self._shards.pop(None).finish() if None in self._shards else old.base
+        new_rows = [self._shards.pop(k).finish() for k in sorted(k for k in self._shards)]
+        rows = (old.rows[: self.first_row] if old is not None else ()) + tuple(new_rows)
+        k = len(gen.steps)
+        name = f"g{group.index}-k{k}"
+        gram_crc = None
+        floats = list(group.tensors) if group.has_rows else []
+        parts = (f"gen{gen.generation}", "gram", name)
+        if floats:
+            stack = np.stack([np.asarray(grams[t], dtype="<f8") for t in floats])  # (T, K, K)
+            chunk, gram_crc = shards.plain_chunk(stack)
+            with self._store._dir((*parts, "c", "0", "0"), create=True) as fd:
+                write_atomic(fd, "0", chunk)
+        record = GroupRecord(group.index, gen.steps, base, rows, gram_crc,
+                             {t: kinds[t] for t in floats}, {t: support[t] for t in floats})
+        body = record.to_json(self._store.manifest.store_id, gen.generation)
+        meta = shards.plain_array_meta([len(floats), k, k], "float64")
+        meta["attributes"] = {"relex_stream_group": {"record": body, "sha256": _sha256(body)}}
+        with self._store._dir(parts, create=True) as fd:
+            write_atomic(fd, ROOT_META, _canonical(meta))
 
-def aux_files(root: zarr.Group) -> dict[str, bytes]:
-    files = root["files"]
-    return {
-        files[key].attrs["name"]: files[key][:].tobytes()
-        for key in sorted(files.array_keys(), key=int)
-    }
-
-
-def _key(root: zarr.Group, name: str) -> str:
-    return str(root.attrs["tensor_ids"][name])
-
-
-def is_complete(root: zarr.Group, name: str) -> bool:
-    """True once the tensor's base, rows and Gram matrix are all written."""
-    key = _key(root, name)
-    return key in root["gram"] and bool(root["gram"][key].attrs.get("complete", False))
-
-
-def prepare_tensor(
-    root: zarr.Group, name: str, dtype_code: str, numel: int, float_rows: bool
-) -> None:
-    """(Re)create the arrays of one tensor, dropping any partial data from an interrupted run."""
-    key = _key(root, name)
-    bits = DTYPES[dtype_code][1]
-    chunk = row_chunk_cols(dtype_code, numel)
-    root["base"].create_array(
-        key,
-        shape=(numel,),
-        chunks=(chunk,),
-        dtype=bits,
-        compressors=_compressors(root.attrs["codec"]),
-        chunk_key_encoding=_CHUNK_KEYS,
-        overwrite=True,
-    )
-    if float_rows:
-        n_steps = len(root.attrs["steps"])
-        root["rows"].create_array(
-            key,
-            shape=(n_steps, numel),
-            chunks=(1, chunk),
-            dtype=_unsigned_dtype(bits),
-            compressors=_compressors(root.attrs["codec"]),
-            chunk_key_encoding=_CHUNK_KEYS,
-            overwrite=True,
-        )
-
-
-def _unsigned_dtype(bits: np.dtype) -> np.dtype:
-    return np.dtype(f"u{np.dtype(bits).itemsize}")
-
-
-def _unsigned(array: np.ndarray) -> np.ndarray:
-    """The same memory viewed as unsigned words (bf16, fp16, fp32 bits alike)."""
-    return array.view(_unsigned_dtype(array.dtype))
-
-
-def write_chunk(
-    root: zarr.Group, name: str, start: int, base: np.ndarray, rows: np.ndarray | None
-) -> None:
-    """Store base (c,) and rows (K, c) bits for columns [start, start + c)."""
-    key = _key(root, name)
-    stop = start + base.shape[0]
-    # write_empty_chunks is a runtime setting of an opened array, not stored with it
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        root["base"][key][start:stop] = base
-        if rows is not None:
-            codes = row_codec.encode(_unsigned(rows), _unsigned(base), _transform(root))  # (K, c)
-            root["rows"][key][:, start:stop] = codes
-
-
-@contextlib.contextmanager
-def _decoding(root: zarr.Group, name: str) -> Iterator[None]:
-    """Turn a chunk that fails to decode (checksum, codec, missing file) into a user error."""
-    try:
-        yield
-    except RelexError:
-        raise
-    except Exception as exc:  # zarr and numcodecs raise many types for damaged chunks
-        raise RelexError(
-            f"the store at {_store_dir(root)} has a damaged chunk of tensor {name!r} ({exc}); "
-            "rebuild it from the sources with --rebuild (or delete the store)"
-        ) from None
-
-
-# Codecs a store of ours uses. Anything else (numcodecs.pickle, say) in a store's metadata means
-# it was not written by us; it is refused before zarr gets to decode a chunk with it.
-_ALLOWED_CODECS = {"bytes", "zstd", "crc32c"}
-
-
-def _array(root: zarr.Group, group: str, name: str) -> zarr.Array:
-    """The array of one tensor, after checking its codecs on disk."""
-    key = _key(root, name)
-    meta_path = _store_dir(root) / group / key / "zarr.json"
-    try:
-        codecs = {c["name"] for c in json.loads(meta_path.read_text())["codecs"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RelexError(
-            f"the store at {_store_dir(root)} has unreadable metadata for tensor {name!r} "
-            f"({exc}); rebuild it from the sources with --rebuild"
-        ) from None
-    if not codecs <= _ALLOWED_CODECS:
-        raise RelexError(
-            f"the store at {_store_dir(root)} asks for codec(s) {sorted(codecs - _ALLOWED_CODECS)} "
-            f"for tensor {name!r}, which relex_stream never writes; refusing to decode it "
-            "(rebuild it from the sources with --rebuild)"
-        )
-    return root[group][key]
-
-
-def _store_dir(root: zarr.Group) -> Path:
-    return Path(str(root.store_path).removeprefix("file://"))
-
-
-def _require_chunks(root: zarr.Group, group: str, name: str, rows: list[int] | None,
-                    start: int, stop: int) -> None:  # fmt: skip
-    """Raise if a chunk file that the read needs is missing (zarr would return zeros)."""
-    key = _key(root, name)
-    chunk = root[group][key].chunks[-1]
-    directory = _store_dir(root) / group / key / "c"
-    for j in range(start // chunk, (stop - 1) // chunk + 1):
-        paths = (
-            [directory / str(j)] if rows is None else [directory / str(r) / str(j) for r in rows]
-        )
-        for path in paths:
-            if not path.is_file():
-                raise FileNotFoundError(f"chunk {path} is missing")
-
-
-def read_base(root: zarr.Group, name: str, start: int, out: np.ndarray) -> None:
-    """Fill `out` (c,) with the base's bits for columns [start, start + c)."""
-    with _decoding(root, name):
-        array = _array(root, "base", name)
-        _require_chunks(root, "base", name, None, start, start + out.shape[0])
-        array.get_basic_selection(
-            slice(start, start + out.shape[0]), out=NDBuffer.from_numpy_array(out)
-        )
-
-
-def read_rows(
-    root: zarr.Group,
-    name: str,
-    row_ids: list[int],
-    start: int,
-    base: np.ndarray,
-    out: np.ndarray,
-) -> None:
-    """Fill `out` (len(row_ids), c) with the bits of rows `row_ids`, columns [start, start + c).
-
-    base: (c,) the base's bits of the same columns (row 0 is stored against it). Row k decodes
-    from rows 0..k, so a prefix of rows decodes in place; other selections decode the prefix up
-    to their last row in a scratch buffer. Reads are row slices: zarr's orthogonal selection
-    with a list of rows is ~20x slower (bench/RESULTS.md).
-    """
-    with _decoding(root, name):
-        needed = max(row_ids) + 1
-        array = _array(root, "rows", name)
-        _require_chunks(root, "rows", name, list(range(needed)), start, start + out.shape[1])
-        prefix = row_ids == list(range(needed))
-        scratch = out if prefix else np.empty((needed, out.shape[1]), dtype=out.dtype)
-        codes = _unsigned(scratch)  # (needed, c)
-        columns = slice(start, start + out.shape[1])
-        array.get_basic_selection((slice(0, needed), columns), out=NDBuffer.from_numpy_array(codes))
-        row_codec.decode(codes, _unsigned(base), _transform(root), out=codes)
-        if not prefix:
-            out[...] = scratch[row_ids]
-
-
-def finish_tensor(
-    root: zarr.Group, name: str, gram: torch.Tensor | None, kind: str = "exact"
-) -> None:
-    """Write the Gram matrix (K, K) float64 and the tensor's completion mark, in that order.
-
-    kind "randomized" marks a low-rank approximation of G (see kernels.randomized_gram).
-    """
-    n_steps = len(root.attrs["steps"])
-    data = (
-        gram.detach().cpu().numpy().astype(np.float64)
-        if gram is not None
-        else np.zeros((n_steps, n_steps))
-    )
-    array = root["gram"].create_array(
-        _key(root, name), data=data, chunks=data.shape or (1,), overwrite=True
-    )
-    array.attrs.update({"kind": kind, "complete": True})
-
-
-def gram_kind(root: zarr.Group, name: str) -> str:
-    """'exact' or 'randomized': how the stored Gram matrix was computed."""
-    return root["gram"][_key(root, name)].attrs.get("kind", "exact")
-
-
-def read_gram(root: zarr.Group, name: str) -> torch.Tensor:
-    """The stored Gram matrix (K, K) float64 of all stored steps."""
-    with _decoding(root, name):
-        return torch.from_numpy(_array(root, "gram", name)[:].astype(np.float64))
-
-
-def mark_complete(root: zarr.Group) -> None:
-    root.attrs["complete"] = True
+    def abort(self) -> None:
+        for shard in self._shards.values():
+            shard.abort()
+        self._shards.clear()

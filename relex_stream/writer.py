@@ -3,23 +3,29 @@
 The safetensors header of every output shard is known from the base before any weight is
 computed, so each shard is preallocated and every chunk of every tensor is written at its
 offset as soon as it exists: output memory is one chunk, never one shard. Everything goes to a
-temporary directory that only `finalize` turns into a loadable model.
+temporary directory that only `finalize` turns into a loadable model. Temporary directories
+carry a marker file, and only directories with that marker are ever removed as leftovers: a
+directory of the user's that happens to look like one is left alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from .checkpoints import ModelLayout
-from .safetensors_io import DTYPES, INDEX_NAME
+from .errors import RelexError
+from .safefs import open_root, remove_tree
+from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME
 
 _CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+MARKER = ".relex-stream-tmp"  # inside every temporary directory: "pid\n"
 
 
 @dataclass(frozen=True)
@@ -33,12 +39,14 @@ class OutputSlot:
 
 def output_dtypes(layout: ModelLayout, float_dtype: str | None) -> dict[str, str]:
     """Output dtype code per tensor: the base's, or `float_dtype` for floating-point tensors."""
-    from .safetensors_io import FLOAT_CODES
-
     return {
         name: (float_dtype if float_dtype and dtype in FLOAT_CODES else dtype)
         for name, (dtype, _) in layout.tensors.items()
     }
+
+
+def tmp_dir(final_dir: Path, run_id: int) -> Path:
+    return final_dir.with_name(f".{final_dir.name}.tmp-{run_id}")
 
 
 def _header(
@@ -63,38 +71,45 @@ def _header(
 
 
 class ModelWriter:
-    """An output model under construction in `tmp_dir`; `finalize` moves it to `final_dir`."""
+    """An output model under construction in a temporary directory; `finalize` renames it."""
 
-    def __init__(
-        self,
-        tmp_dir: Path,
-        final_dir: Path,
-        layout: ModelLayout,
-        dtypes: dict[str, str],
-        create: bool = True,
-    ):
-        """Lay out (create=True) or attach to (create=False, other torchrun ranks) the shards."""
-        self.tmp_dir, self.final_dir, self.layout, self.dtypes = tmp_dir, final_dir, layout, dtypes
-        self.owner = create
-        if create:
-            tmp_dir.mkdir(parents=True)
+    def __init__(self, final_dir: Path, run_id: int, layout: ModelLayout, dtypes: dict[str, str],
+                 owner: bool):
+        self.final_dir, self.layout, self.dtypes = final_dir, layout, dtypes
+        self.tmp_dir = tmp_dir(final_dir, run_id)
+        self.owner = owner
+        if owner:
+            self.tmp_dir.mkdir()
+            _write_synced(self.tmp_dir / MARKER, f"{os.getpid()}\n".encode())
         self.slots: dict[str, OutputSlot] = {}
         self._fds: dict[str, int] = {}
         self.total_bytes = 0
         for shard, names in layout.shard_tensors.items():
             header, info = _header(names, layout, dtypes)
-            if create:
-                fd = os.open(tmp_dir / shard, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            path = self.tmp_dir / shard
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(path, flags | (os.O_CREAT | os.O_EXCL if owner else 0), 0o644)
+            if owner:
                 os.pwrite(fd, header, 0)
                 os.ftruncate(fd, len(header) + info["data_bytes"])
-            else:
-                fd = os.open(tmp_dir / shard, os.O_RDWR)
             self._fds[shard] = fd
             self.total_bytes += info["data_bytes"]
             for name in names:
                 self.slots[name] = OutputSlot(
                     shard, len(header) + info["relative"][name], dtypes[name]
                 )
+
+    @classmethod
+    def create(cls, final_dir: Path, run_id: int, layout: ModelLayout,
+               dtypes: dict[str, str]) -> ModelWriter:
+        """Lay out the shards (rank 0)."""
+        return cls(final_dir, run_id, layout, dtypes, owner=True)
+
+    @classmethod
+    def attach(cls, final_dir: Path, run_id: int, layout: ModelLayout,
+               dtypes: dict[str, str]) -> ModelWriter:
+        """Open the shards rank 0 laid out (other torchrun ranks)."""
+        return cls(final_dir, run_id, layout, dtypes, owner=False)
 
     def write(self, name: str, start_element: int, data: np.ndarray) -> None:
         """Write flattened elements [start_element, start_element + data.size) of a tensor."""
@@ -129,18 +144,22 @@ class ModelWriter:
             if file_name == "config.json":
                 content = self._config_with_dtype(content)
             _write_synced(self.tmp_dir / file_name, content)
+        (self.tmp_dir / MARKER).unlink()
         _fsync_dir(self.tmp_dir)
-        previous = None
-        if self.final_dir.exists():
+        replaced = None
+        if os.path.lexists(self.final_dir):
             if not overwrite:
-                raise FileExistsError(self.final_dir)
-            previous = self.final_dir.with_name(self.final_dir.name + ".replaced-tmp")
-            shutil.rmtree(previous, ignore_errors=True)
-            os.rename(self.final_dir, previous)
+                raise RelexError(f"{self.final_dir} appeared during the run; it is left alone")
+            # Park the previous output in a marked directory of ours, so that a run killed
+            # between the two renames leaves something the next run may remove.
+            replaced = self.final_dir.with_name(f".{self.final_dir.name}.replaced-{os.getpid()}")
+            replaced.mkdir()
+            _write_synced(replaced / MARKER, f"{os.getpid()}\n".encode())
+            os.rename(self.final_dir, replaced / "previous")
         os.rename(self.tmp_dir, self.final_dir)
         _fsync_dir(self.final_dir.parent)
-        if previous is not None:
-            shutil.rmtree(previous)
+        if replaced is not None:
+            _remove_marked(replaced)
 
     def abort(self) -> None:
         """Close files and, for the writer that laid it out, remove the temporary directory."""
@@ -148,7 +167,7 @@ class ModelWriter:
             os.close(fd)
         self._fds.clear()
         if self.owner:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            _remove_marked(self.tmp_dir)
 
     def _config_with_dtype(self, content: bytes) -> bytes:
         float_dtypes = {d for n, d in self.dtypes.items() if self.layout.tensors[n][0] != d}
@@ -162,11 +181,70 @@ class ModelWriter:
         return (json.dumps(config, indent=2) + "\n").encode()
 
 
+def check_output_dir(directory: Path, overwrite: bool) -> None:
+    """Refuse an existing output without --overwrite, a link in its place, an unwritable OUT."""
+    if directory.is_symlink():
+        raise RelexError(
+            f"{directory} is a symbolic link; relex_stream will not replace it: remove it or "
+            "choose another --out"
+        )
+    if directory.exists():
+        if not overwrite:
+            raise RelexError(f"{directory} already exists; pass --overwrite to replace it")
+        if not directory.is_dir():
+            raise RelexError(f"{directory} exists and is not a directory; remove it first")
+    probe = directory.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise RelexError(f"cannot write to {probe}: choose a writable --out")
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Make OUT, and remove what killed runs of ours left in it (marked temporary directories
+    of processes that are gone)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RelexError(
+            f"cannot create {directory}: {exc.strerror}; choose another --out"
+        ) from None
+    for entry in directory.iterdir():
+        if not entry.name.startswith(".step-") or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            pid = int((entry / MARKER).read_text().strip())
+        except (OSError, ValueError):
+            continue  # not ours
+        if pid != os.getpid() and psutil.pid_exists(pid):
+            continue  # another live run writing into the same OUT
+        _remove_marked(entry)
+
+
+def _remove_marked(directory: Path) -> None:
+    """Remove a temporary directory of ours (it must carry the marker), links never followed."""
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode) or not (directory / MARKER).is_file():
+        return
+    parent_fd = open_root(directory.parent)
+    try:
+        remove_tree(parent_fd, directory.name)
+    finally:
+        os.close(parent_fd)
+
+
 def _write_synced(path: Path, content: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

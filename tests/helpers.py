@@ -129,3 +129,13 @@ def check_against_reference(
             assert torch.equal(got[ZERO_DELTA], want), "zero-delta tensor does not equal the base"
         outs[float(tgt)] = got
     return outs
+
+
+def group_dir(store: Path, kind: str, tensor: str) -> Path:
+    """STORE/gen<G>/<kind>/g<i>: the directory of the group holding `tensor` ('rows', 'base')."""
+    from relex_stream.store import TrajectoryStore
+
+    with TrajectoryStore.open(store) as opened:
+        group = opened.group_of(tensor)
+        generation = opened.current.generation
+    return store / f"gen{generation}" / kind / f"g{group.index}"

@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures import EMBED, Spec, build_trajectory
-from tests.helpers import check_against_reference, run_cli, run_traj, step_dir
+from tests.helpers import check_against_reference, group_dir, run_cli, run_traj, step_dir
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 STEPS = (10, 20, 30, 40)
@@ -377,23 +378,28 @@ def built_store(tmp_path_factory: pytest.TempPathFactory):
 def test_store_built_from_other_inputs(built_store, tmp_path: Path, other: str) -> None:
     """--cache pointing at a store of other checkpoints: same-shaped files from another run,
     another model layout, or steps the store does not hold."""
-    _, original = built_store
+    original_traj, original = built_store
     store = tmp_path / "store.zarr"
     shutil.copytree(original, store)
-    spec = {
-        "other-files": Spec(steps=STEPS, base_shards=2, seed=1),
-        "other-layout": Spec(steps=STEPS, base_shards=2, vocab=128),
-        "other-steps": Spec(steps=(*STEPS, 50), base_shards=2),
-    }[other]
-    traj = build_trajectory(tmp_path / "b", spec)
+    if other == "other-steps":  # the same run, plus a step 15 the store never saw
+        shutil.copytree(original_traj.root, tmp_path / "b")  # copy2 keeps the mtimes
+        runs = tmp_path / "b" / "runs"
+        shutil.copytree(runs / "checkpoint-20", runs / "checkpoint-15")
+        traj = replace(original_traj, root=tmp_path / "b", base=tmp_path / "b" / "base", runs=runs)
+    else:
+        spec = {
+            "other-files": Spec(steps=STEPS, base_shards=2, seed=1),
+            "other-layout": Spec(steps=STEPS, base_shards=2, vocab=128),
+        }[other]
+        traj = build_trajectory(tmp_path / "b", spec)
     out, existing = tmp_path / "out", make_existing_output(tmp_path / "out")
     proc = run_traj(traj, out, [100], "--cache", store, "--overwrite", expect_rc=None)
     line = assert_refused(proc, out, existing)
     assert "--rebuild" in line and str(store) in line, line
     if other == "other-files":
         assert ".safetensors" in line, f"the changed file is not named: {line}"
-    if other == "other-steps":
-        assert "50" in line, f"the missing step is not named: {line}"
+    if other == "other-steps":  # 15 lies before the store's last step: it cannot be appended
+        assert "step 15" in line, f"the missing step is not named: {line}"
 
 
 def test_rebuild_refuses_a_directory_that_is_not_a_store(traj, tmp_path: Path) -> None:
@@ -424,15 +430,14 @@ def test_store_with_pickle_codec_is_refused(built_store, tmp_path: Path) -> None
     _, original = built_store
     store = tmp_path / "store.zarr"
     shutil.copytree(original, store)
-    ids = json.loads((store / "zarr.json").read_text())["attributes"]["tensor_ids"]
-    tensor_id = str(ids[Q_PROJ])
-    meta_path = store / "rows" / tensor_id / "zarr.json"
+    rows = group_dir(store, "rows", Q_PROJ)
+    meta_path = rows / "zarr.json"
     meta = json.loads(meta_path.read_text())
     meta["codecs"] = [{"name": "numcodecs.pickle", "configuration": {"protocol": 5}}]
     meta_path.write_text(json.dumps(meta))
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_Plant(marker), protocol=5)
-    for chunk in (store / "rows" / tensor_id / "c").rglob("*"):
+    for chunk in (rows / "c").rglob("*"):
         if chunk.is_file():
             chunk.write_bytes(payload)
     out = tmp_path / "out"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from relex_stream import plan
+from relex_stream import fit
 from relex_stream.diagnostics import (
     heldout_error_sq,
     increment_gram,
@@ -73,9 +73,9 @@ def test_rank1_scores_match_the_engine_fit() -> None:
     grams = torch.stack([d @ d.T for d in (deltas_of(k, n=100) for k in ("walk", "line", "mixed"))])
     explained, r_squared = rank1_scores(grams, steps)
     for i, gram in enumerate(grams):
-        fit = plan.fit_diagnostics(gram, steps)
-        assert float(explained[i]) == pytest.approx(fit.explained_variance, rel=1e-10)
-        assert float(r_squared[i]) == pytest.approx(fit.r_squared, rel=1e-9)
+        result = fit.fit_diagnostics(gram, steps)
+        assert float(explained[i]) == pytest.approx(result.explained_variance, rel=1e-10)
+        assert float(r_squared[i]) == pytest.approx(result.r_squared, rel=1e-9)
 
 
 @pytest.mark.parametrize("spec", ["relex", "relex:rank=2,fit=poly:2", "raw-ols", "two-point",

@@ -39,9 +39,9 @@ def _reshape_q(step: int, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _retype_q(step: int, tensors: dict[str, torch.Tensor]) -> None:
-    """Store q_proj as fp32 (instead of bf16) at step 30."""
+    """Store q_proj as int32 at step 30 (a float tensor may change float dtype, not kind)."""
     if step == 30:
-        tensors[Q_PROJ] = tensors[Q_PROJ].to(torch.float32)
+        tensors[Q_PROJ] = tensors[Q_PROJ].to(torch.int32)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from relex_stream import store as trajectory_store
+from relex_stream.store import TrajectoryStore
 from relex_stream.backtest import backtest, parse_windows
 from relex_stream.cli import main as cli_main
 from relex_stream.diagnostics import tensor_stats
@@ -92,13 +92,13 @@ def walk_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_report_numbers_come_from_the_stored_grams(synth_store: Path) -> None:
     result = report(synth_store, null_samples=50, seed=3)
-    root = trajectory_store.open_existing(synth_store)
-    layout = trajectory_store.attrs(root)["layout"]["tensors"]
+    store = TrajectoryStore.open(synth_store)
+    layout = store.current.layout.tensors
     assert sorted(t.name for t in result.tensors) == sorted(layout)  # all bf16, none tied
     steps = torch.tensor(result.steps, dtype=torch.float64)
     whole = torch.zeros(len(steps), len(steps), dtype=torch.float64)
     for entry in result.tensors:
-        gram = trajectory_store.read_gram(root, entry.name)
+        gram = store.gram(entry.name)
         whole += gram
         assert entry.stats == tensor_stats(gram, steps, null_samples=50, seed=3)
     assert result.model == tensor_stats(whole, steps, null_samples=50, seed=3)
@@ -285,8 +285,8 @@ def test_randomized_grams_are_refused(make_traj, tmp_path: Path) -> None:
     traj = make_traj(steps=(10, 20, 30, 40, 50))
     cli("run", "--base", traj.base, "--runs", traj.runs, "--target", 60, "--out",
         tmp_path / "out", "--device", "cpu", "--quiet", "--svd", "randomized")
-    root = trajectory_store.open_existing(tmp_path / "out" / "trajectory.zarr")
-    assert trajectory_store.gram_kind(root, EMBED) == "randomized"
+    with TrajectoryStore.open(tmp_path / "out" / "trajectory.zarr") as store:
+        assert store.record(store.group_of(EMBED)).kinds[EMBED] == "randomized"
     with pytest.raises(RelexError, match="--svd exact"):
         report(tmp_path / "out", null_samples=5)
 

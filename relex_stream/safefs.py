@@ -1,0 +1,127 @@
+"""File operations inside a directory the tool owns, never following a symbolic link.
+
+A store may be shared on a cluster file system, so anything below its top directory is input
+like any other: a link planted there must not make the tool write, truncate or delete outside it.
+Every path below a root is opened component by component with O_NOFOLLOW relative to its
+parent's descriptor, so a link anywhere under the root is an error, never a detour. The root
+itself is the user's own path (it may be a link to another file system).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+from .errors import RelexError
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _link_error(where: str, exc: OSError) -> RelexError:
+    return RelexError(
+        f"{where} is a symbolic link or not a directory inside the store ({exc.strerror}); "
+        "a store holds only what relex_stream wrote: remove it, or use another --cache"
+    )
+
+
+@contextlib.contextmanager
+def opened_dir(root_fd: int, parts: tuple[str, ...], create: bool, where: str) -> Iterator[int]:
+    """Descriptor of root/parts[0]/.../parts[-1], made on the way when `create`; closed after."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _link_error(f"{where}/{part}", exc) from None
+                raise
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_root(path: os.PathLike | str) -> int:
+    """Descriptor of the root directory itself (following a link the user gave as the path)."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_file(dir_fd: int, name: str, flags: int, mode: int = 0o644) -> int:
+    """os.open of a file directly in `dir_fd`, refusing a symbolic link in its place."""
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+
+
+def read_small(dir_fd: int, name: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` in `dir_fd` (no links)."""
+    fd = open_file(dir_fd, name, os.O_RDONLY)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes")
+        return pread_exact(fd, info.st_size, 0)
+    finally:
+        os.close(fd)
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    """Exactly `size` bytes at `offset`, or OSError when the file is shorter."""
+    data = os.pread(fd, size, offset)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            raise OSError(errno.EIO, f"file ends {size - len(data)} bytes early")
+        data += more
+    return data
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        done = os.write(fd, view)
+        view = view[done:]
+
+
+def write_atomic(dir_fd: int, name: str, data: bytes) -> None:
+    """Replace `name` in `dir_fd` with `data`: written under a temporary name, synced, renamed."""
+    tmp = f".{name}.tmp-{os.getpid()}"
+    fd = open_file(dir_fd, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
+
+
+def remove_tree(dir_fd: int, name: str) -> None:
+    """Delete `name` in `dir_fd` and everything below it; links are removed, never followed."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        for entry in os.scandir(child):
+            remove_tree(child, entry.name)
+    finally:
+        os.close(child)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def entries(dir_fd: int) -> list[str]:
+    """Names in a directory (sorted)."""
+    return sorted(entry.name for entry in os.scandir(dir_fd))

@@ -1,0 +1,302 @@
+"""The store's data files, in zarr v3's sharding format, written and read directly.
+
+A shard file holds one row of one group of tensors: its inner chunks in column order, each a
+zstd frame of the chunk's little-endian bytes followed by the frame's crc32c (zarr's codec
+chain bytes → zstd → crc32c), then a block of per-chunk checksums that nothing in zarr refers
+to, then zarr's shard index at the very end: (offset, length) of every chunk and the index's own
+crc32c. zarr reads these files as they are; relex_stream writes them itself so that a shard is
+streamed to disk chunk by chunk by the one thread that owns it (zarr writes a shard as a whole,
+in memory) and so that every byte read back is checked against a checksum its parent holds:
+
+    store manifest → group record (size and crc32c of each shard's tail)
+                   → tail (crc32c of every encoded chunk, and of its raw bits)
+                   → chunk (its own crc32c trailer)
+
+A chunk that does not compress is kept as a zstd frame of raw blocks: a plain copy that every
+zstd decoder reads.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from numcodecs import Zstd
+from numcodecs.checksum32 import crc32c_checksum
+
+from .safefs import open_file, pread_exact, write_all
+
+ZSTD_LEVEL = 1
+# Keep a chunk as raw blocks when zstd saves less than this fraction of it: decoding a raw
+# frame is a copy, and a frame this close to its input saves almost no disk.
+RAW_CUTOFF = 0.95
+MISSING = np.uint64(2**64 - 1)  # zarr's marker of an absent chunk in a shard index
+_MAGIC = 0xFD2FB528
+_RAW_BLOCK = 128 * 1024
+_SUMS_MAGIC = b"RLXS"
+_SUMS_VERSION = 1
+_ZSTD = Zstd(level=ZSTD_LEVEL)
+
+
+def crc32c(data: bytes | memoryview | np.ndarray) -> int:
+    """crc32c of a buffer (zarr's checksum)."""
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).view(np.uint8)
+    elif isinstance(data, memoryview):  # google_crc32c takes bytes and arrays, not memoryviews
+        data = np.frombuffer(data, dtype=np.uint8)
+    return int(crc32c_checksum(data))
+
+
+# --------------------------------------------------------------------------- chunk payloads
+
+
+def raw_frame(data: memoryview) -> bytes:
+    """A zstd frame that stores `data` as raw blocks (decoding it is a copy)."""
+    n = len(data)
+    n_blocks = max(1, -(-n // _RAW_BLOCK))
+    frame = bytearray(4 + 1 + 8 + 3 * n_blocks + n)
+    struct.pack_into("<IBQ", frame, 0, _MAGIC, 0xE0, n)  # single segment, 8-byte content size
+    pos = 13
+    for i in range(n_blocks):
+        part = data[i * _RAW_BLOCK : (i + 1) * _RAW_BLOCK]
+        last = 1 if i == n_blocks - 1 else 0
+        frame[pos : pos + 3] = (last | (len(part) << 3)).to_bytes(3, "little")
+        frame[pos + 3 : pos + 3 + len(part)] = part
+        pos += 3 + len(part)
+    return bytes(frame)
+
+
+def frame_content_size(frame: memoryview | bytes) -> int | None:
+    """The decoded size a zstd frame declares, or None when it does not say (or is no frame)."""
+    if len(frame) < 6 or int.from_bytes(frame[:4], "little") != _MAGIC:
+        return None
+    descriptor = frame[4]
+    fcs_flag, single, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    if dict_flag or (fcs_flag == 0 and not single):
+        return None
+    pos = 5 + (0 if single else 1)
+    width = (1, 2, 4, 8)[fcs_flag]
+    if len(frame) < pos + width:
+        return None
+    value = int.from_bytes(frame[pos : pos + width], "little")
+    return value + 256 if width == 2 else value
+
+
+def encode_chunk(data: np.ndarray, compress: bool) -> tuple[bytes, int]:
+    """(zstd frame, its crc32c) of one chunk's bytes; raw blocks when zstd would not pay."""
+    view = memoryview(np.ascontiguousarray(data).view(np.uint8)).cast("B")
+    frame = _ZSTD.encode(view) if compress else None
+    if frame is None or len(frame) > RAW_CUTOFF * len(view):
+        frame = raw_frame(view)
+    return frame, crc32c(frame)
+
+
+def decode_chunk(payload: memoryview, expected_crc: int, out: np.ndarray) -> None:
+    """Check a chunk's crc32c trailer against its bytes and `expected_crc`, decode into `out`.
+
+    Raises ValueError on any mismatch (the caller names the tensor and the remedy).
+    """
+    frame, trailer = payload[:-4], int.from_bytes(payload[-4:], "little")
+    actual = crc32c(frame)
+    if actual != trailer or actual != expected_crc:
+        raise ValueError("checksum mismatch")
+    target = out.view(np.uint8).reshape(-1)
+    if frame_content_size(frame) != target.nbytes:
+        raise ValueError("chunk decodes to the wrong size")
+    _ZSTD.decode(frame, out=target)
+
+
+# --------------------------------------------------------------------------- shard files
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where each inner chunk of a shard lies, with its encoded and raw-bits crc32c."""
+
+    offsets: np.ndarray  # (n,) uint64
+    sizes: np.ndarray  # (n,) uint64, trailer included
+    encoded_crcs: np.ndarray  # (n,) uint32: crc32c of each zstd frame
+    raw_crcs: np.ndarray  # (n,) uint32: crc32c of each chunk's raw bits (before the transform)
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What a group record keeps of one shard: its size and the crc32c of its tail."""
+
+    size: int
+    tail_crc: int
+
+    def to_json(self) -> list[int]:
+        return [self.size, self.tail_crc]
+
+
+def tail_bytes(n_chunks: int) -> int:
+    """Bytes of the checksum block and the zarr index at the end of a shard of `n_chunks`."""
+    return 12 + 8 * n_chunks + 16 * n_chunks + 4
+
+
+def _tail(index: ShardIndex) -> bytes:
+    n = index.offsets.size
+    sums = np.empty((n, 2), dtype="<u4")
+    sums[:, 0], sums[:, 1] = index.encoded_crcs, index.raw_crcs
+    head = _SUMS_MAGIC + struct.pack("<II", _SUMS_VERSION, n)
+    zarr_index = np.empty((n, 2), dtype="<u8")
+    zarr_index[:, 0], zarr_index[:, 1] = index.offsets, index.sizes
+    index_bytes = zarr_index.tobytes()
+    return head + sums.tobytes() + index_bytes + struct.pack("<I", crc32c(index_bytes))
+
+
+class ShardWriter:
+    """One shard file being written: chunks appended in any order, the tail written by finish().
+
+    Only one thread writes a given shard (zarr shards are whole files: two writers lose data).
+    """
+
+    def __init__(self, dir_fd: int, name: str, n_chunks: int):
+        self._fd = open_file(dir_fd, name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self._pos = 0
+        self.index = ShardIndex(
+            np.full(n_chunks, MISSING, dtype=np.uint64),
+            np.full(n_chunks, MISSING, dtype=np.uint64),
+            np.zeros(n_chunks, dtype=np.uint32),
+            np.zeros(n_chunks, dtype=np.uint32),
+        )
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def write_chunk(self, j: int, frame: bytes, frame_crc: int, raw_crc: int) -> None:
+        """Append chunk j (its frame and crc32c trailer) at the end of the file."""
+        trailer = struct.pack("<I", frame_crc)
+        write_all(self._fd, frame)
+        write_all(self._fd, trailer)
+        self.index.offsets[j] = self._pos
+        self.index.sizes[j] = len(frame) + 4
+        self.index.encoded_crcs[j] = frame_crc
+        self.index.raw_crcs[j] = raw_crc
+        self._pos += len(frame) + 4
+
+    def finish(self) -> ShardRecord:
+        """Write the checksum block and the zarr index, sync and close; every chunk written."""
+        if bool((self.index.offsets == MISSING).any()):
+            missing = int(np.flatnonzero(self.index.offsets == MISSING)[0])
+            raise AssertionError(f"shard finished with chunk {missing} unwritten")
+        tail = _tail(self.index)
+        write_all(self._fd, tail)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        return ShardRecord(self._pos + len(tail), crc32c(tail))
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_index(fd: int, n_chunks: int, record: ShardRecord) -> ShardIndex:
+    """The index of a finished shard, checked against its group record; ValueError if damaged."""
+    size = os.fstat(fd).st_size
+    if size != record.size:
+        raise ValueError(f"the file holds {size} bytes where the store recorded {record.size}")
+    tail_size = tail_bytes(n_chunks)
+    if tail_size > size:
+        raise ValueError("the file is too short for its index")
+    tail = pread_exact(fd, tail_size, size - tail_size)
+    if crc32c(tail) != record.tail_crc:
+        raise ValueError("its index does not match the checksum the store recorded")
+    if tail[:4] != _SUMS_MAGIC or struct.unpack_from("<II", tail, 4) != (_SUMS_VERSION, n_chunks):
+        raise ValueError("its checksum block is not one relex_stream writes")
+    sums = np.frombuffer(tail, dtype="<u4", count=2 * n_chunks, offset=12).reshape(n_chunks, 2)
+    zarr_index = np.frombuffer(
+        tail, dtype="<u8", count=2 * n_chunks, offset=12 + 8 * n_chunks
+    ).reshape(n_chunks, 2)
+    offsets, sizes = zarr_index[:, 0].copy(), zarr_index[:, 1].copy()
+    data_end = size - tail_size
+    if bool((offsets == MISSING).any()) or bool((sizes == MISSING).any()):
+        raise ValueError("a chunk is missing from its index")
+    if bool((sizes < 5).any()) or bool((offsets + sizes > data_end).any()):
+        raise ValueError("its index points outside the file")
+    return ShardIndex(offsets, sizes, sums[:, 0].copy(), sums[:, 1].copy())
+
+
+def read_chunk_payload(fd: int, index: ShardIndex, j: int) -> bytes:
+    """The encoded bytes (frame and trailer) of chunk j."""
+    return pread_exact(fd, int(index.sizes[j]), int(index.offsets[j]))
+
+
+# --------------------------------------------------------------------------- zarr metadata
+
+_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
+_CRC = {"name": "crc32c"}
+_KEYS = {"name": "default", "configuration": {"separator": "/"}}
+
+
+def unsigned_name(itemsize: int) -> str:
+    """zarr data type of a word of `itemsize` bytes (bits are stored as unsigned words)."""
+    return {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}[itemsize]
+
+
+def sharded_array_meta(shape: list[int], itemsize: int, inner_cols: int) -> dict:
+    """zarr.json of a (rows, width) array of words, one shard per row, inner chunks of a row."""
+    codecs = [_BYTES, {"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": False}}]
+    sharding = {
+        "name": "sharding_indexed",
+        "configuration": {
+            "chunk_shape": [1, inner_cols],
+            "codecs": [*codecs, _CRC],
+            "index_codecs": [_BYTES, _CRC],
+            "index_location": "end",
+        },
+    }
+    return _array_meta(shape, unsigned_name(itemsize), [1, shape[1]], [sharding])
+
+
+def plain_array_meta(shape: list[int], data_type: str) -> dict:
+    """zarr.json of a small array stored as one uncompressed chunk with a crc32c."""
+    return _array_meta(shape, data_type, [max(1, s) for s in shape], [_BYTES, _CRC])
+
+
+def _array_meta(shape: list[int], data_type: str, chunks: list[int], codecs: list) -> dict:
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(shape),
+        "data_type": data_type,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+        "chunk_key_encoding": _KEYS,
+        "fill_value": 0 if data_type != "bool" else False,
+        "codecs": codecs,
+        "attributes": {},
+        "storage_transformers": [],
+    }
+
+
+def group_meta(attributes: dict | None = None) -> dict:
+    return {"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}
+
+
+def plain_chunk(data: np.ndarray) -> tuple[bytes, int]:
+    """The one chunk of a plain array: its little-endian bytes and their crc32c trailer."""
+    raw = np.ascontiguousarray(data).tobytes()
+    crc = crc32c(raw)
+    return raw + struct.pack("<I", crc), crc
+
+
+def read_plain_chunk(
+    payload: bytes, expected_crc: int | None, dtype: np.dtype, count: int
+) -> np.ndarray:
+    """Check and decode the chunk of a plain array; ValueError if damaged.
+
+    expected_crc: what the parent recorded, or None when the caller checks a digest after.
+    """
+    if len(payload) != count * np.dtype(dtype).itemsize + 4:
+        raise ValueError("the chunk has the wrong size")
+    data, trailer = payload[:-4], int.from_bytes(payload[-4:], "little")
+    actual = crc32c(data)
+    if actual != trailer or (expected_crc is not None and actual != expected_crc):
+        raise ValueError("checksum mismatch")
+    return np.frombuffer(data, dtype=dtype).copy()

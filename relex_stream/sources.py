@@ -1,0 +1,199 @@
+"""Where a run's rows come from: checkpoint files or the store, behind one fill() call.
+
+A read fills a buffer with a column range of one tensor: the base row and a list of observed
+rows, each from the checkpoints on disk (safetensors or verl FSDP shards) or from the store
+(rows committed earlier, or written earlier in this run). The passes, the disk estimate and the
+Gram update see only `RowReader.fill`; they never ask where a row came from.
+
+Rows read from the checkpoints that the store also holds are checked against the crc32c the
+store recorded for their raw bits, per inner chunk: a checkpoint rewritten since (same size,
+header and mtime included) stops the run, naming the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import shards
+from .checkpoints import (
+    Checkpoint,
+    ModelFiles,
+    check_same_model,
+    discover_runs,
+    open_model,
+    parse_ckpt_args,
+    select_steps,
+)
+from .errors import RelexError
+from .store import GroupWriter, StoreReader, TrajectoryStore
+from .store_layout import Generation, Group
+from .tensor_files import TensorInfo, read_into, word_dtype
+from .units import StepSelection
+
+CONVERT_ELEMENTS = 1 << 20  # rows in another dtype are converted this many elements at a time
+_SIGNED = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The base and the observed checkpoints of a run, opened (headers only)."""
+
+    base: ModelFiles
+    checkpoints: list[Checkpoint]  # sorted by step
+    row_dtypes: dict[str, str]  # float tensor -> the widest dtype of its checkpoints
+
+    @property
+    def steps(self) -> list[int]:
+        return [c.step for c in self.checkpoints]
+
+    def checkpoint(self, step: int) -> ModelFiles:
+        return next(c.model for c in self.checkpoints if c.step == step)
+
+    def fingerprints(self, steps: list[int] | None = None) -> dict:
+        wanted = self.steps if steps is None else steps
+        return {
+            "base": self.base.fingerprint(),
+            "steps": {str(c.step): c.model.fingerprint() for c in self.checkpoints
+                      if c.step in wanted},
+        }
+
+
+def find_checkpoints(runs: Path | None, ckpts: list[str] | None) -> dict[int, Path]:
+    if runs is not None and ckpts:
+        raise RelexError("give either --runs or --ckpt, not both")
+    if runs is None and not ckpts:
+        raise RelexError("give the observed checkpoints with --runs RUN_DIR or --ckpt STEP=PATH")
+    return discover_runs(Path(runs)) if runs is not None else parse_ckpt_args(list(ckpts or []))
+
+
+def open_sources(
+    base: Path,
+    found: dict[int, Path],
+    steps: StepSelection | None,
+    window: int | None,
+    also: list[int] | None = None,
+) -> Sources:
+    """Open the base and the chosen checkpoints (headers only) and check they match.
+
+    also: steps held elsewhere (the store) that take part in --steps/--window selection.
+    """
+    available = sorted(set(found) | set(also or []))
+    chosen = [s for s in select_steps(available, steps, window) if s in found]
+    base_model = open_model(Path(base))
+    checkpoints = [Checkpoint(s, open_model(found[s], base_model.config_dir)) for s in chosen]
+    row_dtypes = check_same_model(base_model, checkpoints)
+    for name, info in base_model.tensors.items():
+        if info.is_float and name not in row_dtypes:
+            row_dtypes[name] = info.dtype  # no checkpoint chosen here (all rows in the store)
+    return Sources(base_model, checkpoints, row_dtypes)
+
+
+@dataclass(frozen=True)
+class RowOrigin:
+    """Where a read's base and rows come from. Rows from the store come first, in row order."""
+
+    base_from_store: bool
+    store_rows: tuple[int, ...]  # store row indices
+    source_steps: tuple[int, ...]  # checkpoint steps (read from the files)
+    verify_rows: tuple[int | None, ...]  # per source step: the store row holding it, if any
+
+
+class RowReader:
+    """Fills read buffers for one thread (the reader): from checkpoint files and the store."""
+
+    def __init__(
+        self,
+        sources: Sources | None,
+        store: TrajectoryStore | None,
+        gen: Generation | None,
+        committed_steps: tuple[int, ...],
+    ):
+        self._sources, self._store, self._gen = sources, store, gen
+        self._committed = committed_steps
+        self._store_reader: StoreReader | None = store.reader() if store is not None else None
+        self._record_steps: dict[int, tuple[int, ...]] = {}
+        self.bytes_from_sources = 0
+        self.bytes_from_store = 0
+
+    def _steps_for(self, group: Group) -> tuple[int, ...]:
+        """The steps of the record describing the group's stored pieces: all of the run's once
+        the group is finished (now or by an earlier, interrupted run), else the committed ones."""
+        if group.index not in self._record_steps:
+            finished = self._store.has_record(group, self._gen, self._gen.steps)
+            self._record_steps[group.index] = self._gen.steps if finished else self._committed
+        return self._record_steps[group.index]
+
+    def close(self) -> None:
+        if self._store_reader is not None:
+            self._store_reader.close()
+
+    def fill(
+        self,
+        group: Group,
+        name: str,
+        start: int,
+        origin: RowOrigin,
+        base: np.ndarray,
+        rows: np.ndarray,
+        live: GroupWriter | None,
+    ) -> None:
+        """Fill base (c,) base bits and rows (len(store_rows) + len(source_steps), c) row words."""
+        width = base.shape[0]
+        if origin.base_from_store:
+            steps = self._steps_for(group) if live is None or not live.covers(None) else ()
+            self._store_reader.read_base(self._gen, steps, group, name, start, base, live)
+            self.bytes_from_store += base.nbytes
+        else:
+            read_into(self._sources.base.tensors[name], start, base)
+            self.bytes_from_sources += base.nbytes
+        n_store = len(origin.store_rows)
+        if n_store:
+            self._store_reader.read_rows(self._gen, self._steps_for(group), group, name, start,
+                                         list(origin.store_rows), base, rows[:n_store], live)
+            self.bytes_from_store += rows[:n_store].nbytes
+        for i, step in enumerate(origin.source_steps):
+            info = self._sources.checkpoint(step).tensors[name]
+            target = rows[n_store + i]
+            _read_converted(info, start, target, group.row_dtype)
+            self.bytes_from_sources += width * info.itemsize
+            store_row = origin.verify_rows[i]
+            if store_row is not None:
+                self._verify(group, name, start, store_row, target, info, live)
+
+    def _verify(self, group: Group, name: str, start: int, row: int, values: np.ndarray,
+                info: TensorInfo, live: GroupWriter | None) -> None:
+        """The checkpoint's bits must be those the store recorded when it first read them."""
+        expected = self._store_reader.raw_crcs(self._gen, self._steps_for(group), group, row, live)
+        offset, _ = group.position(name)
+        chunk = group.chunk_cols
+        for j in group.chunk_range(name, start, start + values.shape[0]):
+            lo = j * chunk - offset
+            a, b = max(lo, start), min(lo + chunk, start + values.shape[0])
+            if shards.crc32c(values[a - start : b - start]) != int(expected[j]):
+                files = sorted({str(p.file) for p in info.pieces})
+                raise RelexError(
+                    f"{files[0]} changed after the store first read it (tensor {name!r} differs "
+                    "from the store's checksum): the checkpoint was rewritten in place; rebuild "
+                    "the store with --rebuild, or restore the file"
+                )
+
+
+def _read_converted(info: TensorInfo, start: int, out: np.ndarray, row_dtype: str | None) -> None:
+    """Read elements of `info` into `out` (row dtype words), widening them if stored narrower."""
+    if row_dtype is None or info.dtype == row_dtype:
+        read_into(info, start, out)
+        return
+    from .safetensors_io import DTYPES
+
+    source_bits = word_dtype(info.dtype)
+    target_dtype = DTYPES[row_dtype][0]
+    for a in range(0, out.shape[0], CONVERT_ELEMENTS):
+        b = min(out.shape[0], a + CONVERT_ELEMENTS)
+        scratch = np.empty(b - a, dtype=source_bits)
+        read_into(info, start + a, scratch)
+        widened = torch.from_numpy(scratch).view(DTYPES[info.dtype][0]).to(target_dtype)
+        out[a:b] = widened.view(_SIGNED[widened.element_size()]).numpy().view(out.dtype)
