@@ -90,6 +90,7 @@ class ModelFiles:
     sharded: bool
     files: tuple[Path, ...]  # every weight file read (for fingerprints)
     config_dir: Path  # where config and tokenizer files are
+    fsdp: object | None = None  # the fsdp.FsdpCheckpoint when read from verl FSDP shards
 
     def layout(self) -> ModelLayout:
         return ModelLayout(
@@ -122,7 +123,19 @@ class ModelFiles:
 
     def fingerprint(self) -> dict:
         """Per weight file: size, mtime and a hash of its header (no weights read)."""
+        if self.fsdp is not None:
+            from .fsdp import fsdp_fingerprint
+
+            return fsdp_fingerprint(self.fsdp)
         return {_relative(p, self.directory): header_fingerprint(p) for p in self.files}
+
+    def without(self, name: str) -> ModelFiles:
+        """The same model without tensor `name` (a tied copy the base does not store)."""
+        tensors = {n: t for n, t in self.tensors.items() if n != name}
+        shard_tensors = {f: tuple(n for n in names if n != name)
+                         for f, names in self.shard_tensors.items()}
+        return ModelFiles(self.directory, tensors, shard_tensors, self.sharded, self.files,
+                          self.config_dir, self.fsdp)
 
 
 def _relative(path: Path, directory: Path) -> str:
@@ -173,21 +186,29 @@ def _explain_non_safetensors(directory: Path) -> str:
 
 
 def find_model_dir(directory: Path) -> tuple[str, Path]:
-    """('safetensors', DIR[/huggingface|/actor/huggingface]) or ('fsdp', the actor directory)."""
-    for sub in MODEL_SUBDIRS:
-        candidate = (directory / sub).resolve()
-        if (candidate / INDEX_NAME).is_file() or (candidate / SINGLE_NAME).is_file():
-            return "safetensors", candidate
+    """('safetensors', DIR[/huggingface|/actor/huggingface]) or ('fsdp', DIR/actor or DIR)."""
     from .fsdp import find_fsdp_dir
 
+    # The directory's own safetensors model first; then verl FSDP shards (fp32 master weights,
+    # more precise than the bf16 copy verl's hf_model option saves in huggingface/); then that.
+    for sub in MODEL_SUBDIRS[:1]:
+        if _has_safetensors(directory / sub):
+            return "safetensors", (directory / sub).resolve()
     fsdp_dir = find_fsdp_dir(directory)
     if fsdp_dir is not None:
         return "fsdp", fsdp_dir
+    for sub in MODEL_SUBDIRS[1:]:
+        if _has_safetensors(directory / sub):
+            return "safetensors", (directory / sub).resolve()
     for sub in (*MODEL_SUBDIRS, "actor"):
         candidate = directory / sub
         if candidate.is_dir() and (candidate / "adapter_config.json").exists():
             raise RelexError(_explain_non_safetensors(candidate))
     raise RelexError(_explain_non_safetensors(directory))
+
+
+def _has_safetensors(candidate: Path) -> bool:
+    return (candidate / INDEX_NAME).is_file() or (candidate / SINGLE_NAME).is_file()
 
 
 def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
@@ -196,9 +217,7 @@ def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
         raise RelexError(f"model directory {directory} does not exist")
     kind, model_dir = find_model_dir(directory)
     if kind == "fsdp":
-        from .fsdp import open_fsdp_model
-
-        return open_fsdp_model(model_dir, config_dir)
+        return _open_fsdp(model_dir, config_dir)
     index_path = model_dir / INDEX_NAME
     if index_path.is_file():
         shard_names, weight_map = _read_index(index_path)
@@ -244,6 +263,33 @@ def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
     model = ModelFiles(model_dir, tensors, shard_tensors, sharded, files, model_dir)
     check_layout(model.layout(), str(model_dir))
     return model
+
+
+SHARD_BYTES = 5 * 10**9  # an output of an FSDP base is split like save_pretrained does
+
+
+def _open_fsdp(actor_dir: Path, config_dir: Path | None) -> ModelFiles:
+    """A verl FSDP checkpoint as a model: its tensors' pieces in the rank files."""
+    from .fsdp import open_fsdp_checkpoint
+
+    ckpt = open_fsdp_checkpoint(actor_dir)
+    names = list(ckpt.tensors)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        if shards[-1] and size + ckpt.tensors[name].nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += ckpt.tensors[name].nbytes
+    if len(shards) == 1:
+        shard_tensors = {SINGLE_NAME: tuple(names)}
+    else:
+        shard_tensors = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": tuple(part)
+                         for i, part in enumerate(shards)}
+    found = ckpt.config_dir or config_dir or actor_dir
+    return ModelFiles(actor_dir, dict(ckpt.tensors), shard_tensors, len(shards) > 1,
+                      tuple(ckpt.files), found, ckpt)
 
 
 def _read_index(index_path: Path) -> tuple[list[str], dict[str, str]]:

@@ -47,12 +47,12 @@ class Ring:
         """Offset where `size` bytes fit now, or None."""
         if not self._live:
             return 0 if size <= self.capacity else None
-        tail = self._live[0][0]
-        if self._head >= tail:  # free space: [head, capacity) and [0, tail)
+        tail = self._live[0][0]  # the oldest allocation's start; head: the newest one's end
+        if self._live[-1][0] >= tail:  # not wrapped: free space [head, capacity) and [0, tail)
             if self._head + size <= self.capacity:
                 return self._head
             return 0 if size <= tail else None
-        return self._head if self._head + size <= tail else None
+        return self._head if self._head + size <= tail else None  # wrapped: [head, tail)
 
     def allocate(self, size: int) -> tuple[int, np.ndarray]:
         """(token, a uint8 view of `size` bytes); blocks until the ring has room."""

@@ -23,6 +23,7 @@ from .checkpoints import (
     Checkpoint,
     ModelFiles,
     check_same_model,
+    config_of,
     discover_runs,
     open_model,
     parse_ckpt_args,
@@ -34,6 +35,7 @@ from .store_layout import Generation, Group
 from .tensor_files import TensorInfo, read_into, word_dtype
 from .units import StepSelection
 
+TIED_HEAD = "lm_head.weight"
 CONVERT_ELEMENTS = 1 << 20  # rows in another dtype are converted this many elements at a time
 _SIGNED = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -84,7 +86,14 @@ def open_sources(
     available = sorted(set(found) | set(also or []))
     chosen = [s for s in select_steps(available, steps, window) if s in found]
     base_model = open_model(Path(base))
-    checkpoints = [Checkpoint(s, open_model(found[s], base_model.config_dir)) for s in chosen]
+    tied = config_of(base_model.aux_files(), str(base_model.config_dir)).get(
+        "tie_word_embeddings") is True
+    checkpoints = []
+    for step in chosen:
+        model = open_model(found[step], base_model.config_dir)
+        if tied and TIED_HEAD in model.tensors and TIED_HEAD not in base_model.tensors:
+            model = model.without(TIED_HEAD)  # FSDP state dicts keep the tied copy
+        checkpoints.append(Checkpoint(step, model))
     row_dtypes = check_same_model(base_model, checkpoints)
     for name, info in base_model.tensors.items():
         if info.is_float and name not in row_dtypes:
@@ -167,7 +176,8 @@ class RowReader:
     def _verify(self, group: Group, name: str, start: int, row: int, values: np.ndarray,
                 info: TensorInfo, live: GroupWriter | None) -> None:
         """The checkpoint's bits must be those the store recorded when it first read them."""
-        expected = self._store_reader.raw_crcs(self._gen, self._steps_for(group), group, row, live)
+        expected = self._store_reader.raw_crcs(self._gen, self._steps_for(group), group, row,
+                                               name, live)
         offset, _ = group.position(name)
         chunk = group.chunk_cols
         for j in group.chunk_range(name, start, start + values.shape[0]):

@@ -75,6 +75,14 @@ def _store_error(path: Path, what: str) -> RelexError:
     )
 
 
+def _tensors_of(group: Group, limit: int = 24) -> str:
+    """'tensors 'a', 'b' and 3 more': the tensors a damaged piece of a group belongs to."""
+    names = ", ".join(repr(n) for n in group.tensors[:limit])
+    more = len(group.tensors) - limit
+    return f"tensor {names}" if len(group.tensors) == 1 else (
+        f"tensors {names}" + (f" and {more} more" if more > 0 else ""))
+
+
 def _canonical(data: object) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
@@ -221,7 +229,9 @@ class TrajectoryStore:
             raise RelexError(f"cannot read {path}: {exc.strerror}; pass another --cache") from None
         if ROOT_META in names:
             return "store"
-        if set(names) <= {LOCK_NAME}:
+        # an empty directory, or one another run is creating a store in (its lock, and the
+        # temporary file of its first manifest)
+        if all(n == LOCK_NAME or n.startswith(f".{ROOT_META}.tmp-") for n in names):
             return "empty"
         raise RelexError(
             f"{path} exists but is not a relex_stream store (no {ROOT_META}); relex_stream will "
@@ -339,9 +349,7 @@ class TrajectoryStore:
         if key not in self._records:
             record = self._load_record(gen, group, steps)
             if record is None:
-                raise _store_error(
-                    self.path, f"misses the record of tensor {group.tensors[0]!r} and others "
-                    f"(group {group.index})")
+                raise _store_error(self.path, f"misses the record of {_tensors_of(group)}")
             self._records[key] = record
         return self._records[key]
 
@@ -362,7 +370,7 @@ class TrajectoryStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _store_error(self.path, f"has unreadable metadata of group {group.index} "
+            raise _store_error(self.path, f"has unreadable metadata of {_tensors_of(group)} "
                                           f"({exc.strerror})") from None
         meta = _zarr_json(raw, f"{self.path}/gen{gen.generation}/gram/{name}/zarr.json")
         expected = shards.plain_array_meta(
@@ -370,13 +378,13 @@ class TrajectoryStore:
         )
         if {k: v for k, v in meta.items() if k != "attributes"} != {
                 k: v for k, v in expected.items() if k != "attributes"}:
-            raise _store_error(self.path, f"has changed metadata of group {group.index}")
+            raise _store_error(self.path, f"has changed metadata of {_tensors_of(group)}")
         try:
             return _parse_record(meta["attributes"].get("relex_stream_group"),
                                  self.manifest.store_id, gen, group, steps)
         except ValueError as exc:
-            raise _store_error(self.path, f"has a damaged record of tensor {group.tensors[0]!r} "
-                                          f"and others ({exc})") from None
+            raise _store_error(self.path, f"has a damaged record of {_tensors_of(group)} "
+                                          f"({exc})") from None
 
     def grams(self, group: Group, gen: Generation | None = None,
               steps: tuple[int, ...] | None = None) -> np.ndarray:
@@ -395,9 +403,8 @@ class TrajectoryStore:
                 raw = read_small(fd, "0", t * k * k * 8 + 4)
             data = shards.read_plain_chunk(raw, record.gram_crc, np.dtype("<f8"), t * k * k)
         except (OSError, ValueError) as exc:
-            raise _store_error(
-                self.path, f"has a damaged or missing Gram matrix of tensor {group.tensors[0]!r} "
-                f"and others ({exc})") from None
+            raise _store_error(self.path, f"has a damaged or missing Gram matrix of "
+                                          f"{_tensors_of(group)} ({exc})") from None
         self._grams[key] = data.reshape(t, k, k)
         return self._grams[key]
 
@@ -683,8 +690,8 @@ class StoreReader:
         self._open.clear()
 
     def _shard(self, gen: Generation, group: Group, row: int | None,
-               record: shards.ShardRecord | None, live: GroupWriter | None):
-        """(fd, index) of the base shard (row None) or a row shard."""
+               record: shards.ShardRecord | None, live: GroupWriter | None, name: str):
+        """(fd, index) of the base shard (row None) or a row shard; `name`: the tensor read."""
         key = (gen.generation, group.index, row)
         if (gen.generation, group.index) != self._group_key:
             self.close()
@@ -709,17 +716,17 @@ class StoreReader:
             what = "base" if row is None else f"row {row}"
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise _store_error(
-                self._store.path, f"has a damaged or missing shard ({what}) of tensor "
-                f"{group.tensors[0]!r} and others ({reason})") from None
+                self._store.path, f"has a damaged or missing shard ({what}) of "
+                f"{_tensors_of(group)} ({reason})") from None
         self._open[key] = (fd, index)
         return fd, index
 
     def raw_crcs(self, gen: Generation, steps: tuple[int, ...], group: Group, row: int,
-                 live: GroupWriter | None = None) -> np.ndarray:
+                 name: str, live: GroupWriter | None = None) -> np.ndarray:
         """(n_chunks,) crc32c of the raw bits of every inner chunk of a stored row."""
         record = None if live is not None and live.covers(row) else self._store.record(
             group, gen, steps).rows[row]
-        _, index = self._shard(gen, group, row, record, live)
+        _, index = self._shard(gen, group, row, record, live, name)
         return index.raw_crcs
 
     def _spans(self, group: Group, name: str, start: int, stop: int):
@@ -738,7 +745,7 @@ class StoreReader:
         steps: the steps whose group record describes what `live` does not write."""
         record = None if live is not None and live.covers(None) else self._store.record(
             group, gen, steps).base
-        fd, index = self._shard(gen, group, None, record, live)
+        fd, index = self._shard(gen, group, None, record, live, name)
         scratch = np.empty(group.chunk_cols, dtype=out.dtype)
         with self._guard(name):
             for j, span, inner in self._spans(group, name, start, start + out.shape[0]):
@@ -763,7 +770,7 @@ class StoreReader:
         for k in range(needed):
             live_row = live is not None and live.covers(k)
             record = None if live_row else self._store.record(group, gen, steps).rows[k]
-            handles.append(self._shard(gen, group, k, record, live))
+            handles.append(self._shard(gen, group, k, record, live, name))
         position = {row: i for i, row in enumerate(row_ids)}
         codes = np.empty(group.chunk_cols, dtype=words)
         current = np.empty(group.chunk_cols, dtype=words)
@@ -834,21 +841,23 @@ class GroupWriter:
         except BaseException:
             self.abort()
             raise
+        self._indexes = {row: shard.index for row, shard in self._shards.items()}
 
     def covers(self, row: int | None) -> bool:
-        """True when this writer writes the base (None) or row `row`."""
-        return row in self._shards
+        """True when this writer writes (or wrote) the base (None) or row `row`."""
+        return row in self._indexes
 
     def index(self, row: int | None) -> shards.ShardIndex:
-        return self._shards[row].index
+        """The shard's index, also after finish(): reads of this run keep using it."""
+        return self._indexes[row]
 
     def stored_fraction(self, name: str) -> float:
         """Bytes the new rows of `name` take in the store ÷ their raw bytes (1.0 if none)."""
         chunks = list(self.group.chunk_range(name, 0, self.group.position(name)[1]))
-        new_rows = [k for k in self._shards if k is not None]
+        new_rows = [k for k in self._indexes if k is not None]
         if not chunks or not new_rows:
             return 1.0
-        stored = sum(int(self._shards[k].index.sizes[chunks].sum()) for k in new_rows)
+        stored = sum(int(self._indexes[k].sizes[chunks].sum()) for k in new_rows)
         itemsize = DTYPES[self.group.row_dtype][1].itemsize
         return stored / (len(new_rows) * self.group.position(name)[1] * itemsize)
 

@@ -56,9 +56,16 @@ class TensorInfo:
 
 
 def read_into(info: TensorInfo, start: int, out: np.ndarray) -> None:
-    """Fill `out` (1-D, the tensor's bit dtype) with flattened elements [start, start+len(out))."""
-    view = memoryview(out).cast("B")
+    """Fill `out` (1-D, the tensor's bit dtype) with flattened elements [start, start+len(out)).
+
+    out: C-contiguous, of the tensor's item size (uint16 for BF16, ...); ValueError otherwise.
+    """
     itemsize = info.itemsize
+    if out.ndim != 1 or out.dtype.itemsize != itemsize or not out.flags.c_contiguous:
+        raise ValueError(f"out must be 1-D, contiguous, of item size {itemsize}")
+    if start < 0 or start + out.shape[0] > info.numel:
+        raise ValueError(f"elements [{start}, {start + out.shape[0]}) are outside {info.name!r}")
+    view = memoryview(out).cast("B")
     first = 0  # flattened index of the current piece's first element
     done = 0
     for piece in info.pieces:

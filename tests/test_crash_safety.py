@@ -10,7 +10,6 @@ SIGKILL it there. Whatever phase the kill lands in, nothing incomplete may carry
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -24,14 +23,18 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from relex_stream import shards
+from relex_stream.errors import RelexError
+from relex_stream.store import TrajectoryStore
 from tests.fixtures import Spec, build_trajectory
-from tests.helpers import REPO_ROOT, check_against_reference, run_cli, run_traj, step_dir
+from tests.helpers import REPO_ROOT, check_against_reference, group_dir, run_cli, run_traj, step_dir
 
 TARGETS = (100, 150)
-# vocab 40000 × hidden 16: embed_tokens and lm_head hold 640,000 elements each; under a 16M
-# budget each is read in three chunks, so both passes take visible time.
-BIG_SPEC = Spec(vocab=40000, steps=(10, 20, 30, 40, 50, 60), base_shards=2)
-MAX_MEMORY = "16M"
+# vocab 100000 × hidden 16: embed_tokens and lm_head hold 1.6M elements each (four of the
+# store's 512K-element inner chunks); under a 32M budget each is read in chunks of one inner
+# chunk, so both passes take visible time.
+BIG_SPEC = Spec(vocab=100000, steps=(10, 20, 30, 40, 50, 60), base_shards=2)
+MAX_MEMORY = "32M"
 BIG_NUMEL = 100_000
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 
@@ -92,7 +95,7 @@ def _wait_for(
         try:
             if condition():
                 return True
-        except (OSError, ValueError, KeyError):  # a file caught mid-write: look again
+        except (OSError, ValueError, KeyError, RelexError):  # a file caught mid-write: again
             pass
         if proc.poll() is not None:
             return False
@@ -102,38 +105,31 @@ def _wait_for(
     pytest.fail(f"timed out waiting for {what}")
 
 
-def _store_meta(store: Path) -> dict:
-    return json.loads((store / "zarr.json").read_text())["attributes"]
-
-
-def _big_tensor_ids(store: Path) -> list[str]:
-    """Store ids of the chunked tensors, in the order the run processes them."""
-    meta = _store_meta(store)
-    ids, layout = meta["tensor_ids"], meta["layout"]
-    order = [n for names in layout["shard_tensors"].values() for n in names]
-    big = []
-    for name in order:
-        if name in meta["aliases"]:
-            continue
-        numel = 1
-        for d in layout["tensors"][name][1]:
-            numel *= d
-        if numel >= BIG_NUMEL:
-            big.append(str(ids[name]))
-    assert len(big) >= 2, f"test bug: expected two large tensors, got {big}"
+def _big_groups(store: Path) -> list[tuple[int, int, int]]:
+    """(generation, group, rows) of the groups holding the chunked tensors, in run order, for
+    the store's pending change (or its committed state)."""
+    with TrajectoryStore.open(store) as opened:
+        gen = opened.manifest.pending or opened.manifest.current
+    if gen is None:
+        raise ValueError("the store is being created")  # _wait_for looks again
+    big = [
+        (gen.generation, g.index, len(gen.steps))
+        for g in gen.groups()
+        if any(n >= BIG_NUMEL for n in g.numels)
+    ]
+    assert big, f"test bug: no group holds a tensor of {BIG_NUMEL} elements or more"
     return big
 
 
-def _gram_complete(store: Path, tensor_id: str) -> bool:
-    path = store / "gram" / tensor_id / "zarr.json"
-    if not path.exists():
-        return False
-    return bool(json.loads(path.read_text())["attributes"].get("complete", False))
+def _group_complete(store: Path, key: tuple[int, int, int]) -> bool:
+    generation, group, rows = key
+    return (store / f"gen{generation}" / "gram" / f"g{group}-k{rows}" / "zarr.json").is_file()
 
 
-def _has_row_chunk(store: Path, tensor_id: str) -> bool:
-    chunks = store / "rows" / tensor_id / "c"
-    return chunks.is_dir() and any(p.is_file() for p in chunks.rglob("*"))
+def _has_row_shard(store: Path, key: tuple[int, int, int]) -> bool:
+    generation, group, _ = key
+    shards = store / f"gen{generation}" / "rows" / f"g{group}" / "c"
+    return shards.is_dir() and any(p.is_file() for p in shards.rglob("*"))
 
 
 def _tmp_dirs(out: Path) -> list[Path]:
@@ -212,13 +208,13 @@ def small(tmp_path_factory: pytest.TempPathFactory):
 def _phase_condition(phase: str, out: Path) -> Callable[[], bool]:
     store = out / "trajectory.zarr"
 
-    def ids() -> list[str]:
-        return _big_tensor_ids(store)
+    def first() -> tuple[int, int, int]:
+        return _big_groups(store)[0]
 
-    if phase == "gram":  # rows of the first chunked tensor partly stored, its Gram not done
-        return lambda: _has_row_chunk(store, ids()[0])
+    if phase == "gram":  # rows of the first chunked group partly stored, the group not done
+        return lambda: _has_row_shard(store, first()) and not _group_complete(store, first())
     if phase == "writing":  # the first chunked tensor's materialise pass is under way
-        return lambda: bool(_tmp_dirs(out)) and _gram_complete(store, ids()[0])
+        return lambda: bool(_tmp_dirs(out)) and _group_complete(store, first())
     if phase == "finalising":  # index/config being written, or the first rename done
 
         def finalising() -> bool:
@@ -249,7 +245,8 @@ def test_sigkill_then_rerun_gives_identical_bytes(big, tmp_path: Path, phase: st
 
     present = _assert_only_complete_outputs(out, ref)
     store = out / "trajectory.zarr"
-    big_done = store.exists() and any(_gram_complete(store, i) for i in _big_tensor_ids(store))
+    big_done = (store / "zarr.json").exists() and any(
+        _group_complete(store, key) for key in _big_groups(store))
 
     # Rerun the same command. An output that was completely renamed into place before the
     # kill is refused without --overwrite by design, so only then is --overwrite added.
@@ -260,8 +257,7 @@ def test_sigkill_then_rerun_gives_identical_bytes(big, tmp_path: Path, phase: st
     for target in TARGETS:
         _assert_identical(step_dir(out, target), step_dir(ref, target))
     assert _tmp_dirs(out) == [], f"leftovers of the killed run remain: {_tmp_dirs(out)}"
-    assert not list(out.glob("*.replaced-tmp")), "a .replaced-tmp directory was left behind"
-    assert not list(out.glob(".trajectory.zarr.tmp-*")), "a temporary store was left behind"
+    assert not list(out.glob(".step-*.replaced-*")), "a replaced output was left behind"
     if big_done:  # a finished tensor's Gram pass is skipped: less is read than from scratch
         assert _read_ratio(stdout) < _read_ratio(ref_stdout) - 0.2, (
             f"the rerun read {_read_ratio(stdout)}x the input, an uninterrupted run "
@@ -335,8 +331,8 @@ def test_locked_store_refuses_second_run(small, tmp_path: Path) -> None:
     traj, ref = small
     out = tmp_path / "out"
     store = out / "trajectory.zarr"
-    out.mkdir()
-    with open(store.with_name(store.name + ".lock"), "a+") as handle:
+    store.mkdir(parents=True)
+    with open(store / "lock", "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         handle.write(str(os.getpid()))
         handle.flush()
@@ -352,7 +348,7 @@ def test_two_real_runs_on_one_store(big, tmp_path: Path) -> None:
     pid; A then finishes with the reference bytes."""
     traj, ref, _ = big
     cache = tmp_path / "shared.zarr"
-    lock = cache.with_name(cache.name + ".lock")
+    lock = cache / "lock"
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     a = _start(_run_args(traj, out_a, "--cache", cache, "--quiet"), tmp_path / "logs", "a")
     try:
@@ -402,6 +398,20 @@ def test_changed_source_is_named_and_rebuild_works(tmp_path: Path) -> None:
         _assert_identical(step_dir(out, 100), step_dir(tmp_path / "first", 100))
 
 
+def _chunk_offset(store: Path, name: str) -> int:
+    """Byte offset, in its row-0 shard, of the first inner chunk of tensor `name`."""
+    with TrajectoryStore.open(store) as opened:
+        group = opened.group_of(name)
+        record = opened.record(group).rows[0]
+        shard = group_dir(store, "rows", name) / "c" / "0" / "0"
+        fd = os.open(shard, os.O_RDONLY)
+        try:
+            index = shards.read_index(fd, group.n_chunks, record)
+        finally:
+            os.close(fd)
+        return int(index.offsets[group.chunk_range(name, 0, 1)[0]])
+
+
 DAMAGE = {
     "rows-garbage": ("rows", "garbage"),
     "base-garbage": ("base", "garbage"),
@@ -423,14 +433,19 @@ def test_damaged_store_chunk_names_tensor(small, tmp_path: Path, case: str) -> N
     array, damage = DAMAGE[case]
     store = tmp_path / "store.zarr"
     shutil.copytree(ref / "trajectory.zarr", store)
-    tensor_id = str(_store_meta(store)["tensor_ids"][Q_PROJ])
-    chunks = sorted(p for p in (store / array / tensor_id / "c").rglob("*") if p.is_file())
-    assert chunks, f"test bug: no chunk files for {array}/{tensor_id}"
+    if array == "gram":
+        rows_dir = group_dir(store, "rows", Q_PROJ)
+        k = len(list((rows_dir / "c").iterdir()))
+        chunks = [store / rows_dir.parts[-3] / "gram" / f"{rows_dir.name}-k{k}" / "c/0/0/0"]
+    else:
+        chunks = sorted(p for p in (group_dir(store, array, Q_PROJ) / "c").rglob("*")
+                        if p.is_file())
+    assert chunks and chunks[0].is_file(), f"test bug: no chunk files for {array}"
     if damage == "garbage":
         chunks[0].write_bytes(b"\x00garbage, not a zstd frame\xff" * 8)
-    elif damage == "bitflip":
+    elif damage == "bitflip":  # one bit inside the first stored chunk of Q_PROJ's row 0
         data = bytearray(chunks[0].read_bytes())
-        data[len(data) // 2] ^= 0x10
+        data[_chunk_offset(store, Q_PROJ) + 20] ^= 0x10
         chunks[0].write_bytes(bytes(data))
     else:
         chunks[0].unlink()
