@@ -113,25 +113,12 @@ class BacktestResult:
         return out
 
 
-def parse_windows(text: str) -> list[int | str]:
-    """'4,6,all' -> [4, 6, 'all']."""
-    windows: list[int | str] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "all":
-            windows.append(part)
-        elif part.isdigit():
-            windows.append(int(part))
-        else:
-            raise RelexError(f"--windows {text!r}: give window sizes like 4,8,all")
-    return windows
-
-
-def _window_sizes(windows: Sequence[int | str] | None, train: int) -> list[int]:
-    """Distinct window sizes, 'all' resolved to the `train` steps before the held-out ones."""
+def _window_sizes(windows: Sequence[int | str | None] | None, train: int) -> list[int]:
+    """Distinct window sizes, 'all' (None) resolved to the `train` steps before the held-out
+    ones."""
     sizes = []
-    for window in windows or ["all"]:
-        size = train if window == "all" else int(window)
+    for window in windows or [None]:
+        size = train if window in (None, "all") else int(window)
         if not 2 <= size <= train:
             raise RelexError(
                 f"window {window} is not possible: with {train} observed steps before the "
@@ -185,10 +172,23 @@ def _backtest_row(
     )
 
 
+def reach(
+    data: StoreGrams, holdout: int, method: str | MethodSpec = "relex",
+    threshold: float = DEFAULT_THRESHOLD,
+) -> float | None:
+    """How far ahead (in steps) `method`, fitted on every step before the last `holdout`,
+    keeps its held-out error under `threshold` (None: not even the nearest step)."""
+    spec = _specs([method])[0]
+    train = len(data.steps) - holdout
+    row = _backtest_row(data, spec, list(range(train)), list(range(train, len(data.steps))),
+                        threshold)
+    return row.reach
+
+
 def backtest(
     store_path: str | Path,
     holdout: int,
-    windows: Sequence[int | str] | None = None,
+    windows: Sequence[int | str | None] | None = None,
     methods: Sequence[str | MethodSpec] | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     out_dir: str | Path | None = None,

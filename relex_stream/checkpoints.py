@@ -380,32 +380,36 @@ def check_window(window: int) -> None:
         raise RelexError(f"--window must be at least {MIN_STEPS}, not {window}")
 
 
-def check_same_model(base: ModelFiles, checkpoints: list[Checkpoint]) -> dict[str, str]:
-    """Refuse before reading weights if names or shapes differ from the base; float dtypes may
-    differ (a bf16 base with fp32 checkpoints). Returns each float tensor's row dtype: the
-    widest dtype of its checkpoints, which holds every observed value exactly."""
-    row_codes: dict[str, list[str]] = {n: [] for n, t in base.tensors.items() if t.is_float}
+def check_same_model(
+    reference: ModelLayout, where: str, checkpoints: list[Checkpoint]
+) -> dict[str, str]:
+    """Refuse before reading weights if names or shapes differ from the reference (the base's
+    layout, or the store's); float dtypes may differ (a bf16 base with fp32 checkpoints).
+    Returns each float tensor's row dtype: the widest dtype of its checkpoints, which holds
+    every observed value exactly."""
+    float_names = {n for n, (d, _) in reference.tensors.items() if d in FLOAT_CODES}
+    row_codes: dict[str, list[str]] = {n: [] for n in float_names}
     for ckpt in checkpoints:
-        names, base_names = set(ckpt.model.tensors), set(base.tensors)
+        names, base_names = set(ckpt.model.tensors), set(reference.tensors)
         if names != base_names:
             missing, extra = sorted(base_names - names), sorted(names - base_names)
             what = f"lacks tensor {missing[0]!r}" if missing else f"has extra tensor {extra[0]!r}"
             raise RelexError(
-                f"checkpoint at step {ckpt.step} ({ckpt.model.directory}) {what} that the base "
-                f"{'has' if missing else 'lacks'}; all checkpoints must be of the base's model"
+                f"checkpoint at step {ckpt.step} ({ckpt.model.directory}) {what} that {where} "
+                f"{'has' if missing else 'lacks'}; all checkpoints must be of one model"
             )
-        for name, info in base.tensors.items():
+        for name, (dtype, shape) in reference.tensors.items():
             other = ckpt.model.tensors[name]
-            if other.shape != info.shape:
+            if other.shape != shape:
                 raise RelexError(
                     f"tensor {name!r} has shape {list(other.shape)} at step {ckpt.step} "
-                    f"but {list(info.shape)} in the base"
+                    f"but {list(shape)} in {where}"
                 )
-            if info.is_float and other.dtype in FLOAT_CODES:
+            if name in float_names and other.dtype in FLOAT_CODES:
                 row_codes[name].append(other.dtype)
-            elif other.dtype != info.dtype:
+            elif other.dtype != dtype:
                 raise RelexError(
                     f"tensor {name!r} has dtype {other.dtype} at step {ckpt.step} "
-                    f"but {info.dtype} in the base; only floating-point tensors may change dtype"
+                    f"but {dtype} in {where}; only floating-point tensors may change dtype"
                 )
     return {name: widest(codes) for name, codes in row_codes.items() if codes}

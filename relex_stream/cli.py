@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
+from .envvars import message_rank
 from .errors import RelexError
 from .report_cli import REPORT_HANDLERS, add_report_parsers
-from .units import parse_steps
+from .units import parse_duration, parse_positive_int, parse_steps, parse_windows
 
 log = logging.getLogger("relex_stream")
 
@@ -137,6 +137,34 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_watch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "watch",
+        help="follow a training run: append each new checkpoint to the store, track drift",
+        description="Poll RUN_DIR for new checkpoints; append each complete one to the store "
+        "(read once, kept after the trainer deletes it); add a row to STORE/timeline/ "
+        "(explained variance and R² against their random-walk null, backtest reach, and how "
+        "far each target's prediction moved); with --out, materialise the targets every N "
+        "checkpoints. Ctrl-C or SIGTERM stops between checkpoints.",
+    )
+    p.add_argument("--runs", required=True, help="the run's directory of step checkpoints")
+    p.add_argument("--cache", required=True, help="the trajectory store to build or extend")
+    p.add_argument("--target", required=True, help="target step(s): 500 or 500,1000")
+    p.add_argument("--base", help="the checkpoint the run started from (to build the store)")
+    p.add_argument("--out", help="materialise the targets here (replaced each time)")
+    p.add_argument("--every", default="1", help="materialise every N new checkpoints (default 1)")
+    p.add_argument("--interval", default="30s", help="time between polls (default 30s)")
+    p.add_argument(
+        "--settle", default="10s", help="a checkpoint must be unchanged this long (default 10s)"
+    )
+    p.add_argument("--until", help="stop after appending a checkpoint at or past this step")
+    p.add_argument("--method", default="relex", help="prediction method for the drift (relex)")
+    p.add_argument("--holdout", default="3", help="held-out steps of the backtest reach (3)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--max-memory", default="4G", help="host memory budget for buffers (e.g. 4G)")
+    p.add_argument("--quiet", action="store_true", help="no lines per checkpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m relex_stream",
@@ -145,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    _add_watch(sub)
     _add_synth(sub)
     add_report_parsers(sub)
     return parser
@@ -172,21 +201,6 @@ def _methods(args: argparse.Namespace) -> list:
     return [parse_method(texts[0], **given)]
 
 
-def _windows(text: str | None) -> list[int | None]:
-    if text is None:
-        return [None]
-    windows: list[int | None] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "all":
-            windows.append(None)
-        elif part.isdigit():
-            windows.append(int(part))
-        else:
-            raise RelexError(f"--window {text!r}: give step counts like 10 or 10,20,all")
-    return windows
-
-
 def _run(args: argparse.Namespace) -> None:
     from .engine import extrapolate
 
@@ -199,7 +213,7 @@ def _run(args: argparse.Namespace) -> None:
         targets=args.target,
         out=args.out,
         steps=args.steps,
-        window=_windows(args.window),
+        window=parse_windows(args.window),
         cache=args.cache,
         device=args.device,
         max_memory=args.max_memory,
@@ -215,6 +229,33 @@ def _run(args: argparse.Namespace) -> None:
     if not args.quiet and summary.rank == 0:
         for line in summary.lines():
             print(line)
+
+
+def _watch(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .units import parse_step, parse_targets
+    from .watch import WatchOptions, run_watch
+
+    options = WatchOptions(
+        runs=Path(args.runs),
+        cache=Path(args.cache),
+        targets=tuple(parse_targets(args.target)),
+        base=Path(args.base) if args.base else None,
+        out=Path(args.out) if args.out else None,
+        every=parse_positive_int(args.every, "--every", 1_000_000),
+        interval_s=parse_duration(args.interval, "--interval"),
+        settle_s=parse_duration(args.settle, "--settle") if args.settle != "0" else 0.0,
+        until=parse_step(args.until, "--until") if args.until is not None else None,
+        method=args.method,
+        holdout=parse_positive_int(args.holdout, "--holdout", 1_000_000),
+        max_memory=args.max_memory,
+        device=args.device,
+        quiet=args.quiet,
+    )
+    appended = run_watch(options, printer=(lambda line: None) if args.quiet else print)
+    if not args.quiet:
+        print(f"appended {appended} checkpoint(s) to {args.cache}")
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -238,6 +279,12 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"wrote synthetic trajectory to {path} (base/ and runs/)")
 
 
+def one_line(text: str) -> str:
+    """The message as one printable line: names taken from files may hold newlines or terminal
+    escapes, which are shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
@@ -246,12 +293,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    handlers = {"run": _run, "synth": _synth, **REPORT_HANDLERS}
+    handlers = {"run": _run, "watch": _watch, "synth": _synth, **REPORT_HANDLERS}
     try:
         handlers[args.command](args)
     except RelexError as exc:
-        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
-        print(f"error: {'' if rank == '0' else f'[rank {rank}] '}{exc}", file=sys.stderr)
+        rank = message_rank()
+        print(f"error: {'' if rank == 0 else f'[rank {rank}] '}{one_line(str(exc))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -10,6 +10,7 @@ Everything takes G = D Dᵀ (K, K) float64 and the observed steps (K,); no weigh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,3 +179,28 @@ def heldout_error_sq(
 def relative_error(error_sq: torch.Tensor, norm_sq: torch.Tensor) -> torch.Tensor:
     """‖Δ̂ − Δ‖/‖Δ‖ elementwise; nan where the true delta is zero (nothing to predict)."""
     return torch.where(norm_sq > 0, (error_sq / norm_sq.clamp_min(1e-300)).sqrt(), torch.nan)
+
+
+def prediction_drift(
+    grams: list[torch.Tensor],
+    weights_of: Callable[[torch.Tensor, int], torch.Tensor],
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """‖Ŵ_T(k) − Ŵ_T(k−1)‖ (T,) and ‖Ŵ_T(k) − W_0‖ (T,) over all tensors, exactly from G.
+
+    grams: each tensor's Gram (K, K), K ≥ k; weights_of(G[:m, :m], m) gives the combination
+    weights (T, m) of the prediction from the first m rows. Both predictions are combinations of
+    the first k rows, so with Δw = w_k − w_{k−1} (zero-padded): ‖·‖² = Δwᵀ G Δw and w_kᵀ G w_k.
+    """
+    moved = norm = None
+    for gram in grams:
+        gram = gram[:k, :k].to(torch.float64)
+        now = weights_of(gram, k)  # (T, k)
+        before = torch.zeros_like(now)
+        before[:, : k - 1] = weights_of(gram[: k - 1, : k - 1], k - 1)
+        delta = now - before
+        step = ((delta @ gram) * delta).sum(-1)  # (T,)
+        size = ((now @ gram) * now).sum(-1)
+        moved = step if moved is None else moved + step
+        norm = size if norm is None else norm + size
+    return moved.clamp_min(0.0).sqrt(), norm.clamp_min(0.0).sqrt()

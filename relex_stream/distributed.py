@@ -1,18 +1,22 @@
-"""torchrun support: which rank does which tensors, and the few collective steps a run needs.
+"""torchrun support: the few collective steps a run needs.
 
-Tensors are independent, so ranks share nothing but the store directory and the preallocated
-output shards: rank 0 lays those out, every rank writes its own tensors at their offsets, and
-rank 0 finalises after a barrier. Outside torchrun every function here is a no-op for rank 0 of 1.
+Groups of tensors are independent, so ranks share nothing but the store directory and the
+preallocated output shards: rank 0 lays those out and records the store's pending change, every
+rank writes its own groups, and rank 0 commits the store and finalises after a barrier (which
+groups a rank takes: plan.assign). Outside torchrun every function here is a no-op for rank 0
+of 1.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .envvars import torchrun_env
+from .errors import RelexError
 
 
 @dataclass(frozen=True)
@@ -33,19 +37,33 @@ class Ranks:
 
 
 def init_from_env(device_name: str) -> Ranks:
-    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK).
+
+    On CUDA each rank is bound to GPU LOCAL_RANK before the process group exists, and the group
+    is told so (device_id): the first collective then runs on that GPU, not global_rank % GPUs.
+    """
+    found = torchrun_env()
+    if found is None:
         return Ranks()
-    ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    ranks = Ranks(*found)
+    if device_name.startswith("cuda:"):
+        raise RelexError(
+            f"--device {device_name} under torchrun: each rank uses GPU LOCAL_RANK; pass "
+            "--device cuda (or auto), and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
     if not dist.is_initialized():
         use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        options: dict = {"timeout": datetime.timedelta(hours=2)}  # rank 0 may finalise long
         if use_cuda:
-            torch.cuda.set_device(ranks.local_rank)
-        # A generous timeout: rank 0 may finalise large outputs while the others wait.
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2)
-        )
+            if ranks.local_rank >= torch.cuda.device_count():
+                raise RelexError(
+                    f"LOCAL_RANK {ranks.local_rank} has no GPU ({torch.cuda.device_count()} "
+                    "visible); start fewer processes per node or make more GPUs visible"
+                )
+            device = torch.device("cuda", ranks.local_rank)
+            torch.cuda.set_device(device)
+            options["device_id"] = device
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **options)
     return ranks
 
 

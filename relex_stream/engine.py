@@ -51,7 +51,8 @@ class RunSummary:
     appended_steps: list[int] = field(default_factory=list)
     input_bytes: int = 0  # bytes of base + observed rows that the run needed
     bytes_from_sources: int = 0
-    bytes_from_store: int = 0
+    bytes_from_store: int = 0  # stored bytes read from the store
+    bytes_decoded: int = 0  # raw bytes those decoded to
     bytes_written: int = 0  # bytes of output tensors
     store_bytes_written: int = 0
     support_fraction: float = 0.0  # changed elements ÷ elements, over the observed steps
@@ -77,7 +78,8 @@ class RunSummary:
             f"({self.observed_steps[0]}..{self.observed_steps[-1]}){appended}",
             f"read: {format_bytes(self.bytes_from_sources)} from checkpoints ({ratio:.2f}x the "
             f"input's {format_bytes(self.input_bytes)}), {format_bytes(self.bytes_from_store)} "
-            f"from the store; written: {format_bytes(self.bytes_written)} of outputs, "
+            f"from the store (decoded to {format_bytes(self.bytes_decoded)}); written: "
+            f"{format_bytes(self.bytes_written)} of outputs, "
             f"{format_bytes(self.store_bytes_written)} into the store",
             f"support: {100 * self.support_fraction:.1f}% of elements changed over the observed "
             "steps",
@@ -98,6 +100,33 @@ def extrapolate(**kwargs) -> RunSummary:
     """
     started = time.perf_counter()
     request = make_request(**kwargs)
+    ranks = init_from_env(request.device)
+    try:
+        summary = _execute(request, ranks)
+    finally:
+        shutdown(ranks)
+    summary.wall_seconds = time.perf_counter() - started
+    return summary
+
+
+def update_store(
+    *,
+    cache: str | Path,
+    base: str | Path | None = None,
+    runs: str | Path | None = None,
+    ckpts: list[str] | None = None,
+    steps: str | None = None,
+    max_memory: str | int = "4G",
+    device: str = "auto",
+    store_codec: str = "xor-zstd",
+    quiet: bool = False,
+) -> RunSummary:
+    """Build the store at `cache`, or append the checkpoints after its last step; no outputs."""
+    started = time.perf_counter()
+    request = make_request(targets=[], out=Path(cache).parent, base=base, runs=runs,
+                           ckpts=ckpts, steps=steps, cache=cache, device=device,
+                           max_memory=max_memory, store_codec=store_codec, quiet=quiet,
+                           store_only=True)
     ranks = init_from_env(request.device)
     try:
         summary = _execute(request, ranks)
@@ -147,7 +176,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
             per_rank = gather(
                 (reader.bytes_from_sources, reader.bytes_from_store, stats.bytes_written,
                  stats.store_bytes_written, stats.support_observed, stats.elements_observed,
-                 summary.ill_conditioned, _peak_rss_bytes()),
+                 summary.ill_conditioned, _peak_rss_bytes(), reader.bytes_decoded),
                 ranks,
             )
             if ranks.is_main:
@@ -171,6 +200,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     summary.support_fraction = sum(r[4] for r in per_rank) / elements if elements else 0.0
     summary.ill_conditioned = [item for r in per_rank for item in r[6]]
     summary.peak_rss_bytes = max(r[7] for r in per_rank)
+    summary.bytes_decoded = sum(r[8] for r in per_rank)
     summary.ranks = ranks.world_size
     if summary.ill_conditioned and ranks.is_main:
         worst = max(summary.ill_conditioned, key=lambda item: item[1])
@@ -301,6 +331,7 @@ def _write_outputs(
             observed_steps=inputs.observed,
             allow_nonfinite=request.allow_nonfinite,
             keep_budget=keep_budget,
+            materialise=bool(outputs),
             progress=progress,
             stats=stats,
             ill_conditioned=summary.ill_conditioned,

@@ -80,6 +80,16 @@ def gather_inputs(
     if state == "store":
         with TrajectoryStore.open(store_path) as store:
             current, pending = store.manifest.current, store.manifest.pending
+    if base is None and (runs is not None or ckpts):
+        if current is None or rebuild:
+            raise RelexError(
+                "--runs/--ckpt need --base, the checkpoint the run started from (only a store "
+                "that exists can take new checkpoints without it)"
+            )
+        found = find_checkpoints(runs, list(ckpts) if ckpts else None)
+        sources = open_sources(None, found, steps, window, also=list(current.steps),
+                               stored=current.layout, stored_aliases=current.aliases)
+        return _append(sources, store_path, state, current, steps, window, current.layout)
     if base is None:
         if rebuild:
             raise RelexError("--rebuild needs the sources (--base and --runs/--ckpt)")
@@ -132,7 +142,7 @@ def _append(sources: Sources, store_path: Path, state: str, current: Generation,
     stored = list(current.steps)
     chosen = select_steps(sorted(set(stored) | set(sources.steps)), steps, window)
     prints = sources.fingerprints()
-    if prints["base"] != current.sources["base"]:
+    if prints["base"] is not None and prints["base"] != current.sources["base"]:
         changed = _first_change(current.sources["base"], prints["base"])
         raise RelexError(
             f"the store at {store_path} was built from other inputs (base file {changed} "

@@ -128,6 +128,7 @@ class PassContext:
     observed_steps: list[int]
     allow_nonfinite: bool
     keep_budget: int
+    materialise: bool  # False: only the store is written (no outputs)
     progress: Progress
     stats: PassStats
     ill_conditioned: list[tuple[str, float]]
@@ -138,8 +139,9 @@ class PassContext:
         self.steps_tensor = torch.tensor(self.observed_steps, dtype=torch.float64)
 
 
-def jobs_for(groups: list[GroupWork]) -> list[ReadJob]:
-    """Every read of the run, in order: per tensor its first pass, then its second."""
+def jobs_for(groups: list[GroupWork], materialise: bool = True) -> list[ReadJob]:
+    """Every read of the run, in order: per tensor its first pass, then (when the run writes
+    outputs) its second."""
     jobs: list[ReadJob] = []
     for gw in groups:
         for w in gw.tensors:
@@ -147,12 +149,14 @@ def jobs_for(groups: list[GroupWork]) -> list[ReadJob]:
             row_size = _itemsize(w.row_dtype) if w.is_float else 0
             n_out = len(w.row_positions) if w.is_float else 0
             if w.write:
-                stage = "both" if w.read_once else "gram"
+                stage = "both" if w.read_once and materialise else "gram"
                 for a, b in w.chunks(w.gram_cols):
                     jobs.append(ReadJob(len(jobs), w.name, stage, a, b, base_size,
                                         w.n_rows if w.is_float else 0, row_size))
                 if w.read_once:
                     continue
+            if not materialise:
+                continue
             for a, b in w.chunks(w.out_cols):
                 jobs.append(ReadJob(len(jobs), w.name, "out", a, b, base_size, n_out, row_size))
     return jobs
@@ -169,7 +173,7 @@ def run_passes(groups: list[GroupWork], ctx: PassContext, ring: Ring) -> None:
     by_name = {w.name: (gw, w) for gw in groups for w in gw.tensors}
     for gw in groups:
         gw.pending = sum(1 for w in gw.tensors if w.write)
-    jobs = jobs_for(groups)
+    jobs = jobs_for(groups, ctx.materialise)
     aborted = threading.Event()
 
     def fill(job: ReadJob, base: np.ndarray, rows: np.ndarray) -> None:
@@ -259,7 +263,8 @@ def _first_pass_chunk(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassConte
             old = torch.from_numpy(gw.old_grams[gw.group.tensors.index(w.name)])
             p = gw.first_panel_row
             w.gram[:p, :p] = torch.tril(old[:p, :p]).to(ctx.device)
-        w.kept = [] if w.row_positions == list(range(w.n_rows)) else None
+        every_row = w.row_positions == list(range(w.n_rows))
+        w.kept = [] if ctx.materialise and every_row else None
     rows_t, base_t = _upload(rows, base, w, ctx.device)
     if w.svd == "randomized":
         w.gram = randomized_gram(rows_t, base_t)
@@ -279,7 +284,8 @@ def _first_pass_chunk(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassConte
                     _drop_kept(w, ctx)
     if job.stop == w.numel:
         w.gram = symmetric(w.gram).cpu() if w.svd != "randomized" else w.gram.cpu()
-        _weights(w, ctx)
+        if ctx.materialise:
+            _weights(w, ctx)
         _first_pass_done(gw, w, ctx, store_writer)
 
 

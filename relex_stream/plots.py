@@ -169,3 +169,33 @@ def backtest_errors(
     ax.set_ylabel("‖Δ̂ − Δ‖ / ‖Δ‖ (all tensors)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
+
+
+def timeline(path: Path, rows: Sequence[dict], targets: Sequence[str]) -> Path:
+    """A watched run: explained variance and R² with their null's 95% against the step, and
+    the prediction drift of each target (log scale)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    steps = [r["step"] for r in rows]
+    for key, null_key, label in (
+        ("explained_variance", "null_ev_p95", "explained variance"),
+        ("r_squared", "null_r2_p95", "R² of the rank-1 line"),
+    ):
+        line = axes[0].plot(steps, [_nan(r[key]) for r in rows], "o-", ms=3, label=label)
+        axes[0].plot(steps, [_nan(r[null_key]) for r in rows], "--", lw=0.8,
+                     color=line[0].get_color(), label=f"{label}: random-walk null, 95%")
+    axes[0].set_ylabel("whole model")
+    axes[0].legend(fontsize=7)
+    for target in targets:
+        values = [_nan(r["drift"].get(target)) for r in rows]
+        axes[1].plot(steps, values, "o-", ms=3, label=f"target {target}")
+    if any(math.isfinite(v) and v > 0 for r in rows for v in map(_nan, r["drift"].values())):
+        axes[1].set_yscale("log")
+    axes[1].set_ylabel("prediction drift ‖ΔŴ_T‖ / ‖Ŵ_T − W₀‖")
+    axes[1].set_xlabel("last observed step")
+    axes[1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .backtest import DEFAULT_METHODS, DEFAULT_THRESHOLD, parse_windows
+from .backtest import DEFAULT_METHODS, DEFAULT_THRESHOLD
+from .units import parse_windows
 
 METHOD_HELP = (
     "methods to compare (default: relex raw-ols two-point): relex[:rank=R,fit=linear|poly:D], "
@@ -83,7 +84,7 @@ def run_backtest(args: argparse.Namespace) -> None:
     result = backtest(
         args.store,
         holdout=args.holdout,
-        windows=parse_windows(args.windows),
+        windows=parse_windows(args.windows, "--windows"),
         methods=args.methods,
         threshold=args.threshold,
         out_dir=args.out,

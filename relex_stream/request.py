@@ -39,6 +39,7 @@ class RunRequest:
     allow_nonfinite: bool
     quiet: bool
     store_codec: str
+    store_only: bool = False  # build or append the store, write no outputs (watch)
 
     @property
     def store_path(self) -> Path:
@@ -84,12 +85,13 @@ def make_request(
     allow_nonfinite: bool = False,
     store_codec: str = "xor-zstd",
     quiet: bool = False,
+    store_only: bool = False,
 ) -> RunRequest:
     """A checked RunRequest from the keyword arguments of `extrapolate` (and the CLI)."""
     target_steps = (
         parse_targets(targets) if isinstance(targets, str) else [float(t) for t in targets]
     )
-    if not target_steps:
+    if not target_steps and not store_only:
         raise RelexError("give at least one --target step")
     if len(target_steps) > MAX_TARGETS:
         raise RelexError(f"give at most {MAX_TARGETS} --target steps")
@@ -104,8 +106,6 @@ def make_request(
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or (
             device.startswith("cuda:") and device[5:].isascii() and device[5:].isdigit())):
         raise RelexError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
-    if base is None and (runs is not None or ckpts):
-        raise RelexError("--runs/--ckpt need --base, the checkpoint the run started from")
     if runs is not None and ckpts:
         raise RelexError("give either --runs or --ckpt, not both")
     if base is not None and runs is None and not ckpts:
@@ -142,4 +142,5 @@ def make_request(
         allow_nonfinite=bool(allow_nonfinite),
         quiet=bool(quiet),
         store_codec=store_codec,
+        store_only=store_only,
     )

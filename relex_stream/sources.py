@@ -22,6 +22,7 @@ from . import shards
 from .checkpoints import (
     Checkpoint,
     ModelFiles,
+    ModelLayout,
     check_same_model,
     config_of,
     discover_runs,
@@ -30,6 +31,7 @@ from .checkpoints import (
     select_steps,
 )
 from .errors import RelexError
+from .safetensors_io import FLOAT_CODES
 from .store import GroupWriter, StoreReader, TrajectoryStore
 from .store_layout import Generation, Group
 from .tensor_files import TensorInfo, read_into, word_dtype
@@ -44,7 +46,7 @@ _SIGNED = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 class Sources:
     """The base and the observed checkpoints of a run, opened (headers only)."""
 
-    base: ModelFiles
+    base: ModelFiles | None  # None: appending to a store, which holds the base
     checkpoints: list[Checkpoint]  # sorted by step
     row_dtypes: dict[str, str]  # float tensor -> the widest dtype of its checkpoints
 
@@ -58,7 +60,7 @@ class Sources:
     def fingerprints(self, steps: list[int] | None = None) -> dict:
         wanted = self.steps if steps is None else steps
         return {
-            "base": self.base.fingerprint(),
+            "base": self.base.fingerprint() if self.base is not None else None,
             "steps": {str(c.step): c.model.fingerprint() for c in self.checkpoints
                       if c.step in wanted},
         }
@@ -73,31 +75,44 @@ def find_checkpoints(runs: Path | None, ckpts: list[str] | None) -> dict[int, Pa
 
 
 def open_sources(
-    base: Path,
+    base: Path | None,
     found: dict[int, Path],
     steps: StepSelection | None,
     window: int | None,
     also: list[int] | None = None,
+    stored: ModelLayout | None = None,
+    stored_aliases: dict[str, str] | None = None,
 ) -> Sources:
     """Open the base and the chosen checkpoints (headers only) and check they match.
 
     also: steps held elsewhere (the store) that take part in --steps/--window selection.
+    stored, stored_aliases: the store's layout and tied tensors, which stand in for the base's
+    when no base is given (appending to a store).
     """
     available = sorted(set(found) | set(also or []))
     chosen = [s for s in select_steps(available, steps, window) if s in found]
-    base_model = open_model(Path(base))
-    tied = config_of(base_model.aux_files(), str(base_model.config_dir)).get(
-        "tie_word_embeddings") is True
+    if base is not None:
+        base_model = open_model(Path(base))
+        layout, where, config_dir = base_model.layout(), "the base", base_model.config_dir
+        config = config_of(base_model.aux_files(), str(base_model.config_dir))
+        tied = config.get("tie_word_embeddings") is True and TIED_HEAD not in layout.tensors
+    elif stored is not None:
+        base_model, layout, where, config_dir = None, stored, "the store", None
+        tied = TIED_HEAD in (stored_aliases or {})
+        layout = ModelLayout({n: v for n, v in stored.tensors.items()
+                              if n not in (stored_aliases or {})}, {}, stored.sharded)
+    else:
+        raise RelexError("--runs/--ckpt need --base, the checkpoint the run started from")
     checkpoints = []
     for step in chosen:
-        model = open_model(found[step], base_model.config_dir)
-        if tied and TIED_HEAD in model.tensors and TIED_HEAD not in base_model.tensors:
-            model = model.without(TIED_HEAD)  # FSDP state dicts keep the tied copy
+        model = open_model(found[step], config_dir)
+        if tied and TIED_HEAD in model.tensors:
+            model = model.without(TIED_HEAD)  # a tied copy (FSDP state dicts keep one)
         checkpoints.append(Checkpoint(step, model))
-    row_dtypes = check_same_model(base_model, checkpoints)
-    for name, info in base_model.tensors.items():
-        if info.is_float and name not in row_dtypes:
-            row_dtypes[name] = info.dtype  # no checkpoint chosen here (all rows in the store)
+    row_dtypes = check_same_model(layout, where, checkpoints)
+    for name, (dtype, _) in layout.tensors.items():
+        if dtype in FLOAT_CODES and name not in row_dtypes:
+            row_dtypes[name] = dtype  # no checkpoint chosen here (all rows in the store)
     return Sources(base_model, checkpoints, row_dtypes)
 
 
@@ -126,7 +141,12 @@ class RowReader:
         self._store_reader: StoreReader | None = store.reader() if store is not None else None
         self._record_steps: dict[int, tuple[int, ...]] = {}
         self.bytes_from_sources = 0
-        self.bytes_from_store = 0
+        self.bytes_decoded = 0  # raw bytes of the rows and bases decoded from the store
+
+    @property
+    def bytes_from_store(self) -> int:
+        """Stored (compressed) bytes read from the store."""
+        return self._store_reader.bytes_read if self._store_reader is not None else 0
 
     def _steps_for(self, group: Group) -> tuple[int, ...]:
         """The steps of the record describing the group's stored pieces: all of the run's once
@@ -155,7 +175,7 @@ class RowReader:
         if origin.base_from_store:
             steps = self._steps_for(group) if live is None or not live.covers(None) else ()
             self._store_reader.read_base(self._gen, steps, group, name, start, base, live)
-            self.bytes_from_store += base.nbytes
+            self.bytes_decoded += base.nbytes
         else:
             read_into(self._sources.base.tensors[name], start, base)
             self.bytes_from_sources += base.nbytes
@@ -163,7 +183,7 @@ class RowReader:
         if n_store:
             self._store_reader.read_rows(self._gen, self._steps_for(group), group, name, start,
                                          list(origin.store_rows), base, rows[:n_store], live)
-            self.bytes_from_store += rows[:n_store].nbytes
+            self.bytes_decoded += rows[:n_store].nbytes
         for i, step in enumerate(origin.source_steps):
             info = self._sources.checkpoint(step).tensors[name]
             target = rows[n_store + i]

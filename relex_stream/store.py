@@ -683,6 +683,11 @@ class StoreReader:
         self._store = store
         self._open: dict[tuple, tuple[int, shards.ShardIndex]] = {}
         self._group_key: tuple | None = None
+        self.bytes_read = 0  # stored (compressed) bytes read from disk
+
+    def _payload(self, fd: int, index: shards.ShardIndex, j: int) -> memoryview:
+        self.bytes_read += int(index.sizes[j])
+        return memoryview(shards.read_chunk_payload(fd, index, j))
 
     def close(self) -> None:
         for fd, _ in self._open.values():
@@ -749,7 +754,7 @@ class StoreReader:
         scratch = np.empty(group.chunk_cols, dtype=out.dtype)
         with self._guard(name):
             for j, span, inner in self._spans(group, name, start, start + out.shape[0]):
-                payload = memoryview(shards.read_chunk_payload(fd, index, j))
+                payload = self._payload(fd, index, j)
                 shards.decode_chunk(payload, int(index.encoded_crcs[j]), scratch)
                 out[span] = scratch[inner]
 
@@ -778,7 +783,7 @@ class StoreReader:
             for j, span, inner in self._spans(group, name, start, start + out.shape[1]):
                 current[inner] = _reference_row(base[span], group, words)
                 for k, (fd, index) in enumerate(handles):
-                    payload = memoryview(shards.read_chunk_payload(fd, index, j))
+                    payload = self._payload(fd, index, j)
                     decode_chunk_codes(payload, int(index.encoded_crcs[j]), transform, codes)
                     if transform == "none":
                         current[inner] = codes[inner]

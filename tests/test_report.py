@@ -13,14 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from relex_stream.store import TrajectoryStore
-from relex_stream.backtest import backtest, parse_windows
+from relex_stream.backtest import backtest
 from relex_stream.cli import main as cli_main
 from relex_stream.diagnostics import tensor_stats
 from relex_stream.errors import RelexError
 from relex_stream.methods import combination_weights, parse_method
 from relex_stream.report import load_grams, report
 from relex_stream.report_cli import REPORT_HANDLERS, add_report_parsers
+from relex_stream.store import TrajectoryStore
+from relex_stream.units import parse_windows
 from tests.fixtures import EMBED, INT_BUFFER, LM_HEAD, ZERO_DELTA
 from tests.helpers import run_cli
 
@@ -267,7 +268,7 @@ def test_commands_through_python_m(synth_store: Path, tmp_path: Path) -> None:
     (lambda s: backtest(s, holdout=2, methods=["relex:rank=0"]), "at least 1"),
     (lambda s: report(s, null_samples=-1), "--null-samples"),
     (lambda s: report(s.parent / "nothing-here"), "no trajectory store"),
-    (lambda s: parse_windows("3,half"), "--windows"),
+    (lambda s: parse_windows("3,half", "--windows"), "--windows"),
 ])
 def test_user_mistakes_raise_relex_error(synth_store: Path, call, needle: str) -> None:
     with pytest.raises(RelexError, match=needle):

@@ -1,0 +1,324 @@
+"""`watch`: follow an RL run while it trains, appending each checkpoint to the store once.
+
+Each poll finds the step directories after the store's last step, takes one only when it is
+complete (its model opens: index and every shard present, file sizes agree with their headers)
+and nothing in it has changed for --settle, appends it, and adds a row to the store's timeline:
+whole-model explained variance and R² against their random-walk null, the backtest reach, and
+the prediction drift of every target, ‖Ŵ_T(k) − Ŵ_T(k−1)‖ / ‖Ŵ_T(k) − W₀‖, all exact from the
+Gram matrices (no weight reads). A prediction that stops moving as checkpoints arrive says that
+more RL steps add little about where the run is going.
+
+Ctrl-C or SIGTERM stops it between checkpoints (a second one stops it at once); started again, it
+continues from the store.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backtest import reach
+from .checkpoints import discover_runs, open_model
+from .diagnostics import prediction_drift, tensor_stats
+from .engine import extrapolate, update_store
+from .errors import RelexError
+from .methods import MethodSpec, combination_weights, parse_method
+from .report import StoreGrams, load_grams
+from .store import TrajectoryStore
+from .units import StepSelection, step_label
+
+log = logging.getLogger("relex_stream")
+
+TIMELINE_DIR = "timeline"
+NULL_SAMPLES = 200
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    """What `watch` was asked for."""
+
+    runs: Path
+    cache: Path
+    targets: tuple[float, ...]
+    base: Path | None = None
+    out: Path | None = None
+    every: int = 1  # materialise the targets every N appended checkpoints (with --out)
+    interval_s: float = 30.0
+    settle_s: float = 10.0
+    until: int | None = None  # stop once a checkpoint at or after this step is appended
+    method: str = "relex"
+    holdout: int = 3
+    max_memory: str = "4G"
+    device: str = "auto"
+    quiet: bool = False
+
+
+@dataclass
+class _Seen:
+    """A step directory's files as last seen, and since when they have not changed."""
+
+    snapshot: tuple
+    since: float
+
+
+@dataclass
+class Watcher:
+    """The state of one `watch`: the store, the timeline, and what the last poll saw."""
+
+    options: WatchOptions
+    clock: Callable[[], float] = time.monotonic
+    seen: dict[int, _Seen] = field(default_factory=dict)
+    appended: int = 0
+    stop_requested: bool = False
+
+    # ------------------------------------------------------------------ polling
+
+    def ready_steps(self) -> list[int]:
+        """Complete, settled step directories after the store's last step, in order."""
+        last = self._last_step()
+        found = discover_runs(self.options.runs) if self.options.runs.is_dir() else {}
+        ready = []
+        now = self.clock()
+        for step, directory in sorted(found.items()):
+            if last is not None and step <= last:
+                continue
+            snapshot = _snapshot(directory)
+            seen = self.seen.get(step)
+            if seen is None or seen.snapshot != snapshot:
+                self.seen[step] = _Seen(snapshot, now)
+                continue
+            if now - seen.since < self.options.settle_s or not _opens(directory):
+                continue
+            ready.append(step)
+        return ready
+
+    def _last_step(self) -> int | None:
+        if TrajectoryStore.probe(self.options.cache) != "store":
+            return None
+        with TrajectoryStore.open(self.options.cache) as store:
+            current = store.manifest.current
+            return None if current is None else current.steps[-1]
+
+    def poll(self) -> list[str]:
+        """Append what is ready (one checkpoint at a time; the first two build the store);
+        returns the lines printed."""
+        lines = []
+        ready = self.ready_steps()
+        building = self._last_step() is None
+        while ready and not self.stop_requested:
+            batch = ready[:2] if building else ready[:1]
+            if building and len(batch) < 2:
+                break  # a store needs two checkpoints
+            ready = ready[len(batch):]
+            self._append(batch, building)
+            building = False
+            self.appended += 1
+            lines.append(self._record_timeline())
+            if self.options.out is not None and self.appended % self.options.every == 0:
+                self._materialise()
+            if self.options.until is not None and batch[-1] >= self.options.until:
+                self.stop_requested = True
+        return lines
+
+    def _append(self, steps: list[int], building: bool) -> None:
+        options = self.options
+        selection = None
+        if not building:
+            with TrajectoryStore.open(options.cache) as store:
+                stored = store.steps
+            selection = StepSelection((), tuple(stored + steps), ",".join(map(str, steps)))
+        elif options.base is None:
+            raise RelexError(f"no store at {options.cache} yet: give --base to build it")
+        update_store(cache=options.cache, base=options.base if building else None,
+                     runs=options.runs, steps=selection if selection else _exact(steps),
+                     max_memory=options.max_memory, device=options.device, quiet=True)
+
+    def _materialise(self) -> None:
+        options = self.options
+        extrapolate(cache=options.cache, targets=list(options.targets), out=options.out,
+                    method=options.method, max_memory=options.max_memory,
+                    device=options.device, overwrite=True, quiet=True)
+
+    # ------------------------------------------------------------------ the timeline
+
+    def _record_timeline(self) -> str:
+        rows = timeline_rows(self.options.cache, self.options.targets, self.options.method,
+                             self.options.holdout, keep=_load_rows(self.options))
+        _write_timeline(self.options, rows)
+        return _line(rows[-1], self.options.targets) if rows else ""
+
+
+def _exact(steps: list[int]) -> StepSelection:
+    return StepSelection((), tuple(steps), ",".join(map(str, steps)))
+
+
+def _snapshot(directory: Path) -> tuple:
+    """(relative path, size, mtime) of every file below a step directory (links not followed)."""
+    files = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            path = Path(root) / name
+            try:
+                info = path.lstat()
+            except FileNotFoundError:
+                continue  # replaced while we looked: the next poll sees it
+            files.append((str(path.relative_to(directory)), info.st_size, info.st_mtime_ns))
+    return tuple(files)
+
+
+def _opens(directory: Path) -> bool:
+    """True when the checkpoint's model opens: every file present and as long as it says."""
+    try:
+        open_model(directory)
+    except RelexError:
+        return False
+    return True
+
+
+def timeline_rows(
+    cache: Path, targets: tuple[float, ...], method: str, holdout: int,
+    keep: list[dict] | None = None,
+) -> list[dict]:
+    """One row per stored step from the second on: statistics of the first k steps.
+
+    keep: rows computed before (same targets and method), reused as they are.
+    """
+    data = load_grams(cache)
+    spec = parse_method(method)
+    kept = {row["step"]: row for row in keep or []}
+    rows = []
+    for k in range(2, len(data.steps) + 1):
+        step = data.steps[k - 1]
+        rows.append(kept.get(step) or _row(data, spec, targets, holdout, k))
+    return rows
+
+
+def _row(data: StoreGrams, spec: MethodSpec, targets: tuple[float, ...], holdout: int,
+         k: int) -> dict:
+    steps = torch.tensor(data.steps[:k], dtype=torch.float64)
+    grams = [g[:k, :k] for g in data.grams.values()]
+    whole = torch.stack(grams).sum(0)
+    stats = tensor_stats(whole, steps, NULL_SAMPLES, seed=0)
+    prefix = StoreGrams(data.path, data.steps[:k], {n: g[:k, :k] for n, g in data.grams.items()},
+                        data.numel, data.support, data.approximate)
+    held = min(holdout, k - 2)
+    drift: dict[str, float | None] = {step_label(t): None for t in targets}
+    if k >= 3:
+        def weights_of(gram: torch.Tensor, m: int) -> torch.Tensor:
+            return combination_weights(spec, gram, steps[:m], list(targets))
+
+        moved, norm = prediction_drift(grams, weights_of, k)
+        for t, a, b in zip(targets, moved.tolist(), norm.tolist(), strict=True):
+            drift[step_label(t)] = a / b if b > 0 else None
+    null = stats.null
+    return {
+        "step": data.steps[k - 1],
+        "rows": k,
+        "explained_variance": _finite(stats.fit.explained_variance),
+        "r_squared": _finite(stats.fit.r_squared),
+        "null_ev_p95": _finite(null.explained_variance[2]) if null else None,
+        "null_r2_p95": _finite(null.r_squared[2]) if null else None,
+        "straight": bool(stats.ev_above_null and stats.r2_above_null),
+        "reach": reach(prefix, held, spec) if held >= 1 else None,
+        "drift": drift,
+    }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _paths(options: WatchOptions) -> tuple[Path, Path, Path]:
+    directory = options.cache / TIMELINE_DIR
+    return directory / "timeline.json", directory / "timeline.csv", directory / "timeline.png"
+
+
+def _load_rows(options: WatchOptions) -> list[dict]:
+    """Rows of an earlier watch of the same targets and method (else none: recomputed)."""
+    path = _paths(options)[0]
+    try:
+        data = json.loads(path.read_text())
+        if data.get("targets") == [step_label(t) for t in options.targets] and data.get(
+                "method") == options.method and isinstance(data.get("rows"), list):
+            return [r for r in data["rows"] if isinstance(r, dict) and "step" in r]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return []
+
+
+def _write_timeline(options: WatchOptions, rows: list[dict]) -> None:
+    json_path, csv_path, png_path = _paths(options)
+    json_path.parent.mkdir(exist_ok=True)
+    labels = [step_label(t) for t in options.targets]
+    body = {"targets": labels, "method": options.method, "rows": rows}
+    tmp = json_path.with_name(".timeline.json.tmp")
+    tmp.write_text(json.dumps(body, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, json_path)
+    columns = ["step", "rows", "explained_variance", "r_squared", "null_ev_p95", "null_r2_p95",
+               "straight", "reach", *(f"drift_{label}" for label in labels)]
+    tmp = csv_path.with_name(".timeline.csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([row[c] for c in columns[:8]] + [row["drift"][x] for x in labels])
+    os.replace(tmp, csv_path)
+    try:
+        from .plots import timeline
+
+        timeline(png_path, rows, labels)
+    except RelexError as exc:  # no matplotlib: the JSON and CSV are the timeline
+        log.debug("no timeline.png: %s", exc)
+
+
+def _line(row: dict, targets: tuple[float, ...]) -> str:
+    def num(value: float | None, fmt: str = ".4f") -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    drift = ", ".join(f"T={label} {num(value, '.3g')}" for label, value in row["drift"].items())
+    return (
+        f"step {row['step']} ({row['rows']} observed): explained variance "
+        f"{num(row['explained_variance'])} (null 95% {num(row['null_ev_p95'])}), R² "
+        f"{num(row['r_squared'])} (null 95% {num(row['null_r2_p95'])}); reach "
+        f"{'n/a' if row['reach'] is None else '+' + format(row['reach'], 'g')} steps; drift "
+        f"{drift}"
+    )
+
+
+def run_watch(options: WatchOptions, printer: Callable[[str], None] = print) -> int:
+    """The watch loop; returns the number of checkpoints appended."""
+    if options.every < 1:
+        raise RelexError("--every must be at least 1")
+    watcher = Watcher(options)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(signum: int, frame: object) -> None:
+        if watcher.stop_requested:
+            raise KeyboardInterrupt
+        watcher.stop_requested = True
+        printer("stopping after the current checkpoint (again to stop now)")
+
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        while not watcher.stop_requested:
+            for line in watcher.poll():
+                printer(line)
+            deadline = time.monotonic() + options.interval_s
+            while not watcher.stop_requested and time.monotonic() < deadline:
+                time.sleep(min(0.2, options.interval_s))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return watcher.appended
