@@ -1,9 +1,11 @@
-"""Store compression study (issue 3): size and speed of lossless row transforms × zarr codecs.
+"""Store compression study (issues 3 and 12): size and speed of lossless row transforms × codecs.
 
-Generates a synthetic bf16 trajectory in memory (relex_stream.synth.simulate: 'drift' is the
-realistic fp32-master profile, 'planted' the old one, 'walk' a random walk), flattens every
-tensor into one (K, n) array of uint16 bits plus the base row, and for each transform × codec:
+Generates a synthetic trajectory in memory, exactly what `relex_stream synth` writes
+(relex_stream.synth.iter_tensors: 'drift' is the realistic fp32-master profile, 'planted' the old
+one, 'walk' a random walk), flattens every tensor into one (K, n) array of words (uint16 for
+bf16/fp16, uint32 for fp32) plus the base row in the rows' dtype, then one of three studies:
 
+--study zarr (default; bf16 only, issue 3), for each transform × codec:
   * encodes column blocks with relex_stream.row_codec (timed alone: "xform enc/dec"),
   * writes them into a zarr v3 array (K, n), chunks (1, ROW_CHUNK) with the real zarr codecs
     (default zarr threading: async concurrency 10, thread pool), the way store.write_chunk does,
@@ -12,18 +14,29 @@ tensor into one (K, n) array of uint16 bits plus the base row, and for each tran
     (get_basic_selection(..., out=...); page cache warm unless --cold) and decodes them in
     place, checking that every bit comes back,
   * times the codec alone on one thread (numcodecs, blosc nthreads 1) on a sample of chunks.
+  MB/s are of raw bf16 row bytes (K·n·2), so all columns compare directly. The reference sizes:
+  raw bf16 rows (what the transforms and codecs start from) and fp16 delta files (the paper's
+  scripts torch.save fp16 W_t − W_0 per checkpoint: 2 bytes per element, uncompressed; their
+  zstd size is shown too).
 
-MB/s are of raw bf16 row bytes (K·n·2), so all columns compare directly. The reference sizes:
-raw bf16 rows (what the transforms and codecs start from) and fp16 delta files (the paper's
-scripts torch.save fp16 W_t − W_0 per checkpoint: 2 bytes per element, uncompressed; their
-zstd size is shown too).
+--study chunks (any dtype, issue 12): for each transform/codec candidate, per column block of
+  one inner chunk (--chunk-bytes of one row), the row-wise transform on (K, C), then per row
+  the per-chunk bytes (byte shuffle or none) and the bare codec, each chunk alone, one thread;
+  decoded back into one reused (K, C) buffer and compared bit for bit. Sizes are exact; MB/s
+  are raw row bytes per second of each phase (best of --repeats passes over all chunks).
+
+--study cutoff: zstd's ratio and one-thread speed on 1 MiB chunks from incompressible
+  (uniform random bytes) to compressible, against a plain copy: when to store a chunk raw.
 
     PYTHONPATH=. python bench/compress_study.py --params 24M --steps 1-30 --profile drift
+    PYTHONPATH=. python bench/compress_study.py --study chunks --save-dtype float32 \\
+        --base-dtype bfloat16 --params 8M --steps "1-10;10-100:10" --lr 2e-7,1e-6,5e-6
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -43,13 +56,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 
 from relex_stream import row_codec
-from relex_stream.synth import (
-    _base_and_directions,
-    _bf16_exact,
-    qwen2_config,
-    qwen2_shapes,
-    simulate,
-)
+from relex_stream.synth import DTYPES, iter_tensors, make_spec, qwen2_config, qwen2_shapes
 from relex_stream.units import parse_bytes, parse_steps
 
 ROW_CHUNK = (1 << 20) // 2  # store.row_chunk_cols for bf16: 1 MiB of one row
@@ -90,35 +97,56 @@ def codecs() -> dict[str, tuple[list, object]]:
     }
 
 
-def shapes_for(params: int) -> dict[str, tuple[int, ...]]:
-    """A Qwen2 layout of about `params` elements (hidden 512, vocab 8192, as many layers as fit)."""
-    hidden, vocab = 512, 8192
+def layers_for(params: int, hidden: int = 512, vocab: int = 8192) -> int:
+    """Decoder layers of a Qwen2 layout (hidden 512, vocab 8192) of about `params` elements."""
     per_layer = sum(
         int(np.prod(s))
         for n, s in qwen2_shapes(qwen2_config(hidden, 1, vocab, False)).items()
         if n.startswith("model.layers.0.")
     )
-    layers = max(1, round((params - 2 * vocab * hidden) / per_layer))
-    return qwen2_shapes(qwen2_config(hidden, layers, vocab, False))
+    return max(1, round((params - 2 * vocab * hidden) / per_layer))
 
 
-def trajectory(profile: str, params: int, steps: list[int], seed: int, lr: float | None):
-    """(base (n,) uint16, rows (K, n) uint16, seconds per generated checkpoint)."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    shapes = shapes_for(params)
-    base, directions = _base_and_directions(shapes, generator)
-    base_bits = torch.cat([b.to(torch.bfloat16).flatten() for b in base.values()])
-    if profile != "planted":
-        base = {name: _bf16_exact(b) for name, b in base.items()}
-    n = base_bits.numel()
-    rows = np.empty((len(steps), n), dtype=np.uint16)
+WORDS = {"bfloat16": np.uint16, "float16": np.uint16, "float32": np.uint32}
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    """A flat tensor's bits as unsigned words (no copy)."""
+    return t.contiguous().view(torch.uint8).numpy().view(WORDS[str(t.dtype).split(".")[1]])
+
+
+def trajectory(
+    profile: str,
+    params: int,
+    steps: list[int],
+    seed: int,
+    lr: float | None,
+    save_dtype: str = "bfloat16",
+    base_dtype: str | None = None,
+    every_step: bool = False,
+):
+    """(base (n,) words, rows (K, n) words, seconds per generated checkpoint): what synth writes.
+
+    The base comes in the rows' dtype (bf16 -> fp32 is exact): the reference of row 0.
+    """
+    spec = make_spec(
+        steps, seed=seed, hidden=512, layers=layers_for(params), vocab=8192, profile=profile,
+        lr=lr, every_step=every_step, save_dtype=save_dtype, base_dtype=base_dtype,
+    )  # fmt: skip
+    save = DTYPES[save_dtype][0]
+    n = sum(int(np.prod(s)) for s in qwen2_shapes(spec.config).values())
+    rows = np.empty((len(set(steps)), n), dtype=WORDS[save_dtype])
+    base = np.empty(n, dtype=WORDS[save_dtype])
     start = time.perf_counter()
-    for k, (_, tensors) in enumerate(simulate(base, directions, steps, generator, profile, lr=lr)):
-        flat = torch.cat([t.flatten() for t in tensors.values()])
-        rows[k] = flat.view(torch.int16).numpy().view(np.uint16)
-    per_ckpt = (time.perf_counter() - start) / len(steps)
-    return base_bits.view(torch.int16).numpy().view(np.uint16).copy(), rows, per_ckpt
+    for k, (step, tensors) in enumerate(iter_tensors(spec, steps), start=-1):
+        target = base if step is None else rows[k]
+        offset = 0
+        for t in tensors.values():
+            flat = bits(t.to(save).flatten())
+            target[offset : offset + flat.size] = flat
+            offset += flat.size
+    per_ckpt = (time.perf_counter() - start) / (len(rows) + 1)
+    return base, rows, per_ckpt
 
 
 def change_stats(base: np.ndarray, rows: np.ndarray) -> dict[str, float]:
@@ -283,15 +311,323 @@ def fp16_delta_reference(tmp: Path, base: np.ndarray, rows: np.ndarray) -> dict[
     return out
 
 
+# --------------------------------------------------------------------------- per-chunk (issue 12)
+
+# Row transforms for the per-chunk study: (row-wise mode, op, byte shuffle per chunk). The names
+# the store can record are row_codec.TRANSFORMS; the rest exist here only, to compare against.
+CHUNK_TRANSFORMS = {
+    "none": ("none", "xor", False),
+    "xor-prev": ("prev", "xor", False),
+    "xor-prev+shuffle": ("prev", "xor", True),
+    "sub-prev+zigzag": ("prev", "sub", False),
+    "sub-prev+zigzag+shuffle": ("prev", "sub", True),
+    "xor-base+shuffle": ("base", "xor", True),
+    "sub-base+zigzag+shuffle": ("base", "sub", True),
+}
+CANDIDATES = (
+    "none/zstd-1,xor-prev/zstd-1,xor-prev/zstd-3,xor-prev+shuffle/zstd-1,xor-prev+shuffle/zstd-3,"
+    "sub-prev+zigzag/zstd-1,sub-prev+zigzag+shuffle/zstd-1,sub-prev+zigzag+shuffle/zstd-3,"
+    "xor-prev/blosc-zstd-1 bitshuffle,sub-prev+zigzag/blosc-zstd-1 bitshuffle,"
+    "sub-prev+zigzag/blosc-zstd-1 shuffle,sub-prev+zigzag/blosc-lz4-5 bitshuffle,"
+    "xor-base+shuffle/zstd-1,sub-base+zigzag+shuffle/zstd-1"
+)
+
+
+def chunk_codec(label: str):
+    """A bare numcodecs codec, one thread (blosc: set_nthreads(1) by the caller)."""
+    if label.startswith("zstd-"):
+        return numcodecs.Zstd(level=int(label.split("-", 1)[1]))
+    name, shuffle = label.removeprefix("blosc-").split(" ")
+    cname, level = name.split("-")
+    ids = {"noshuffle": blosc.NOSHUFFLE, "shuffle": blosc.SHUFFLE, "bitshuffle": blosc.BITSHUFFLE}
+    return numcodecs.Blosc(cname=cname, clevel=int(level), shuffle=ids[shuffle])
+
+
+class Clock:
+    """Seconds per named phase, summed over calls."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    def lap(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.t[phase] = self.t.get(phase, 0.0) + now - since
+        return now
+
+
+def chunk_pass(base, rows, transform, codec, chunk: int, clock: Clock) -> tuple[int, bool]:
+    """Encode every (row, inner chunk) as the store would, decode it back: (bytes, exact).
+
+    Per column block of `chunk` words: the row-wise transform on (K, chunk), then per row
+    chunk_to_bytes and the codec; decoding reverses it into one reused (K, chunk) buffer.
+    """
+    mode, op, shuffle = CHUNK_TRANSFORMS[transform]
+    k = rows.shape[0]
+    codes = np.empty((k, chunk), dtype=rows.dtype)
+    planes = np.empty(chunk * rows.itemsize, dtype=np.uint8)
+    size, exact = 0, True
+    for start in range(0, rows.shape[1], chunk):
+        stop = min(rows.shape[1], start + chunk)
+        block, work = rows[:, start:stop], codes[:, : stop - start]
+        t = time.perf_counter()
+        row_codec.encode(block, base[start:stop], mode, op, out=work)
+        t = clock.lap("enc rows", t)
+        buffers = []
+        for row in work:
+            buffers.append(row_codec.shuffle_bytes(row) if shuffle else row)  # blosc: words
+        t = clock.lap("enc bytes", t)
+        payloads = [codec.encode(b) for b in buffers]
+        t = clock.lap("enc codec", t)
+        size += sum(len(p) for p in payloads)
+        for row, payload in zip(work, payloads, strict=True):
+            target = planes[: row.nbytes] if shuffle else row
+            t = time.perf_counter()
+            codec.decode(payload, out=target)
+            t = clock.lap("dec codec", t)
+            if shuffle:
+                row_codec.unshuffle_bytes(target, row)
+            t = clock.lap("dec bytes", t)
+        row_codec.decode(work, base[start:stop], mode, op, out=work)
+        clock.lap("dec rows", t)
+        exact &= bool(np.array_equal(work, block))
+    return size, exact
+
+
+def order0_entropy(words: np.ndarray, sample: int = 1 << 23) -> float:
+    """Shannon entropy (bits per word) of the word values, on up to `sample` words."""
+    flat = words.reshape(-1)[:sample]
+    _, counts = np.unique(flat, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+EXPONENT = {"float32": (23, 0xFF), "bfloat16": (7, 0xFF), "float16": (10, 0x1F)}  # shift, mask
+
+
+def conditional_entropy(codes: np.ndarray, previous: np.ndarray, dtype: str) -> float:
+    """Entropy (bits per word) of the codes given the exponent of the previous row's word.
+
+    What a coder that knows each weight's binade could reach (sampled like order0_entropy).
+    """
+    shift, mask = EXPONENT[dtype]
+    flat, context = codes.reshape(-1)[: 1 << 23], previous.reshape(-1)[: 1 << 23]
+    exponent = (context >> shift) & mask
+    total = 0.0
+    for value in np.unique(exponent):
+        picked = flat[exponent == value]
+        total += picked.size * order0_entropy(picked)
+    return total / flat.size
+
+
+def chunk_study(args, steps_list: list[str], lrs: list[float | None]) -> list[dict]:
+    """Per-chunk grid: every candidate on every (steps, lr) trajectory; prints the tables."""
+    blosc.set_nthreads(1)
+    candidates = [c.split("/") for c in (args.candidates or CANDIDATES).split(",")]
+    results = []
+    for steps_text, lr in itertools.product(steps_list, lrs):
+        base, rows, per_ckpt = trajectory(
+            args.profile, parse_bytes(args.params), parse_steps(steps_text), args.seed, lr,
+            args.save_dtype, args.base_dtype, args.every_step,
+        )  # fmt: skip
+        width = 8 * rows.itemsize
+        chunk = parse_bytes(args.chunk_bytes) // rows.itemsize
+        sub = row_codec.encode(rows, base, "prev", "sub")
+        previous = np.concatenate([base[None], rows[:-1]])
+        entropy = order0_entropy(sub) / width
+        given_exponent = conditional_entropy(sub, previous, args.save_dtype) / width
+        changed = float(np.mean(rows != previous))
+        del sub, previous
+        label = f"steps {steps_text}, lr {lr if lr is not None else 'default'}"
+        print(
+            f"\n# {args.profile} {args.save_dtype} rows (base {args.base_dtype or args.save_dtype})"
+            f", {label}: K={rows.shape[0]}, n={rows.shape[1]:,}, raw {rows.nbytes / 2**20:.0f} MiB"
+            f", {per_ckpt:.2f} s/checkpoint to generate; changed vs previous row {changed:.4f}; "
+            f"order-0 entropy of sub-prev codes {entropy:.4f} of raw, given the previous "
+            f"word's exponent {given_exponent:.4f}"
+        )
+        print(
+            "| transform | codec | size / raw | enc MB/s | dec MB/s | rows enc | bytes enc |"
+            " codec enc | codec dec | bytes dec | rows dec | exact |"
+        )
+        print("|---" * 12 + "|")
+        for row in chunk_candidates(base, rows, candidates, chunk, args.repeats):
+            row |= {"trajectory": label, "entropy0": entropy, "changed": changed}
+            row["entropy_given_exponent"] = given_exponent
+            results.append(row)
+            print(format_chunk_row(row), flush=True)
+    return results
+
+
+def chunk_candidates(base, rows, candidates: list, chunk: int, repeats: int) -> list[dict]:
+    """Size (exact) and best-of-`repeats` one-thread MB/s per phase of every candidate.
+
+    The passes go round-robin over the candidates, so a burst of load on this shared machine
+    slows one pass of each rather than every pass of one.
+    """
+    best: list[dict[str, float]] = [{} for _ in candidates]
+    sizes, exact = [0] * len(candidates), [True] * len(candidates)
+    for _ in range(repeats):
+        for i, (transform, codec_label) in enumerate(candidates):
+            clock = Clock()
+            sizes[i], ok = chunk_pass(base, rows, transform, chunk_codec(codec_label), chunk, clock)
+            exact[i] &= ok
+            best[i] = {p: min(best[i].get(p, float("inf")), t) for p, t in clock.t.items()}
+    mb = rows.nbytes / 1e6
+    out = []
+    for (transform, codec), times, size, ok in zip(candidates, best, sizes, exact, strict=True):
+        out.append({
+            "transform": transform, "codec": codec, "ratio": size / rows.nbytes,
+            "enc_MBps": mb / sum(t for p, t in times.items() if p.startswith("enc")),
+            "dec_MBps": mb / sum(t for p, t in times.items() if p.startswith("dec")),
+            "phases_MBps": {p: mb / t if t else float("inf") for p, t in times.items()},
+            "exact": ok,
+        })  # fmt: skip
+    return out
+
+
+def format_chunk_row(row: dict) -> str:
+    """One markdown row; '-' for a phase that does nothing (no shuffle, or transform 'none')."""
+    phases = row["phases_MBps"]
+    mode, _, shuffle = CHUNK_TRANSFORMS[row["transform"]]
+    idle = {"bytes": not shuffle, "rows": mode == "none", "codec": False}
+    order = ["enc rows", "enc bytes", "enc codec", "dec codec", "dec bytes", "dec rows"]
+    shown = ["-" if idle[p.split()[1]] else f"{phases[p]:.0f}" for p in order]
+    return (
+        f"| {row['transform']} | {row['codec']} | {row['ratio']:.4f} | {row['enc_MBps']:.0f} | "
+        f"{row['dec_MBps']:.0f} | " + " | ".join(shown) + f" | {'yes' if row['exact'] else 'NO'} |"
+    )
+
+
+def summary_table(results: list[dict]) -> None:
+    """size / raw of every candidate (rows) on every trajectory (columns)."""
+    trajectories = list(dict.fromkeys(r["trajectory"] for r in results))
+    print("\n| transform | codec | " + " | ".join(trajectories) + " |")
+    print("|---|---|" + "---:|" * len(trajectories))
+    by_key: dict[tuple, dict] = {}
+    for r in results:
+        by_key.setdefault((r["transform"], r["codec"]), {})[r["trajectory"]] = r["ratio"]
+    for (transform, codec), ratios in by_key.items():
+        cells = [f"{ratios[t]:.4f}" if t in ratios else "" for t in trajectories]
+        print(f"| {transform} | {codec} | " + " | ".join(cells) + " |")
+    first = {r["trajectory"]: r for r in results}
+    print("| order-0 entropy of sub-prev codes | (bound for word-wise coders) | " + " | ".join(
+        f"{first[t]['entropy0']:.4f}" for t in trajectories) + " |")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- cut-off (issue 12)
+
+
+def cutoff_chunks(args) -> dict[str, list[np.ndarray]]:
+    """1 MiB chunks from incompressible to compressible: label -> chunks (uint8)."""
+    size, count = parse_bytes(args.chunk_bytes), 16
+    rng = np.random.default_rng(args.seed)
+    chunks = {}
+    for kept in (8, 7, 6, 4, 2):  # bytes with `kept` random low bits, the rest zero
+        label = "uniform random bytes" if kept == 8 else f"random bytes, {kept} of 8 bits"
+        chunks[label] = [
+            (rng.integers(0, 256, size, dtype=np.uint8) & ((1 << kept) - 1)).astype(np.uint8)
+            for _ in range(count)
+        ]
+    params = parse_bytes(args.params)
+    base, rows, _ = trajectory("planted", params, parse_steps("10-100:10"), args.seed, None)
+    codes = row_codec.encode(rows, base, "prev", "xor")
+    chunks["planted bf16, xor-prev"] = _row_chunks(codes, size, count)
+    for lr, steps in ((2e-7, "1-10"), (5e-6, "10-100:10")):
+        base, rows, _ = trajectory(
+            "drift", params, parse_steps(steps), args.seed, lr, "float32", "bfloat16"
+        )
+        codes = row_codec.encode(rows, base, "prev", "sub")
+        shuffled = [
+            row_codec.shuffle_bytes(c.view(np.uint32)) for c in _row_chunks(codes, size, count)
+        ]
+        chunks[f"fp32 drift lr {lr:g} steps {steps}, sub-prev+zigzag+shuffle"] = shuffled
+        low = np.concatenate([s[: size // 4] for s in shuffled])  # the low-byte planes only
+        chunks[f"fp32 drift lr {lr:g} steps {steps}, low-byte planes only"] = [
+            low[i : i + size] for i in range(0, low.size - size + 1, size)
+        ]
+    return chunks
+
+
+def _row_chunks(codes: np.ndarray, size: int, count: int) -> list[np.ndarray]:
+    flat = codes.reshape(-1).view(np.uint8)
+    return [flat[i * size : (i + 1) * size].copy() for i in range(min(count, flat.size // size))]
+
+
+def cutoff_study(args) -> list[dict]:
+    """zstd on chunks of every compressibility: ratio and one-thread MB/s, against a memcpy."""
+    blosc.set_nthreads(1)
+    results = []
+    print("| chunks | codec | compressed / raw | enc MB/s | dec MB/s | memcpy MB/s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for label, chunks in cutoff_chunks(args).items():
+        for codec_label in args.cutoff_codecs.split(","):
+            row = {"chunks": label, "codec": codec_label}
+            row |= cutoff_row(chunks, chunk_codec(codec_label), args.repeats)
+            results.append(row)
+            print(
+                f"| {label} | {codec_label} | {row['ratio']:.4f} | {row['enc_MBps']:.0f} | "
+                f"{row['dec_MBps']:.0f} | {row['memcpy_MBps']:.0f} |",
+                flush=True,
+            )
+    return results
+
+
+def cutoff_row(chunks: list[np.ndarray], codec, repeats: int) -> dict:
+    """Compressed / raw and best-of-`repeats` MB/s: encode, decode (into a buffer), memcpy."""
+    mb = sum(c.nbytes for c in chunks) / 1e6
+    outs = [np.empty_like(c) for c in chunks]
+    times: dict[str, list[float]] = {"enc": [], "dec": [], "copy": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        payloads = [codec.encode(c) for c in chunks]
+        t1 = time.perf_counter()
+        for payload, out in zip(payloads, outs, strict=True):
+            codec.decode(payload, out=out)
+        t2 = time.perf_counter()
+        for chunk, out in zip(chunks, outs, strict=True):
+            np.copyto(out, chunk)
+        t3 = time.perf_counter()
+        for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            times[key].append(value)
+    payloads = [codec.encode(c) for c in chunks]
+    for payload, out, chunk in zip(payloads, outs, chunks, strict=True):
+        out[:] = 0
+        codec.decode(payload, out=out)
+        assert np.array_equal(out, chunk)
+    return {
+        "ratio": sum(len(p) for p in payloads) / (mb * 1e6),
+        "enc_MBps": mb / min(times["enc"]),
+        "dec_MBps": mb / min(times["dec"]),
+        "memcpy_MBps": mb / min(times["copy"]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--study",
+        default="zarr",
+        choices=["zarr", "chunks", "cutoff"],
+        help="zarr: bf16 transforms x zarr codecs through a zarr store (issue 3); chunks: per "
+        "inner chunk, any dtype, one thread (issue 12); cutoff: zstd on incompressible chunks",
+    )
     p.add_argument("--profile", default="drift", choices=["planted", "drift", "walk"])
     p.add_argument("--params", default="24M", help="about this many elements (default 24M)")
-    p.add_argument("--steps", default="1-30", help="saved steps (default 1-30: consecutive)")
-    p.add_argument("--lr", type=float, default=None, help="synth lr (default: the profile's)")
+    p.add_argument(
+        "--steps", default="1-30", help="saved steps (default 1-30); chunks: several, ';'-separated"
+    )
+    p.add_argument(
+        "--lr", default=None, help="synth lr (default: the profile's); chunks: a comma list"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--codecs", default=None, help="comma list of codec labels (default all)")
-    p.add_argument("--transforms", default=None, help="comma list like none-xor,prev-xor")
+    p.add_argument("--save-dtype", default="bfloat16", choices=list(WORDS))
+    p.add_argument("--base-dtype", default=None, choices=list(WORDS))
+    p.add_argument("--every-step", action="store_true", help="synth every_step (trainer-exact)")
+    p.add_argument("--codecs", default=None, help="zarr: comma list of codec labels (default all)")
+    p.add_argument("--transforms", default=None, help="zarr: comma list like none-xor,prev-xor")
+    p.add_argument("--candidates", default=None, help="chunks: transform/codec,...")
+    p.add_argument("--repeats", type=int, default=2, help="chunks, cutoff: timing passes; best")
+    p.add_argument("--cutoff-codecs", default="zstd-1,zstd-3,zstd--1", help="cutoff: codecs")
     p.add_argument("--cold", action="store_true", help="drop the page cache before each read")
     p.add_argument("--reads", type=int, default=2, help="read passes per config; best counts")
     p.add_argument("--sample-chunks", type=int, default=96, help="chunks for the 1-thread timing")
@@ -299,10 +635,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tmp", default=None, help="directory for the temporary stores")
     p.add_argument("--chunk-bytes", default="1M", help="raw bytes of one row chunk (default 1M)")
     args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    if args.study == "chunks":
+        lrs = [float(x) for x in args.lr.split(",")] if args.lr else [None]
+        results = chunk_study(args, args.steps.split(";"), lrs)
+        summary_table(results)
+    elif args.study == "cutoff":
+        results = cutoff_study(args)
+    else:
+        return zarr_study(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0 if all(r.get("exact", True) for r in results) else 1
+
+
+def zarr_study(args: argparse.Namespace) -> int:
+    """The issue-3 grid: bf16 row transforms x zarr codecs through a real zarr store."""
+    if args.save_dtype != "bfloat16":
+        raise SystemExit("--study zarr measures bf16 rows; use --study chunks for other dtypes")
     global ROW_CHUNK
     ROW_CHUNK = parse_bytes(args.chunk_bytes) // 2
 
-    torch.set_num_threads(2)
     warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
     steps = parse_steps(args.steps)
     params = parse_bytes(args.params)
@@ -312,7 +665,10 @@ def main(argv: list[str] | None = None) -> int:
         [tuple(t.split("-")) for t in args.transforms.split(",")] if args.transforms else TRANSFORMS
     )
 
-    base, rows, per_ckpt = trajectory(args.profile, params, steps, args.seed, args.lr)
+    lr = float(args.lr) if args.lr else None
+    base, rows, per_ckpt = trajectory(
+        args.profile, params, steps, args.seed, lr, every_step=args.every_step
+    )
     k, n = rows.shape
     raw = rows.nbytes
     stats = change_stats(base, rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -10,6 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RelexError
+from .jsonfile import (
+    MAX_INDEX_BYTES,
+    JsonProblem,
+    get_optional_bool,
+    get_str_map,
+    load_json_object,
+    loads_strict,
+)
 from .safetensors_io import FLOAT_CODES, INDEX_NAME, SINGLE_NAME, header_fingerprint, read_header
 from .tensor_files import Piece, TensorInfo, widest
 from .units import StepSelection
@@ -146,20 +153,25 @@ def _relative(path: Path, directory: Path) -> str:
 
 
 def _check_json_object(raw: bytes, path: Path) -> dict:
+    """A small JSON file's bytes as an object, strictly (UTF-8, no duplicate keys, bounded)."""
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise RelexError(f"{path} is not valid UTF-8 JSON; fix or remove it") from None
+        data = loads_strict(raw.decode("utf-8"))
+    except (UnicodeDecodeError, JsonProblem) as exc:
+        raise RelexError(f"{path} is not valid UTF-8 JSON ({exc}); fix or remove it") from None
     if not isinstance(data, dict):
         raise RelexError(f"{path} is not a JSON object; fix or remove it")
     return data
 
 
 def config_of(aux_files: dict[str, bytes], where: str) -> dict:
-    """The parsed config.json (an object) or {} when there is none."""
+    """The parsed config.json (an object) or {} when there is none; tie_word_embeddings, if
+    present, must be true or false."""
     if "config.json" not in aux_files:
         return {}
-    return _check_json_object(aux_files["config.json"], Path(where) / "config.json")
+    path = Path(where) / "config.json"
+    config = _check_json_object(aux_files["config.json"], path)
+    get_optional_bool(config, "tie_word_embeddings", path)
+    return config
 
 
 @dataclass(frozen=True)
@@ -294,18 +306,10 @@ def _open_fsdp(actor_dir: Path, config_dir: Path | None) -> ModelFiles:
 
 def _read_index(index_path: Path) -> tuple[list[str], dict[str, str]]:
     """(shard file names in order of first use, weight_map) of a safetensors index file."""
-    try:
-        raw = index_path.read_bytes()
-    except OSError as exc:
-        raise RelexError(f"cannot read {index_path}: {exc.strerror}") from None
-    data = _check_json_object(raw, index_path)
-    weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise RelexError(
-            f"{index_path} is not a valid safetensors index (its weight_map must map tensor "
-            "names to shard file names)"
-        )
+    data = load_json_object(index_path, "safetensors index", MAX_INDEX_BYTES)
+    weight_map = get_str_map(data, "weight_map", index_path)
+    if not weight_map:
+        raise RelexError(f"{index_path} has an empty weight_map; it indexes no tensor")
     return list(dict.fromkeys(weight_map.values())), weight_map
 
 

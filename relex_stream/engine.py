@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from .distributed import Ranks, barrier, broadcast, device_for, gather, init_from_env, shutdown
+from .envvars import omp_num_threads_is_set
 from .errors import RelexError
 from .fit import GAP_WARNING
 from .inputs import RunInputs, gather_inputs
@@ -169,7 +170,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
         all_works = gen.groups()
         summary.tensors = sum(len(g.tensors) for g in all_works) + len(gen.aliases)
         summary.input_bytes = _input_bytes(all_works, len(inputs.observed))
-        keep = budget.keep if gpu_bytes is None else max(0, gpu_bytes - budget.fixed) // 2
+        keep = _keep_budget(request, budget, gpu_bytes)
         writers, stats, reader = _write_outputs(request, ranks, inputs, store, outputs, dtypes,
                                                 works, device, keep, budget, summary)
         try:
@@ -221,13 +222,27 @@ def _budget(request: RunRequest, gen: Generation, n_outputs: int) -> Budget:
                         min(widest, GRAM_BLOCK_COLS), chunk_bytes)
 
 
+def _keep_budget(request: RunRequest, budget: Budget, gpu_bytes: int | None) -> int:
+    """Bytes of deltas that may stay on the compute device between the passes.
+
+    On CUDA half of the GPU budget (the other half holds the chunk in work); on the CPU the
+    host budget's share, or --max-gpu-memory when given: it then stands in for a GPU's memory,
+    so that the CPU runs (and tests) the code path of a tensor kept on the device.
+    """
+    if gpu_bytes is not None:
+        return max(0, gpu_bytes - budget.fixed) // 2
+    if request.max_gpu_memory_bytes is not None:
+        return request.max_gpu_memory_bytes
+    return budget.keep
+
+
 def _device(request: RunRequest, ranks: Ranks) -> torch.device:
     from .kernels import resolve_device
 
     device = resolve_device(device_for(request.device, ranks))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif "OMP_NUM_THREADS" not in os.environ:
+    elif not omp_num_threads_is_set():
         # Leave a core to the reader and store-writer threads: on 2 cores, 1 torch thread ran
         # the 100M/K=30 bench in ~25 s against ~29 s with 2 (bench/RESULTS.md).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))

@@ -17,7 +17,7 @@ from .checkpoints import ModelLayout, config_of, select_steps
 from .errors import RelexError
 from .sources import Sources, find_checkpoints, open_sources
 from .store import TrajectoryStore, is_old_format
-from .store_layout import AuxFile, Generation
+from .store_layout import AuxFile, Generation, transforms_for
 from .tensor_files import widest
 from .units import StepSelection
 
@@ -118,15 +118,17 @@ def _build(sources: Sources, store_path: Path, state: str, current: Generation |
     number = (current.generation + 1) if current is not None else (
         pending.generation if pending is not None else 1)
     aliases = tied_aliases(layout, config_of(aux, str(sources.base.config_dir)))
+    row_dtypes = {n: d for n, d in sources.row_dtypes.items() if n not in aliases}
     target = Generation(
         generation=number,
         steps=tuple(chosen),
         layout=layout,
-        row_dtypes={n: d for n, d in sources.row_dtypes.items() if n not in aliases},
+        row_dtypes=row_dtypes,
         aliases=aliases,
         aux=tuple(AuxFile(n, len(b), _sha256(b)) for n, b in aux.items()),
         codec=codec,
         sources=sources.fingerprints(chosen),
+        transforms=transforms_for(codec, row_dtypes),
     )
     return RunInputs(sources, store_path, state, "build", target, (), chosen,
                      list(range(len(chosen))), aux)

@@ -104,8 +104,8 @@ def group_work(
                 verify_rows=(None,) * (len(steps) - first_new),
             )
         from_store = RowOrigin(True, tuple(observed_rows), (), ())
-        from_sources = (
-            RowOrigin(False, (), tuple(inputs.observed), tuple(observed_rows))
+        from_sources = (  # the base from the store when no base was given (an append)
+            RowOrigin(sources.base is None, (), tuple(inputs.observed), tuple(observed_rows))
             if hold_all else None
         )
         tensors = []

@@ -133,8 +133,10 @@ def make_request(
         ckpts=tuple(ckpts) if ckpts else None,
         cache=_path(cache, "--cache"),
         device=device,
-        max_memory_bytes=parse_bytes(max_memory),
-        max_gpu_memory_bytes=parse_bytes(max_gpu_memory) if max_gpu_memory is not None else None,
+        max_memory_bytes=parse_bytes(max_memory, "--max-memory"),
+        max_gpu_memory_bytes=(
+            parse_bytes(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory is not None else None
+        ),
         svd=svd,
         dtype=dtype,
         overwrite=bool(overwrite),

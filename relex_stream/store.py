@@ -40,6 +40,15 @@ import torch
 
 from . import shards
 from .errors import RelexError
+from .jsonfile import JsonProblem, loads_strict
+from .row_codec import (
+    bytes_to_chunk,
+    chunk_to_bytes,
+    decode_rows,
+    default_transform,
+    encode_rows,
+    transform_spec,
+)
 from .safefs import (
     entries,
     open_file,
@@ -92,21 +101,10 @@ def _sha256(data: object) -> str:
 
 
 def _strict_json(raw: bytes, where: str) -> dict:
-    """Parse JSON with no duplicate keys, no NaN, bounded nesting; a dict at the top."""
-
-    def pairs(items: list) -> dict:
-        keys = [k for k, _ in items]
-        if len(set(keys)) != len(keys):
-            raise ValueError("duplicate key")
-        return dict(items)
-
-    def no_constants(name: str) -> None:
-        raise ValueError(f"{name} is not JSON")
-
+    """Parse JSON strictly (jsonfile.loads_strict); a dict at the top."""
     try:
-        data = json.loads(raw.decode("utf-8"), object_pairs_hook=pairs,
-                          parse_constant=no_constants)
-    except (ValueError, UnicodeDecodeError, RecursionError, MemoryError):
+        data = loads_strict(raw.decode("utf-8"))
+    except (UnicodeDecodeError, JsonProblem):
         raise RelexError(f"{where} is not valid JSON") from None
     if not isinstance(data, dict):
         raise RelexError(f"{where} is not a JSON object")
@@ -637,28 +635,35 @@ def is_old_format(path: Path) -> bool:
 # --------------------------------------------------------------------------- row transforms
 
 
-def transform_for(codec: str, row_dtype: str | None) -> str:
-    """How rows of `row_dtype` are coded before compression under --store-codec `codec`."""
-    return "xor-prev" if codec == "xor-zstd" and row_dtype is not None else "none"
-
-
 def encode_codes(row: np.ndarray, previous: np.ndarray, transform: str) -> np.ndarray:
-    """(c,) codes of one row against the previous one (or the base)."""
-    if transform == "none":
-        return row
-    return np.bitwise_xor(row, previous)
+    """(C·itemsize,) uint8 for the compressor: one row's chunk coded against the previous row
+    (or the base), then byte-shuffled when the transform says so."""
+    codes = encode_rows(row[None, :], previous, transform)[0]
+    return chunk_to_bytes(np.ascontiguousarray(codes), transform)
 
 
-def decode_chunk_codes(payload: memoryview, crc: int, transform: str, target: np.ndarray) -> None:
-    """Decode one stored chunk's codes into `target` (C,) words."""
-    shards.decode_chunk(payload, crc, target)
+def decode_chunk_codes(payload: memoryview, crc: int, transform: str, codes: np.ndarray,
+                       scratch: np.ndarray) -> None:
+    """Decode one stored chunk into `codes` (C,) words (scratch: C·itemsize bytes)."""
+    if transform_spec(transform).shuffle:
+        shards.decode_chunk(payload, crc, scratch)
+        bytes_to_chunk(scratch, transform, codes)
+    else:
+        shards.decode_chunk(payload, crc, codes)
+
+
+def apply_codes(current: np.ndarray, codes: np.ndarray, transform: str) -> None:
+    """current ← the row whose codes are `codes` against `current` (the previous row)."""
+    decode_rows(codes[None, :], current, transform, out=codes[None, :])
+    current[...] = codes
 
 
 def compressed_sample_fraction(base: np.ndarray, rows: np.ndarray, group: Group,
                                codec: str) -> float:
     """Stored size ÷ raw size of a sample: base (c,) and rows (K, c) bits as the store keeps
     them (c at most one inner chunk)."""
-    transform = transform_for(codec, group.row_dtype)
+    transform = default_transform(rows.itemsize, group.row_dtype) if codec == "xor-zstd" else (
+        "none")
     raw = stored = 0
     previous = _reference_row(base, group, rows.dtype)
     for row in rows:
@@ -768,7 +773,7 @@ class StoreReader:
         chunk at a time (memory: two chunks). steps: the committed steps whose record describes
         the rows that `live` (a group being written) does not.
         """
-        transform = transform_for(gen.codec, group.row_dtype)
+        transform = gen.transform(group.row_dtype)
         words = out.dtype
         needed = max(row_ids) + 1
         handles = []
@@ -779,16 +784,15 @@ class StoreReader:
         position = {row: i for i, row in enumerate(row_ids)}
         codes = np.empty(group.chunk_cols, dtype=words)
         current = np.empty(group.chunk_cols, dtype=words)
+        scratch = np.empty(group.chunk_cols * codes.itemsize, dtype=np.uint8)
         with self._guard(name):
             for j, span, inner in self._spans(group, name, start, start + out.shape[1]):
                 current[inner] = _reference_row(base[span], group, words)
                 for k, (fd, index) in enumerate(handles):
                     payload = self._payload(fd, index, j)
-                    decode_chunk_codes(payload, int(index.encoded_crcs[j]), transform, codes)
-                    if transform == "none":
-                        current[inner] = codes[inner]
-                    else:
-                        np.bitwise_xor(current[inner], codes[inner], out=current[inner])
+                    decode_chunk_codes(payload, int(index.encoded_crcs[j]), transform, codes,
+                                       scratch)
+                    apply_codes(current[inner], codes[inner], transform)
                     if k in position:
                         out[position[k], span] = current[inner]
 
@@ -831,7 +835,7 @@ class GroupWriter:
         self._store, self.gen, self.group = store, pending, group
         self.first_row = first_row
         self._shards: dict[int | None, shards.ShardWriter] = {}
-        self._transform = transform_for(pending.codec, group.row_dtype)
+        self._transform = pending.transform(group.row_dtype)
         self._compress = pending.codec != "none"
         gen_dir = f"gen{pending.generation}"
         try:
@@ -895,20 +899,21 @@ class GroupWriter:
             lo = j * chunk - offset
             a, b = max(lo, start), min(lo + chunk, stop, numel)
             data = raw[a - start : b - start]
-            if row is None or self._transform == "none":
+            if b - a < chunk:  # the tensor's last chunk: zarr pads with the fill value
+                data = np.concatenate([data, np.zeros(chunk - (b - a), dtype=data.dtype)])
+            if row is None:
                 payload = data
             else:
                 reference = (
                     previous[a - start : b - start] if previous is not None
                     else _reference_row(base[a - start : b - start], group, raw.dtype)
                 )
+                if b - a < chunk:
+                    reference = np.concatenate(
+                        [reference, np.zeros(chunk - (b - a), dtype=reference.dtype)])
                 payload = encode_codes(data, reference, self._transform)
-            if b - a < chunk:  # the tensor's last chunk: zarr pads with the fill value
-                padded = np.zeros(chunk * payload.itemsize, dtype=np.uint8)
-                padded[: payload.nbytes] = payload.view(np.uint8)
-                payload = padded
             frame, crc = shards.encode_chunk(payload, self._compress)
-            shard.write_chunk(j, frame, crc, shards.crc32c(data))
+            shard.write_chunk(j, frame, crc, shards.crc32c(raw[a - start : b - start]))
             written += len(frame) + 4
         return written
 

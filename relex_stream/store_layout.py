@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .checkpoints import ModelLayout, check_layout
 from .errors import RelexError
+from .row_codec import TRANSFORMS, default_transform
 from .safetensors_io import DTYPES, FLOAT_CODES
 
 STORE_FORMAT = "relex_stream.trajectory/3"
@@ -85,6 +86,14 @@ def _padded(numel: int, chunk: int) -> int:
 
 def chunk_cols_for(itemsize: int, small: bool) -> int:
     return SMALL_CHUNK_COLS if small else CHUNK_BYTES // itemsize
+
+
+def transforms_for(codec: str, row_dtypes: dict[str, str]) -> dict[str, str]:
+    """The row transform of each row dtype: the measured default under 'xor-zstd', none else."""
+    return {
+        code: default_transform(DTYPES[code][1].itemsize, code) if codec == "xor-zstd" else "none"
+        for code in sorted(set(row_dtypes.values()))
+    }
 
 
 def plan_groups(
@@ -165,6 +174,7 @@ class Generation:
     aux: tuple[AuxFile, ...]
     codec: str
     sources: dict  # fingerprints: {"base": {...}, "steps": {"<step>": {...}}}
+    transforms: dict[str, str]  # row dtype code -> row_codec transform name its rows are kept in
 
     def to_json(self) -> dict:
         return {
@@ -176,7 +186,12 @@ class Generation:
             "aux": [[a.name, a.size, a.sha256] for a in self.aux],
             "codec": self.codec,
             "sources": self.sources,
+            "transforms": dict(self.transforms),
         }
+
+    def transform(self, row_dtype: str | None) -> str:
+        """The row transform of rows of `row_dtype` ('none' for tensors kept as the base)."""
+        return "none" if row_dtype is None else self.transforms[row_dtype]
 
     def groups(self) -> list[Group]:
         return plan_groups(self.layout, self.row_dtypes, self.aliases)
@@ -309,7 +324,8 @@ def parse_layout(value: object) -> ModelLayout:
 
 def parse_generation(value: object, codecs: dict) -> Generation:
     data = _dict(value, "a store generation")
-    keys = {"generation", "steps", "layout", "row_dtypes", "aliases", "aux", "codec", "sources"}
+    keys = {"generation", "steps", "layout", "row_dtypes", "aliases", "aux", "codec", "sources",
+            "transforms"}
     if set(data) - {"kind"} != keys:
         raise _fail("a store generation has unexpected fields")
     steps = parse_steps(data["steps"], "the store's steps")
@@ -336,6 +352,10 @@ def parse_generation(value: object, codecs: dict) -> Generation:
         raise _fail("the store names a model file twice")
     if data["codec"] not in codecs:
         raise _fail(f"the store's codec {data['codec']!r} is not one relex_stream writes")
+    transforms = _dict(data["transforms"], "the store's row transforms")
+    if set(transforms) != set(row_dtypes.values()) or not all(
+            t in TRANSFORMS for t in transforms.values()):
+        raise _fail("the store names row transforms relex_stream does not know")
     return Generation(
         generation=_int(data["generation"], "the store's generation", 1, 2**31),
         steps=steps,
@@ -345,6 +365,7 @@ def parse_generation(value: object, codecs: dict) -> Generation:
         aux=tuple(aux),
         codec=data["codec"],
         sources=parse_sources(data["sources"], steps),
+        transforms=dict(transforms),
     )
 
 

@@ -497,9 +497,13 @@ def test_bin_only_model_is_refused_unread(traj, out_with_existing, which: str) -
 
 
 @pytest.mark.parametrize("layout", ["actor", "flat"])
-def test_verl_fsdp_checkpoint_is_refused_unread(traj, out_with_existing, layout: str) -> None:
+@pytest.mark.parametrize("config", [True, False], ids=["with-config", "no-config"])
+def test_damaged_verl_fsdp_checkpoint_is_refused_unread(
+    traj, out_with_existing, layout: str, config: bool
+) -> None:
     """verl FSDP shards (global_step_N/actor/model_world_size_2_rank_R.pt, with the HF config
-    in actor/huggingface/): a message saying how to merge them, exit 2, nothing unpickled."""
+    in actor/huggingface/) that are not torch zip files: one line naming the directory, exit
+    2, nothing unpickled. (Real shards are read: tests/test_fsdp_run.py.)"""
     out, existing = out_with_existing
     step_root = traj.runs / "global_step_30"
     shutil.rmtree(traj.ckpt_dirs[30])
@@ -507,11 +511,14 @@ def test_verl_fsdp_checkpoint_is_refused_unread(traj, out_with_existing, layout:
     files = {f"{prefix}model_world_size_2_rank_{r}.pt": GARBAGE for r in (0, 1)}
     files |= {f"{prefix}optim_world_size_2_rank_{r}.pt": GARBAGE for r in (0, 1)}
     files[f"{prefix}huggingface/config.json"] = (traj.base / "config.json").read_bytes()
+    if config:
+        files[f"{prefix}fsdp_config.json"] = b'{"FSDP_version": 2, "world_size": 2}'
     step_root.mkdir()
     _replace_with(step_root, files)
     proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite"), expect_rc=None)
     line = assert_refused(proc, out, existing)
-    assert "verl" in line and "merge" in line, f"no hint on merging FSDP shards: {line}"
+    assert "global_step_30" in line, f"the checkpoint is not named: {line}"
+    assert ("fsdp_config.json" in line) != config or "zip" in line, line
 
 
 def test_peft_adapter_is_refused(traj, out_with_existing) -> None:

@@ -6,7 +6,23 @@ import numpy as np
 import pytest
 import torch
 
-from relex_stream.row_codec import MODES, OPS, decode, encode, rows_to_read, xor_decode, xor_encode
+from relex_stream.row_codec import (
+    MODES,
+    OPS,
+    TRANSFORMS,
+    bytes_to_chunk,
+    chunk_to_bytes,
+    decode,
+    decode_rows,
+    default_transform,
+    encode,
+    encode_rows,
+    rows_to_read,
+    shuffle_bytes,
+    unshuffle_bytes,
+    xor_decode,
+    xor_encode,
+)
 
 CASES = [(mode, op) for mode in MODES for op in OPS]
 
@@ -32,6 +48,22 @@ def _special_bits(dtype: type) -> np.ndarray:
             0xBF80,
             0xFFFF,
         ]
+    elif dtype is np.uint64:  # fp64
+        values = [
+            0x7FF8000000000000,
+            0x7FF0000000000001,
+            0xFFF8000000000000,
+            0x7FF0000000000000,
+            0xFFF0000000000000,
+            0,
+            0x8000000000000000,
+            1,
+            0x800FFFFFFFFFFFFF,
+            0x3FF0000000000000,
+            0xFFFFFFFFFFFFFFFF,
+        ]
+    elif dtype is np.uint8:  # fp8 e4m3: NaN, ±0, subnormals, extremes
+        values = [0x7F, 0xFF, 0x00, 0x80, 0x01, 0x81, 0x7E, 0xFE]
     else:  # fp32
         values = [
             0x7FC00000,
@@ -186,3 +218,149 @@ def test_in_place_and_out_buffers(dtype: type, mode: str, op: str) -> None:
     assert np.array_equal(work, rows)
     with pytest.raises(ValueError):
         decode(expected, base, mode, op, out=np.zeros((6, 776), dtype=dtype))
+
+
+# --------------------------------------------------------------------------- named transforms
+
+WORDS = [np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+def test_transform_names_and_defaults() -> None:
+    assert set(TRANSFORMS) >= {"none", "xor-prev", "sub-prev+zigzag+shuffle"}
+    assert default_transform(2) == "xor-prev" and default_transform(1) == "xor-prev"
+    assert default_transform(4) == "sub-prev+zigzag+shuffle" == default_transform(8)
+    assert default_transform(2, "F16") == "sub-prev+zigzag+shuffle"
+    assert default_transform(2, "BF16") == "xor-prev" == default_transform(2, "bfloat16")
+    assert all(default_transform(w) in TRANSFORMS for w in (1, 2, 4, 8))
+    with pytest.raises(ValueError, match="3-byte"):
+        default_transform(3)
+    with pytest.raises(ValueError, match="use one of"):
+        encode_rows(np.zeros((1, 4), np.uint16), np.zeros(4, np.uint16), "xor-next")
+
+
+def _pipeline(rows: np.ndarray, base: np.ndarray, transform: str, chunk: int) -> list:
+    """rows -> encode_rows -> per row and inner chunk: chunk_to_bytes -> zstd-1 payloads."""
+    from numcodecs import Zstd
+
+    codes = encode_rows(rows, base, transform)
+    zstd = Zstd(level=1)
+    starts = range(0, base.size, chunk)
+    return [
+        [zstd.encode(chunk_to_bytes(r[i : i + chunk], transform)) for i in starts] for r in codes
+    ]
+
+
+def _unpipeline(payloads: list, base: np.ndarray, transform: str, chunk: int) -> np.ndarray:
+    from numcodecs import Zstd
+
+    codes = np.empty((len(payloads), base.size), dtype=base.dtype)
+    for k, row_payloads in enumerate(payloads):
+        for j, payload in enumerate(row_payloads):
+            buf = np.frombuffer(Zstd().decode(payload), dtype=np.uint8)
+            target = codes[k, j * chunk : (j + 1) * chunk]
+            assert bytes_to_chunk(buf, transform, target) is target
+    return decode_rows(codes, base, transform, out=codes)
+
+
+@pytest.mark.parametrize("dtype", WORDS)
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+def test_named_transform_round_trip_through_zstd(dtype: type, transform: str) -> None:
+    """Every named transform, every word size, chunked like the store (last chunk partial)."""
+    for seed, (k, c, chunk) in enumerate([(1, 1, 1), (3, 17, 5), (9, 3000, 1024)]):
+        rows, base = _trajectory(dtype, k, c, seed)
+        before = rows.copy(), base.copy()
+        back = _unpipeline(_pipeline(rows, base, transform, chunk), base, transform, chunk)
+        assert back.dtype == rows.dtype
+        assert np.array_equal(back, rows)
+        assert np.array_equal(rows, before[0]) and np.array_equal(base, before[1])
+
+
+@pytest.mark.parametrize("dtype", WORDS)
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+def test_named_transforms_continue_along_rows(dtype: type, transform: str) -> None:
+    """encode_rows(rows[k:], rows[k-1]) is encode_rows(rows)[k:]: appending keeps old chunks."""
+    rows, base = _trajectory(dtype, 6, 333, 4)
+    full = encode_rows(rows, base, transform)
+    for k in range(1, 6):
+        reference = rows[k - 1] if TRANSFORMS[transform].mode == "prev" else base
+        assert np.array_equal(encode_rows(rows[k:], reference, transform), full[k:])
+        assert np.array_equal(decode_rows(full[k:], reference, transform), rows[k:])
+    # and along columns: an inner chunk's codes depend on its own columns only
+    assert np.array_equal(encode_rows(rows[:, 100:200], base[100:200], transform), full[:, 100:200])
+
+
+@pytest.mark.parametrize("dtype", WORDS)
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+def test_named_transforms_in_place(dtype: type, transform: str) -> None:
+    rows, base = _trajectory(dtype, 5, 400, 8)
+    expected = encode_rows(rows, base, transform)
+    work = rows.copy()
+    assert encode_rows(work, base, transform, out=work) is work
+    assert np.array_equal(work, expected)
+    assert decode_rows(work, base, transform, out=work) is work
+    assert np.array_equal(work, rows)
+    # chunk bytes: into a given buffer, and back into the chunk's own memory when unshuffled
+    chunk = expected[2, :128].copy()
+    buf = np.full(chunk.nbytes, 0xEE, dtype=np.uint8)
+    assert chunk_to_bytes(chunk, transform, out=buf) is buf
+    assert np.array_equal(buf, chunk_to_bytes(chunk, transform))
+    target = np.zeros_like(chunk)
+    bytes_to_chunk(buf, transform, target)
+    assert np.array_equal(target, chunk)
+    if not TRANSFORMS[transform].shuffle:
+        view = chunk_to_bytes(chunk, transform)
+        assert np.shares_memory(view, chunk)  # no copy
+        assert bytes_to_chunk(view, transform, chunk) is chunk
+        assert np.array_equal(chunk, expected[2, :128])
+    else:
+        with pytest.raises(ValueError, match="own buffer"):
+            bytes_to_chunk(chunk.view(np.uint8), transform, chunk)
+
+
+def test_shuffle_layout_is_byte_planes_lsb_first() -> None:
+    words = np.array([0x04030201, 0x14131211, 0x24232221], dtype=np.uint32)
+    planes = shuffle_bytes(words)
+    assert planes.tolist() == [0x01, 0x11, 0x21, 0x02, 0x12, 0x22, 0x03, 0x13, 0x23, 4, 0x14, 0x24]
+    assert chunk_to_bytes(words, "sub-prev+zigzag+shuffle").tolist() == planes.tolist()
+    assert chunk_to_bytes(words, "xor-prev").tolist() == words.view(np.uint8).tolist()
+    back = np.zeros(3, dtype=np.uint32)
+    assert np.array_equal(unshuffle_bytes(planes, back), words)
+
+
+def test_small_fp32_steps_leave_the_high_planes_zero() -> None:
+    """Adam-sized fp32 steps: sub+zigzag codes are small, so the top byte planes are all zero."""
+    rng = np.random.default_rng(0)
+    base = (0.02 * rng.standard_normal(4096)).astype(np.float32)
+    rows = np.stack([base + np.float32(1e-7) * rng.standard_normal(4096).astype(np.float32)])
+    bits, ref = rows.view(np.uint32), base.view(np.uint32)
+    name = "sub-prev+zigzag+shuffle"
+    planes = chunk_to_bytes(encode_rows(bits, ref, name)[0], name).reshape(4, -1)
+    assert not planes[3].any()  # |diff| < 2^23 ulps everywhere
+    assert planes[0].any()
+    xor_planes = encode_rows(bits, ref, "xor-prev")[0].view(np.uint8).reshape(-1, 4).T
+    assert np.count_nonzero(planes[2]) < np.count_nonzero(xor_planes[2])  # carries stay local
+
+
+def test_chunk_functions_refuse_bad_input() -> None:
+    chunk = np.zeros(8, dtype=np.uint32)
+    for transform in ("xor-prev", "sub-prev+zigzag+shuffle"):
+        with pytest.raises(ValueError):
+            chunk_to_bytes(np.zeros((2, 4), np.uint32), transform)  # 2-D
+        with pytest.raises(ValueError):
+            chunk_to_bytes(np.zeros(8, np.int32), transform)  # signed
+        with pytest.raises(ValueError):
+            chunk_to_bytes(np.zeros(16, np.uint32)[::2], transform)  # strided
+        with pytest.raises(ValueError):
+            chunk_to_bytes(chunk, transform, out=np.zeros(31, np.uint8))
+        with pytest.raises(ValueError):
+            bytes_to_chunk(np.zeros(31, np.uint8), transform, chunk)  # wrong length
+        with pytest.raises(ValueError):
+            bytes_to_chunk(np.zeros(8, np.uint32), transform, chunk)  # not bytes
+        with pytest.raises(ValueError):
+            bytes_to_chunk(np.zeros(32, np.uint8), transform, np.zeros(8, np.float32))
+    with pytest.raises(ValueError, match="unknown row transform"):
+        chunk_to_bytes(chunk, "shuffle")
+    with pytest.raises(ValueError):
+        encode_rows(np.zeros((2, 4), np.uint32), np.zeros(4, np.uint16), "xor-prev")
+    assert rows_to_read([2], "xor-prev") == [0, 1, 2]
+    assert rows_to_read([2], "none") == [2]

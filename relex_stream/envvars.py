@@ -1,0 +1,122 @@
+"""Strict reading of the environment variables relex_stream looks at.
+
+The environment is input too: `int(os.environ["RANK"])` ends in a traceback on 'abc' and
+silently accepts '٣' (Arabic-Indic three) or ' 3'. Here a value is ASCII digits only, bounded,
+and a malformed one is a RelexError that names the variable and says what to do.
+
+Every function takes an optional `environ` mapping (default: os.environ) so that tests need
+not touch the process environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+from .errors import RelexError
+
+MAX_WORLD_SIZE = 2**20  # far above any torchrun job; keeps ranks well inside C int
+MAX_OMP_THREADS = 2**16
+TEST_DEVICES = ("cpu", "cuda")
+_UINT_RE = re.compile(r"[0-9]{1,12}")  # ASCII only: re's \d and int() take any script's digits
+
+
+def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def parse_env_int(name: str, value: str, minimum: int, maximum: int, fix: str) -> int:
+    """An environment value as an int in [minimum, maximum]: ASCII digits, nothing else.
+
+    `fix` ends the message: what the user should do instead.
+    """
+    if not _UINT_RE.fullmatch(value):
+        raise RelexError(f"environment variable {name}={value[:40]!r} is not a number; {fix}")
+    number = int(value)
+    if not minimum <= number <= maximum:
+        raise RelexError(
+            f"environment variable {name}={value} is outside {minimum}..{maximum}; {fix}"
+        )
+    return number
+
+
+def read_env_int(
+    name: str,
+    default: int,
+    minimum: int,
+    maximum: int,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """The variable as a bounded int, or `default` when it is unset or empty."""
+    value = _env(environ).get(name, "")
+    if value == "":
+        return default
+    return parse_env_int(name, value, minimum, maximum, f"set it to a whole number, e.g. {default}")
+
+
+def torchrun_env(environ: Mapping[str, str] | None = None) -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) under torchrun; None outside it (WORLD_SIZE unset or 1).
+
+    RANK must be set when WORLD_SIZE > 1 (torchrun always sets it); LOCAL_RANK defaults to 0.
+    Both must be below WORLD_SIZE.
+    """
+    env = _env(environ)
+    fix = "launch with torchrun, or unset WORLD_SIZE, RANK and LOCAL_RANK for a single process"
+    world_text = env.get("WORLD_SIZE")
+    if world_text is None or world_text == "1":
+        return None
+    world_size = parse_env_int("WORLD_SIZE", world_text, 1, MAX_WORLD_SIZE, fix)
+    if world_size == 1:  # e.g. '01'
+        return None
+    if "RANK" not in env:
+        raise RelexError(f"WORLD_SIZE is {world_size} but RANK is not set; {fix}")
+    rank = parse_env_int("RANK", env["RANK"], 0, world_size - 1, fix)
+    local_rank = parse_env_int("LOCAL_RANK", env.get("LOCAL_RANK", "0"), 0, world_size - 1, fix)
+    return rank, world_size, local_rank
+
+
+def message_rank(environ: Mapping[str, str] | None = None) -> int:
+    """The rank to prefix error lines with; never raises (0 if the variables are malformed).
+
+    For the CLI's error handler, which must print even the error about a malformed RANK.
+    """
+    try:
+        found = torchrun_env(environ)
+    except RelexError:
+        return 0
+    return 0 if found is None else found[0]
+
+
+def omp_num_threads_is_set(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the user chose OMP_NUM_THREADS (set and non-empty); its value is not checked."""
+    return _env(environ).get("OMP_NUM_THREADS", "") != ""
+
+
+def omp_num_threads(environ: Mapping[str, str] | None = None) -> int | None:
+    """The outermost OMP_NUM_THREADS level as an int, or None when unset or empty.
+
+    OpenMP allows a comma list for nested levels ('8,2'); the first entry is the one torch's
+    intra-op pool uses. Each entry must be 1..MAX_OMP_THREADS.
+    """
+    value = _env(environ).get("OMP_NUM_THREADS", "")
+    if value == "":
+        return None
+    fix = "set it to a thread count such as 8, or unset it"
+    levels = [
+        parse_env_int("OMP_NUM_THREADS", part, 1, MAX_OMP_THREADS, fix) for part in value.split(",")
+    ]
+    return levels[0]
+
+
+def relex_test_device(environ: Mapping[str, str] | None = None) -> str:
+    """RELEX_TEST_DEVICE for the test suite: 'cpu' (default, also when empty) or 'cuda'."""
+    value = _env(environ).get("RELEX_TEST_DEVICE", "")
+    if value == "":
+        return "cpu"
+    if value not in TEST_DEVICES:
+        raise RelexError(
+            f"environment variable RELEX_TEST_DEVICE={value[:40]!r} must be 'cpu' or 'cuda' "
+            "(unset means cpu)"
+        )
+    return value
