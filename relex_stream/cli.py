@@ -5,11 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
 from .envvars import message_rank
 from .errors import RelexError
 from .report_cli import REPORT_HANDLERS, add_report_parsers
-from .units import parse_duration, parse_positive_int, parse_steps, parse_windows
+from .units import (
+    argtype,
+    parse_duration,
+    parse_float,
+    parse_positive_int,
+    parse_step,
+    parse_steps,
+    parse_windows,
+)
 
 log = logging.getLogger("relex_stream")
 
@@ -58,11 +67,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="extrapolate (default); reconstruct: the rank-r projection of observed steps "
         "(targets must be observed); fit-reconstruct: the fitted line at observed steps",
     )
-    g.add_argument("--rank", type=int, help="singular directions kept (relex; default 1)")
+    g.add_argument("--rank", type=argtype(parse_positive_int, "--rank", 4096),
+                   help="singular directions kept (relex; default 1)")
     g.add_argument("--fit", help="coefficient fit: linear (default) or poly:D")
-    g.add_argument("--from", dest="from_step", type=int, help="two-point/expo: first step")
-    g.add_argument("--to", dest="to_step", type=int, help="two-point: second step")
-    g.add_argument("--alpha", type=float, help="expo: extrapolation strength α")
+    g.add_argument("--from", dest="from_step", type=argtype(parse_step, "--from"),
+                   help="two-point/expo: first step")
+    g.add_argument("--to", dest="to_step", type=argtype(parse_step, "--to"),
+                   help="two-point: second step")
+    g.add_argument("--alpha", type=argtype(parse_float, "--alpha"),
+                   help="expo: extrapolation strength α")
     p.add_argument("--cache", help="trajectory store to use or build (default OUT/trajectory.zarr)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the store from the sources")
     p.add_argument(
@@ -109,13 +122,33 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="directory to create")
     p.add_argument("--steps", default="10-80:10", help="steps to write (default 10-80:10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
-    p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
-    p.add_argument("--vocab", type=int, default=512, help="vocabulary size (default 512)")
+    p.add_argument("--seed", type=argtype(parse_step, "--seed"), default=0)
+    p.add_argument("--hidden", type=argtype(parse_positive_int, "--hidden", 1 << 24), default=64,
+                   help="hidden size (default 64)")
+    p.add_argument("--layers", type=argtype(parse_positive_int, "--layers", 1 << 24), default=2,
+                   help="decoder layers (default 2)")
+    p.add_argument("--vocab", type=argtype(parse_positive_int, "--vocab", 1 << 24), default=512,
+                   help="vocabulary size (default 512)")
+    p.add_argument("--intermediate", type=argtype(parse_positive_int, "--intermediate", 1 << 24),
+                   help="MLP size (default 2 × hidden)")
+    for flag, what in (("--heads", "attention heads (default hidden/16)"),
+                       ("--kv-heads", "key/value heads"), ("--head-dim", "dimension of a head")):
+        p.add_argument(flag, type=argtype(parse_positive_int, flag, 1 << 24), help=what)
+    p.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the checkpoints (float32: the fp32 masters, as verl's hf_model "
+                   "and TRL save them)")
+    p.add_argument("--base-dtype", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the base (default: --save-dtype)")
+    p.add_argument("--delay", default=None,
+                   help="write checkpoints one by one, this long apart, each file in pieces "
+                   "(e.g. 2s): a live run for `watch`")
+    p.add_argument("--append", action="store_true",
+                   help="add steps after the last one of an existing trajectory (reproducibly)")
+    p.add_argument("--every-step", action="store_true",
+                   help="simulate every training step in fp32, not only the saved ones")
     p.add_argument(
         "--noise",
-        type=float,
+        type=argtype(parse_float, "--noise"),
         default=None,
         help="noise level (defaults: planted 0.1 of the drift, drift 1.0, walk 1.0)",
     )
@@ -127,7 +160,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         "weights taking small noisy steps, saved as bf16, so most elements stay unchanged like "
         "real RL; walk: a random walk with no drift",
     )
-    p.add_argument("--lr", type=float, help="drift/walk step size (default: the profile's)")
+    p.add_argument("--lr", type=argtype(parse_float, "--lr"),
+                   help="drift/walk step size (default: the profile's)")
     p.add_argument("--tied", action="store_true", help="tie lm_head to embed_tokens")
     p.add_argument(
         "--shard-size",
@@ -165,8 +199,15 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no lines per checkpoint")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `error:` line and exit 2, like every other one."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {one_line(message)}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m relex_stream",
         description="Extrapolate RLVR checkpoints along rank-1 trajectories, streaming.",
     )
@@ -273,8 +314,17 @@ def _synth(args: argparse.Namespace) -> None:
         profile=args.profile,
         lr=args.lr,
         tied=args.tied,
-        shard_bytes=parse_bytes(args.shard_size) if args.shard_size else None,
+        shard_bytes=parse_bytes(args.shard_size, "--shard-size") if args.shard_size else None,
         overwrite=args.overwrite,
+        every_step=args.every_step,
+        save_dtype=args.save_dtype,
+        base_dtype=args.base_dtype,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        delay_s=parse_duration(args.delay, "--delay") if args.delay else 0.0,
+        append=args.append,
     )
     print(f"wrote synthetic trajectory to {path} (base/ and runs/)")
 

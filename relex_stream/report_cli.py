@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .backtest import DEFAULT_METHODS, DEFAULT_THRESHOLD
-from .units import parse_windows
+from .units import argtype, parse_count, parse_float, parse_positive_int, parse_step, parse_windows
 
 METHOD_HELP = (
     "methods to compare (default: relex raw-ols two-point): relex[:rank=R,fit=linear|poly:D], "
@@ -28,11 +28,12 @@ def add_report_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="write report.json, report.csv, summary.txt and PNGs here")
     p.add_argument(
         "--null-samples",
-        type=int,
+        type=argtype(parse_count, "--null-samples", 100_000),
         default=200,
         help="random-sign walks per tensor for the null (default 200; 0: none)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the null's signs (default 0)")
+    p.add_argument("--seed", type=argtype(parse_step, "--seed"), default=0,
+                   help="seed of the null's signs (default 0)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
 
     p = sub.add_parser(
@@ -44,7 +45,8 @@ def add_report_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("store", help="trajectory store (OUT/trajectory.zarr of a run, or OUT)")
     p.add_argument(
-        "--holdout", type=int, required=True, help="number of last observed steps to predict"
+        "--holdout", type=argtype(parse_positive_int, "--holdout", 1_000_000), required=True,
+        help="number of last observed steps to predict"
     )
     p.add_argument(
         "--windows",
@@ -56,7 +58,7 @@ def add_report_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--threshold",
-        type=float,
+        type=argtype(parse_float, "--threshold"),
         default=DEFAULT_THRESHOLD,
         help=f"largest acceptable relative error for the verdict (default {DEFAULT_THRESHOLD})",
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -199,6 +200,15 @@ def parse_positive_int(text: str | int, flag: str, maximum: int) -> int:
     return value
 
 
+def parse_count(text: str | int, flag: str, maximum: int) -> int:
+    """An integer in 0..maximum from ASCII digits (0 allowed, unlike parse_positive_int)."""
+    if isinstance(text, str) and text.strip(_SPACE) in ("0", "00"):
+        return 0
+    if isinstance(text, int) and not isinstance(text, bool) and text == 0:
+        return 0
+    return parse_positive_int(text, flag, maximum)
+
+
 def parse_duration(text: str, flag: str, maximum: float = MAX_DURATION_S) -> float:
     """Seconds from '30s', '2m', '1h', '500ms', '1.5s' or a bare number of seconds.
 
@@ -244,3 +254,16 @@ def parse_windows(text: str | None, flag: str = "--window") -> list[int | None]:
 def step_label(step: float) -> str:
     """'500' for 500.0, '512.5' for 512.5: how a step appears in directory names."""
     return str(int(step)) if float(step).is_integer() else repr(float(step))
+
+
+def argtype(parse: Callable[..., object], flag: str, *args: object) -> Callable[[str], object]:
+    """An argparse `type` from one of these parsers (its RelexError becomes argparse's error)."""
+    import argparse
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text, flag, *args)
+        except RelexError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
