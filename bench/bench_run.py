@@ -1,13 +1,17 @@
-"""End-to-end benchmark of `run` against the I/O and compute floors, on one generated trajectory.
+"""End-to-end benchmark of `run` against its floors, on one generated trajectory, in one run.
 
 Measures, in one process tree on one machine:
-  io_floor      reading every input byte (base + K checkpoints) once, 16 MiB reads
-  compute_floor K²·n multiply-adds (the Gram product) at this device's measured float64 rate
-  run           `python -m relex_stream run` end to end under /usr/bin/time (wall, peak RSS)
-and prints run / max(floors). With --cold the page cache is dropped before each timed read
-(needs root); otherwise the floors and the run all read from the page cache.
+  read floor, cold  every input file read once after dropping the page cache (a user's
+                    checkpoints do not sit in RAM), 16 MiB reads
+  read floor, warm  the same read again, from the page cache
+  Gram floor        K²·nnz multiply-adds at this device's measured float64 rate of the Gram
+                    kernel's shape, nnz the support (elements that change over the observed steps,
+                    from the run's summary), and the same on all n elements (the dense floor)
+  run, cold / warm  `python -m relex_stream run --rebuild` under /usr/bin/time (wall, peak RSS),
+                    after dropping the page cache, and again without dropping it
+and prints each run against the larger of its floors. Dropping the page cache needs root.
 
-    python bench/bench_run.py --hidden 1024 --layers 8 --vocab 12288 --steps 1-30
+    python bench/bench_run.py --hidden 1024 --layers 8 --vocab 12288 --steps 1-30 --profile drift
 """
 
 from __future__ import annotations
@@ -37,28 +41,20 @@ def drop_caches() -> bool:
 
 
 def make_trajectory(args: argparse.Namespace) -> Path:
-    tag = f"{args.profile}-h{args.hidden}-l{args.layers}-v{args.vocab}-s{args.steps}"
+    tag = (f"{args.profile}-h{args.hidden}-l{args.layers}-v{args.vocab}-s{args.steps}"
+           f"-{args.save_dtype}" + ("-tied" if args.tied else ""))
     path = Path(args.work) / f"traj-{tag}"
     if not (path / "runs").exists():
-        cmd = [
-            sys.executable,
-            "-m",
-            "relex_stream",
-            "synth",
-            "--out",
-            str(path),
-            "--steps",
-            args.steps,
-            "--hidden",
-            str(args.hidden),
-            "--layers",
-            str(args.layers),
-            "--vocab",
-            str(args.vocab),
-            "--overwrite",
-        ]
-        if args.profile != "planted":
-            cmd += ["--profile", args.profile]
+        cmd = [sys.executable, "-m", "relex_stream", "synth", "--out", str(path), "--steps",
+               args.steps, "--hidden", str(args.hidden), "--layers", str(args.layers),
+               "--vocab", str(args.vocab), "--profile", args.profile, "--save-dtype",
+               args.save_dtype, "--overwrite"]
+        if args.base_dtype:
+            cmd += ["--base-dtype", args.base_dtype]
+        if args.intermediate:
+            cmd += ["--intermediate", str(args.intermediate)]
+        if args.tied:
+            cmd.append("--tied")
         started = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=sys.stderr)
         print(f"generated {path} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
@@ -69,8 +65,8 @@ def input_files(trajectory: Path) -> list[Path]:
     return sorted(trajectory.rglob("*.safetensors"))
 
 
-def io_floor_seconds(files: list[Path], cold: bool) -> tuple[float, int]:
-    """Seconds to read every file once, and the bytes read."""
+def read_floor_seconds(files: list[Path], cold: bool) -> tuple[float, int]:
+    """Seconds to read every file once (after dropping the page cache when cold), bytes read."""
     if cold:
         drop_caches()
     buffer = bytearray(16 * 2**20)
@@ -79,10 +75,7 @@ def io_floor_seconds(files: list[Path], cold: bool) -> tuple[float, int]:
     started = time.perf_counter()
     for path in files:
         with open(path, "rb", buffering=0) as f:
-            while True:
-                got = f.readinto(view)
-                if not got:
-                    break
+            while got := f.readinto(view):
                 total += got
     return time.perf_counter() - started, total
 
@@ -115,26 +108,10 @@ def matmul_rate(n_rows: int, device: str) -> float:
 
 def time_run(trajectory: Path, args: argparse.Namespace, cold: bool) -> dict:
     out = Path(args.work) / "run-out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "relex_stream",
-        "run",
-        "--base",
-        str(trajectory / "base"),
-        "--runs",
-        str(trajectory / "runs"),
-        "--target",
-        args.target,
-        "--out",
-        str(out),
-        "--overwrite",
-        "--rebuild",
-        "--device",
-        args.device,
-        "--max-memory",
-        args.max_memory,
-    ] + args.extra
+    cmd = [sys.executable, "-m", "relex_stream", "run", "--base", str(trajectory / "base"),
+           "--runs", str(trajectory / "runs"), "--target", args.target, "--out", str(out),
+           "--overwrite", "--rebuild", "--device", args.device, "--max-memory",
+           args.max_memory, *args.extra]
     if cold:
         drop_caches()
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
@@ -144,13 +121,13 @@ def time_run(trajectory: Path, args: argparse.Namespace, cold: bool) -> dict:
     if done.returncode != 0:
         sys.exit(f"run failed:\n{done.stderr[-3000:]}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    read = re.search(r"read: .*", done.stdout)
+    support = re.search(r"support: ([\d.]+)%", done.stdout)
     return {
         "command": " ".join(cmd),
         "wall_s": wall,
         "peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
+        "support_fraction": float(support.group(1)) / 100 if support else None,
         "summary": done.stdout.strip().splitlines(),
-        "read_line": read.group(0) if read else None,
     }
 
 
@@ -159,37 +136,52 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=12288)
+    parser.add_argument("--intermediate", type=int)
+    parser.add_argument("--tied", action="store_true")
     parser.add_argument("--steps", default="1-30")
     parser.add_argument("--profile", default="planted")
+    parser.add_argument("--save-dtype", default="bfloat16")
+    parser.add_argument("--base-dtype")
     parser.add_argument("--target", default="300")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-memory", default="4G")
-    parser.add_argument("--cold", action="store_true", help="drop the page cache before reads")
     parser.add_argument("--work", default=str(ROOT / "bench" / "out"))
     parser.add_argument("--skip-floors", action="store_true")
+    parser.add_argument("--warm-only", action="store_true", help="skip the cold run")
     parser.add_argument("extra", nargs="*", help="extra arguments for run (after --)")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     trajectory = make_trajectory(args)
     files = input_files(trajectory)
     n_rows = len(list((trajectory / "runs").iterdir()))
-    result: dict = {"trajectory": str(trajectory), "K": n_rows, "cold": args.cold}
+    result: dict = {"trajectory": str(trajectory), "K": n_rows, "cold_drops": drop_caches()}
     if not args.skip_floors:
-        io_s, io_bytes = io_floor_seconds(files, args.cold)
+        cold_s, io_bytes = read_floor_seconds(files, cold=True)
+        warm_s, _ = read_floor_seconds(files, cold=False)
         n = float_elements(trajectory)
         rate = matmul_rate(n_rows, args.device)
         result |= {
             "input_bytes": io_bytes,
             "float_elements": n,
-            "io_floor_s": io_s,
-            "io_GBps": io_bytes / io_s / 1e9,
+            "read_floor_cold_s": cold_s,
+            "read_floor_warm_s": warm_s,
+            "read_cold_GBps": io_bytes / cold_s / 1e9,
             "matmul_GMACps": rate / 1e9,
-            "compute_floor_s": n_rows * n_rows * n / rate,
+            "gram_floor_dense_s": n_rows * n_rows * n / rate,
         }
-    result["run"] = time_run(trajectory, args, args.cold)
+    runs = {} if args.warm_only else {"cold": time_run(trajectory, args, cold=True)}
+    runs["warm"] = time_run(trajectory, args, cold=False)
+    result["runs"] = runs
     if not args.skip_floors:
-        floor = max(result["io_floor_s"], result["compute_floor_s"])
-        result["ratio_run_to_floor"] = result["run"]["wall_s"] / floor
+        support = runs["warm"]["support_fraction"] or 1.0
+        result["gram_floor_support_s"] = result["gram_floor_dense_s"] * support
+        for name, run in runs.items():
+            read = result[f"read_floor_{name}_s"]
+            run["ratio_to_read_floor"] = run["wall_s"] / read
+            run["ratio_to_max_floor_support"] = run["wall_s"] / max(
+                read, result["gram_floor_support_s"])
+            run["ratio_to_max_floor_dense"] = run["wall_s"] / max(
+                read, result["gram_floor_dense_s"])
     print(json.dumps(result, indent=2))
     with open(Path(args.work) / "results.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")

@@ -23,7 +23,7 @@ from .envvars import omp_num_threads_is_set
 from .errors import RelexError
 from .fit import GAP_WARNING
 from .inputs import RunInputs, gather_inputs
-from .kernels import GRAM_BLOCK_COLS
+from .kernels import GRAM_BLOCK_COLS, Workspace
 from .memory import Budget
 from .outputs import OutputSpec, check_plan, output_weights, plan_outputs
 from .passes import GroupWork, PassContext, PassStats, run_passes
@@ -256,7 +256,7 @@ def _open_store(inputs: RunInputs, ranks: Ranks) -> TrajectoryStore:
         if inputs.kind is None:
             store = TrajectoryStore.open(path, lock="shared")
         elif inputs.store_state in ("absent", "empty", "old"):
-            store = TrajectoryStore.create(path)
+            store = TrajectoryStore.create(path, replace=inputs.store_state == "old")
         else:
             store = TrajectoryStore.open(path, lock="exclusive")
         try:
@@ -345,8 +345,9 @@ def _write_outputs(
             plan_weights=output_weights(outputs, inputs.observed),
             observed_steps=inputs.observed,
             allow_nonfinite=request.allow_nonfinite,
-            keep_budget=keep_budget,
+            keep_ring=Ring(keep_budget, device=device) if keep_budget > 0 else None,
             materialise=bool(outputs),
+            workspace=Workspace(len(gen.steps), len(outputs), budget.block_cols, device),
             progress=progress,
             stats=stats,
             ill_conditioned=summary.ill_conditioned,

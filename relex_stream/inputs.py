@@ -16,7 +16,7 @@ from pathlib import Path
 from .checkpoints import ModelLayout, config_of, select_steps
 from .errors import RelexError
 from .sources import Sources, find_checkpoints, open_sources
-from .store import TrajectoryStore, is_old_format
+from .store import TrajectoryStore, is_replaceable
 from .store_layout import AuxFile, Generation, transforms_for
 from .tensor_files import widest
 from .units import StepSelection
@@ -72,14 +72,15 @@ def gather_inputs(
 ) -> RunInputs:
     """Open (headers only) and check sources and store, and decide what the run writes."""
     state = TrajectoryStore.probe(store_path)
-    if state == "store" and is_old_format(store_path):
-        if not rebuild:
-            TrajectoryStore.open(store_path).close()  # raises the 'older relex_stream' error
-        state = "old"
     current = pending = None
     if state == "store":
-        with TrajectoryStore.open(store_path) as store:
-            current, pending = store.manifest.current, store.manifest.pending
+        try:
+            with TrajectoryStore.open(store_path) as store:
+                current, pending = store.manifest.current, store.manifest.pending
+        except RelexError:
+            if not (rebuild and base is not None and is_replaceable(store_path)):
+                raise
+            state = "old"  # an earlier format, or damaged: --rebuild builds it anew
     if base is None and (runs is not None or ckpts):
         if current is None or rebuild:
             raise RelexError(
@@ -117,6 +118,10 @@ def _build(sources: Sources, store_path: Path, state: str, current: Generation |
     chosen = select_steps(sources.steps, steps, window)
     number = (current.generation + 1) if current is not None else (
         pending.generation if pending is not None else 1)
+    if state == "old":  # past every generation the unreadable store may hold
+        taken = [int(p.name[3:]) for p in store_path.iterdir()
+                 if p.name.startswith("gen") and p.name[3:].isdigit()]
+        number = max(taken, default=0) + 1
     aliases = tied_aliases(layout, config_of(aux, str(sources.base.config_dir)))
     row_dtypes = {n: d for n, d in sources.row_dtypes.items() if n not in aliases}
     target = Generation(

@@ -30,9 +30,10 @@ CHUNKS_IN_FLIGHT = 3
 
 
 def block_scratch_bytes(n_rows: int, n_outputs: int, block_cols: int = GRAM_BLOCK_COLS) -> int:
-    """Bytes of one Gram block's work: mask (1), deltas and a panel copy (2 × 8), a gathered
-    copy in the row dtype before widening (8), and the outputs' float64 and cast (8 + 8 + 8)."""
-    return block_cols * (n_rows * (1 + 8 + 8 + 8) + n_outputs * (8 + 8 + 8))
+    """Bytes of kernels.Workspace for one Gram block: per row the change mask (1), gathered
+    words (8), the float32 step of widening (4), deltas and one panel's copy (8 + 8); per output
+    the float64 prediction and the output itself (8 + 8); the base in float64 (8)."""
+    return block_cols * (n_rows * (1 + 8 + 4 + 8 + 8) + n_outputs * (8 + 8) + 8)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Budget:
     fixed: int
     ring: int
     keep: int
+    block_cols: int  # the widest Gram block of the model
 
     @staticmethod
     def split(
@@ -54,7 +56,7 @@ class Budget:
         fixed += CODEC_BUFFERS * inner_chunk_bytes
         rest = max(0, total - fixed)
         ring = int(rest * RING_SHARE)
-        return Budget(total, fixed, ring, rest - ring)
+        return Budget(total, fixed, ring, rest - ring, block_cols)
 
 
 def budget_too_small(total: int, n_rows: int, needed: int) -> RelexError:

@@ -23,10 +23,12 @@ from .fit import GAP_WARNING, fit_diagnostics
 from .kernels import (
     GRAM_BLOCK_COLS,
     BlockDeltas,
+    Workspace,
     add_gram_panels,
     block_deltas,
     changed_columns,
     combine_block,
+    keep,
     randomized_gram,
     symmetric,
 )
@@ -71,7 +73,7 @@ class TensorWork:
     # running state
     gram: torch.Tensor | None = None
     weights: torch.Tensor | None = None  # (T, n_observed) float64
-    kept: list[BlockDeltas] | None = None
+    kept: list[tuple[int, BlockDeltas]] | None = None  # (keep-ring token, deltas) per block
     keep_base: bool = False
     support_stored: int = 0
     support_observed: int = 0
@@ -127,13 +129,13 @@ class PassContext:
     plan_weights: Callable[[torch.Tensor], torch.Tensor]  # G (n_obs, n_obs) -> (T, n_obs)
     observed_steps: list[int]
     allow_nonfinite: bool
-    keep_budget: int
+    keep_ring: Ring | None  # storage of deltas kept between the passes (None: keep nothing)
     materialise: bool  # False: only the store is written (no outputs)
     progress: Progress
     stats: PassStats
+    workspace: Workspace
     ill_conditioned: list[tuple[str, float]]
     steps_tensor: torch.Tensor = field(init=False)
-    kept_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.steps_tensor = torch.tensor(self.observed_steps, dtype=torch.float64)
@@ -272,16 +274,17 @@ def _first_pass_chunk(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassConte
         for a in range(0, rows_t.shape[1], GRAM_BLOCK_COLS):
             b = min(a + GRAM_BLOCK_COLS, rows_t.shape[1])
             rows_b, base_b = rows_t[:, a:b], base_t[a:b]
-            changed = changed_columns(rows_b, _reference(base_b, w))
-            block = block_deltas(rows_b, base_b, changed)
-            add_gram_panels(w.gram, changed, block, gw.first_panel_row)
+            changed = changed_columns(rows_b, _reference(base_b, w), ctx.workspace)
+            block = block_deltas(rows_b, base_b, changed, ctx.workspace)
+            add_gram_panels(w.gram, changed, block, gw.first_panel_row, ctx.workspace)
             w.support_stored += block.support
             if w.kept is not None:
-                if ctx.kept_bytes + block.nbytes <= ctx.keep_budget:
-                    w.kept.append(block)
-                    ctx.kept_bytes += block.nbytes
-                else:
+                found = ctx.keep_ring.try_tensor(block.nbytes) if ctx.keep_ring else None
+                if found is None:  # the budget for kept deltas is spent: read again
                     _drop_kept(w, ctx)
+                else:
+                    token, storage = found
+                    w.kept.append((token, keep(block, storage)))
     if job.stop == w.numel:
         w.gram = symmetric(w.gram).cpu() if w.svd != "randomized" else w.gram.cpu()
         if ctx.materialise:
@@ -294,8 +297,8 @@ def _store(ctx: PassContext, n_bytes: int) -> None:
 
 
 def _drop_kept(w: TensorWork, ctx: PassContext) -> None:
-    if w.kept:
-        ctx.kept_bytes -= sum(b.nbytes for b in w.kept)
+    for token, _ in w.kept or []:
+        ctx.keep_ring.free(token)
     w.kept = None
 
 
@@ -379,11 +382,12 @@ def _materialise_chunk(chunk: Chunk, w: TensorWork, ctx: PassContext) -> None:
         b = min(a + GRAM_BLOCK_COLS, base_t.shape[0])
         base_b = base_t[a:b]
         if kept:
-            block = kept.pop(0)
-            ctx.kept_bytes -= block.nbytes
-        else:
-            block = block_deltas(rows_t[:, a:b], base_b,
-                                 changed_columns(rows_t[:, a:b], _reference(base_b, w)))
+            token, block = kept.pop(0)
+            _emit_block(w, ctx, weights, block, base_b, job.start + a)
+            ctx.keep_ring.free(token)
+            continue
+        changed = changed_columns(rows_t[:, a:b], _reference(base_b, w), ctx.workspace)
+        block = block_deltas(rows_t[:, a:b], base_b, changed, ctx.workspace)
         _emit_block(w, ctx, weights, block, base_b, job.start + a)
     if job.stop == w.numel:
         _drop_kept(w, ctx)
@@ -395,7 +399,7 @@ def _emit_block(w: TensorWork, ctx: PassContext, weights: torch.Tensor, block: B
     if w.keep_base:
         out = base_b.to(out_dtype).expand(weights.shape[0], -1).cpu()
     else:
-        out = combine_block(weights, block, base_b, out_dtype)  # (T, s) host
+        out = combine_block(weights, block, base_b, out_dtype, ctx.workspace)  # (T, s) host
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).any(1).nonzero()[0])
             if not ctx.allow_nonfinite:

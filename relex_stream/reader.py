@@ -28,16 +28,16 @@ _ALIGN = 64
 class Ring:
     """A slab of `capacity` bytes handed out in order; allocate() waits for room."""
 
-    def __init__(self, capacity: int, pin: bool = False):
+    def __init__(self, capacity: int, pin: bool = False, device: torch.device | None = None):
         self.capacity = max(_ALIGN, -(-capacity // _ALIGN) * _ALIGN)
-        self._slab = torch.empty(self.capacity, dtype=torch.uint8)
+        self._slab = torch.empty(self.capacity, dtype=torch.uint8, device=device)
         self._pinned = False
         if pin:
             result = torch.cuda.cudart().cudaHostRegister(
                 self._slab.data_ptr(), self.capacity, 0
             )
             self._pinned = int(result) == 0
-        self._array = self._slab.numpy()
+        self._array = self._slab.numpy() if self._slab.device.type == "cpu" else None
         self._live: collections.deque = collections.deque()  # [offset, size, freed], in order
         self._head = 0
         self._cond = threading.Condition()
@@ -56,18 +56,34 @@ class Ring:
 
     def allocate(self, size: int) -> tuple[int, np.ndarray]:
         """(token, a uint8 view of `size` bytes); blocks until the ring has room."""
+        token, offset = self._take(size, wait=True)
+        return token, self._array[offset : offset + size]
+
+    def try_tensor(self, size: int) -> tuple[int, torch.Tensor] | None:
+        """(token, a uint8 tensor of `size` bytes) if the ring has room now, else None."""
+        found = self._take(size, wait=False)
+        if found is None:
+            return None
+        token, offset = found
+        return token, self._slab[offset : offset + size]
+
+    def _take(self, size: int, wait: bool) -> tuple[int, int] | None:
         size = max(_ALIGN, -(-size // _ALIGN) * _ALIGN)
         if size > self.capacity:
+            if not wait:
+                return None
             raise AssertionError(f"a read of {size} bytes exceeds the ring of {self.capacity}")
         with self._cond:
             while (offset := self._fits(size)) is None:
                 if self._closed:
                     raise RuntimeError("ring closed")
+                if not wait:
+                    return None
                 self._cond.wait()
             entry = [offset, size, False]
             self._live.append(entry)
             self._head = offset + size
-            return id(entry), self._array[offset : offset + size]
+            return id(entry), offset
 
     def free(self, token: int) -> None:
         with self._cond:

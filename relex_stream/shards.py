@@ -29,9 +29,12 @@ from numcodecs.checksum32 import crc32c_checksum
 from .safefs import open_file, pread_exact, write_all
 
 ZSTD_LEVEL = 1
-# Keep a chunk as raw blocks when zstd saves less than this fraction of it: decoding a raw
-# frame is a copy, and a frame this close to its input saves almost no disk.
-RAW_CUTOFF = 0.95
+# zstd is kept for a chunk only when it leaves at most this fraction of the bytes: below that the
+# store saves its cost back in disk and reads; above it (noise in every element, bench/RESULTS.md
+# "store cut-off") a chunk is kept as raw blocks, which cost a copy to write and to read.
+KEEP_ZSTD_BELOW = {"xor-prev": 0.4, "sub-prev+zigzag+shuffle": 0.65, "none": 0.65}
+# A shard's chunks are usually alike: one in PROBE_EVERY is compressed to decide for the next.
+PROBE_EVERY = 8
 MISSING = np.uint64(2**64 - 1)  # zarr's marker of an absent chunk in a shard index
 _MAGIC = 0xFD2FB528
 _RAW_BLOCK = 128 * 1024
@@ -84,13 +87,37 @@ def frame_content_size(frame: memoryview | bytes) -> int | None:
     return value + 256 if width == 2 else value
 
 
-def encode_chunk(data: np.ndarray, compress: bool) -> tuple[bytes, int]:
-    """(zstd frame, its crc32c) of one chunk's bytes; raw blocks when zstd would not pay."""
+def encode_chunk(data: np.ndarray, compress: bool, cutoff: float = 1.0) -> tuple[bytes, int, float]:
+    """(zstd frame, its crc32c, compressed ÷ raw) of one chunk's bytes: raw blocks when not
+    asked to compress or when zstd leaves more than `cutoff` of the bytes (the ratio is then
+    what zstd reached, or 1.0 when it was not tried)."""
     view = memoryview(np.ascontiguousarray(data).view(np.uint8)).cast("B")
     frame = _ZSTD.encode(view) if compress else None
-    if frame is None or len(frame) > RAW_CUTOFF * len(view):
+    ratio = len(frame) / max(1, len(view)) if frame is not None else 1.0
+    if frame is None or ratio > cutoff:
         frame = raw_frame(view)
-    return frame, crc32c(frame)
+    return frame, crc32c(frame), ratio
+
+
+class ChunkEncoder:
+    """Encodes one shard's chunks, deciding from every PROBE_EVERY-th whether zstd pays."""
+
+    def __init__(self, compress: bool, transform: str):
+        self._compress = compress
+        self._cutoff = KEEP_ZSTD_BELOW[transform]
+        self._since_probe = PROBE_EVERY
+        self._worth_it = True
+
+    def encode(self, data: np.ndarray) -> tuple[bytes, int]:
+        probe = self._compress and self._since_probe >= PROBE_EVERY
+        if probe:
+            frame, crc, ratio = encode_chunk(data, True, self._cutoff)
+            self._worth_it = ratio <= self._cutoff
+            self._since_probe = 1
+            return frame, crc
+        self._since_probe += 1
+        frame, crc, _ = encode_chunk(data, self._compress and self._worth_it, self._cutoff)
+        return frame, crc
 
 
 def decode_chunk(payload: memoryview, expected_crc: int, out: np.ndarray) -> None:

@@ -256,8 +256,12 @@ class TrajectoryStore:
         return cls(path, root_fd, manifest, lock_fd)
 
     @classmethod
-    def create(cls, path: Path) -> TrajectoryStore:
-        """Make a new, empty store at `path` (absent or an empty directory) and lock it."""
+    def create(cls, path: Path, replace: bool = False) -> TrajectoryStore:
+        """Make a new, empty store at `path` (absent or an empty directory) and lock it.
+
+        replace: over a store that cannot be opened (is_replaceable); its files stay until the
+        first commit removes what the new manifest does not name (--rebuild).
+        """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
@@ -272,7 +276,7 @@ class TrajectoryStore:
         except BaseException:
             os.close(root_fd)
             raise
-        if ROOT_META in entries(root_fd):  # another run made it between the probe and now
+        if ROOT_META in entries(root_fd) and not replace:  # another run made it meanwhile
             os.close(lock_fd)
             os.close(root_fd)
             return cls.open(path, lock="exclusive")
@@ -622,14 +626,26 @@ def _read_manifest(path: Path, root_fd: int) -> Manifest:
     return parse_manifest(body)
 
 
-def is_old_format(path: Path) -> bool:
-    """True for a store of an earlier relex_stream format (which --rebuild may replace)."""
+def is_replaceable(path: Path) -> bool:
+    """True for a store --rebuild may replace though it cannot be opened: its root says it is
+    relex_stream's (an earlier format, or this one damaged)."""
     try:
-        raw = (path / ROOT_META).read_bytes()
-        found = _zarr_json(raw, str(path))["attributes"].get("format")
+        raw = read_small_path(path / ROOT_META, MAX_ROOT_BYTES)
+        attributes = _zarr_json(raw, str(path))["attributes"]
     except (OSError, RelexError):
         return False
-    return isinstance(found, str) and found.startswith(FORMAT_FAMILY) and found != STORE_FORMAT
+    old = attributes.get("format")
+    body = attributes.get("relex_stream")
+    return (isinstance(old, str) and old.startswith(FORMAT_FAMILY)) or (
+        isinstance(body, dict) and str(body.get("format", "")).startswith(FORMAT_FAMILY))
+
+
+def read_small_path(path: Path, max_bytes: int) -> bytes:
+    fd = open_root(path.parent)
+    try:
+        return read_small(fd, path.name, max_bytes)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- row transforms
@@ -667,7 +683,8 @@ def compressed_sample_fraction(base: np.ndarray, rows: np.ndarray, group: Group,
     raw = stored = 0
     previous = _reference_row(base, group, rows.dtype)
     for row in rows:
-        frame, _ = shards.encode_chunk(encode_codes(row, previous, transform), codec != "none")
+        frame, _, _ = shards.encode_chunk(encode_codes(row, previous, transform), codec != "none",
+                                          shards.KEEP_ZSTD_BELOW[transform])
         stored += len(frame) + 4
         raw += row.nbytes
         previous = row
@@ -837,6 +854,7 @@ class GroupWriter:
         self._shards: dict[int | None, shards.ShardWriter] = {}
         self._transform = pending.transform(group.row_dtype)
         self._compress = pending.codec != "none"
+        self._encoders: dict[int | None, shards.ChunkEncoder] = {}
         gen_dir = f"gen{pending.generation}"
         try:
             if write_base:
@@ -912,7 +930,9 @@ class GroupWriter:
                     reference = np.concatenate(
                         [reference, np.zeros(chunk - (b - a), dtype=reference.dtype)])
                 payload = encode_codes(data, reference, self._transform)
-            frame, crc = shards.encode_chunk(payload, self._compress)
+            encoder = self._encoders.setdefault(row, shards.ChunkEncoder(
+                self._compress, "none" if row is None else self._transform))
+            frame, crc = encoder.encode(payload)
             shard.write_chunk(j, frame, crc, shards.crc32c(raw[a - start : b - start]))
             written += len(frame) + 4
         return written

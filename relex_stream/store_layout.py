@@ -25,7 +25,12 @@ STORE_FORMAT = "relex_stream.trajectory/3"
 FORMAT_FAMILY = "relex_stream.trajectory/"
 # Rows of one Gram panel (kernels.PANEL_ROWS): part of the format, since the panels decide the
 # Gram's bits (see kernels.py).
+GRAM_BLOCK_COLS = 1 << 16  # columns of one block of the fixed Gram grid (kernels.py)
 PANEL_ROWS = 8
+# A panel whose rows changed in at least this share of a block's columns is computed on all of
+# them (no gather); also part of the format (kernels.add_gram_panels).
+PANEL_DENSE_FRACTION = 0.5
+GRAM_GRID = f"blocks={GRAM_BLOCK_COLS},panels={PANEL_ROWS},dense={PANEL_DENSE_FRACTION}"
 SMALL_NUMEL = 1 << 16  # tensors below one Gram block are packed with small inner chunks
 SMALL_CHUNK_COLS = 1 << 12
 CHUNK_BYTES = 1 << 20  # inner chunk of a large tensor: 1 MiB of one row
@@ -210,7 +215,7 @@ class Manifest:
         return {
             "format": STORE_FORMAT,
             "store_id": self.store_id,
-            "panel_rows": PANEL_ROWS,
+            "gram_grid": GRAM_GRID,
             "current": None if self.current is None else self.current.to_json(),
             "pending": None
             if self.pending is None
@@ -371,10 +376,10 @@ def parse_generation(value: object, codecs: dict) -> Generation:
 
 def parse_manifest(data: dict) -> Manifest:
     """A Manifest from the root's attribute, every field checked; RelexError otherwise."""
-    if set(data) != {"format", "store_id", "panel_rows", "current", "pending"}:
+    if set(data) != {"format", "store_id", "gram_grid", "current", "pending"}:
         raise _fail("the store's manifest has unexpected fields")
-    if data["panel_rows"] != PANEL_ROWS:
-        raise _fail("the store was written with another Gram panel size")
+    if data["gram_grid"] != GRAM_GRID:
+        raise _fail("the store's Gram matrices were summed on another grid")
     store_id = data["store_id"]
     if not (isinstance(store_id, str) and re.fullmatch(r"[0-9a-f]{32}", store_id, re.ASCII)):
         raise _fail("the store's id is malformed")
