@@ -34,11 +34,12 @@ from .kernels import (
 )
 from .progress import Progress
 from .reader import Chunk, ChunkReader, ReadJob, Ring
+from .safetensors_io import DTYPES
 from .sources import RowOrigin, RowReader
 from .store import GroupRecord, GroupWriter
 from .store_layout import Group
 from .store_writer import StoreWriter, release_after
-from .tensor_files import bits_to_torch
+from .tensor_files import bits_to_torch, widest
 from .writer import ModelWriter
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,7 @@ def _first_pass_chunk(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassConte
         for a in range(0, rows_t.shape[1], GRAM_BLOCK_COLS):
             b = min(a + GRAM_BLOCK_COLS, rows_t.shape[1])
             rows_b, base_b = rows_t[:, a:b], base_t[a:b]
-            changed = changed_columns(rows_b, _reference(base_b, w), ctx.workspace)
+            changed = _changed(rows_b, base_b, w, ctx)
             block = block_deltas(rows_b, base_b, changed, ctx.workspace)
             add_gram_panels(w.gram, changed, block, gw.first_panel_row, ctx.workspace)
             w.support_stored += block.support
@@ -386,7 +387,7 @@ def _materialise_chunk(chunk: Chunk, w: TensorWork, ctx: PassContext) -> None:
             _emit_block(w, ctx, weights, block, base_b, job.start + a)
             ctx.keep_ring.free(token)
             continue
-        changed = changed_columns(rows_t[:, a:b], _reference(base_b, w), ctx.workspace)
+        changed = _changed(rows_t[:, a:b], base_b, w, ctx)
         block = block_deltas(rows_t[:, a:b], base_b, changed, ctx.workspace)
         _emit_block(w, ctx, weights, block, base_b, job.start + a)
     if job.stop == w.numel:
@@ -440,12 +441,17 @@ def _upload(rows: np.ndarray, base: np.ndarray, w: TensorWork,
     return rows_t, base_t
 
 
-def _reference(base: torch.Tensor, w: TensorWork) -> torch.Tensor:
-    """The base as the rows' dtype (exact): what a row's bits are compared with."""
-    from .safetensors_io import DTYPES
-
-    row_dtype = DTYPES[w.row_dtype][0]
-    return base if base.dtype == row_dtype else base.to(row_dtype)
+def _changed(rows: torch.Tensor, base: torch.Tensor, w: TensorWork,
+             ctx: PassContext) -> torch.Tensor:
+    """(K, s) bool: where a row's value differs from the base's, compared bit by bit in a dtype
+    that holds both exactly (the rows' usually: a bf16 base with fp32 rows; the base's for an
+    fp32 base with bf16 rows, since rounding the base would hide changes; fp32 for bf16 and
+    fp16)."""
+    if w.row_dtype == w.base_dtype:
+        return changed_columns(rows, base, ctx.workspace)
+    common = DTYPES[widest([w.row_dtype, w.base_dtype])][0]
+    rows = rows if rows.dtype == common else rows.to(common)
+    return changed_columns(rows, base.to(common), ctx.workspace)
 
 
 def _as_bits(tensor: torch.Tensor) -> np.ndarray:

@@ -55,7 +55,7 @@ class WatchOptions:
     every: int = 1  # materialise the targets every N appended checkpoints (with --out)
     interval_s: float = 30.0
     settle_s: float = 10.0
-    until: int | None = None  # stop once a checkpoint at or after this step is appended
+    until: int | None = None  # stop once the store holds a checkpoint at or after this step
     method: str = "relex"
     holdout: int = 3
     max_memory: str = "4G"
@@ -113,8 +113,12 @@ class Watcher:
         """Append what is ready (one checkpoint at a time; the first two build the store);
         returns the lines printed."""
         lines = []
+        last = self._last_step()
+        if self.options.until is not None and last is not None and last >= self.options.until:
+            self.stop_requested = True  # the store already holds the step asked for
+            return lines
         ready = self.ready_steps()
-        building = self._last_step() is None
+        building = last is None
         while ready and not self.stop_requested:
             batch = ready[:2] if building else ready[:1]
             if building and len(batch) < 2:

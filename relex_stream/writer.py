@@ -170,12 +170,16 @@ class ModelWriter:
             _remove_marked(self.tmp_dir)
 
     def _config_with_dtype(self, content: bytes) -> bytes:
-        float_dtypes = {d for n, d in self.dtypes.items() if self.layout.tensors[n][0] != d}
-        if not float_dtypes:
+        """config.json as it was, or with its dtype fields naming the outputs' float dtype when
+        they say another (--dtype, or a base re-saved in another dtype than its config says)."""
+        float_dtypes = {d for d in self.dtypes.values() if d in _CONFIG_DTYPE_NAMES}
+        if len(float_dtypes) != 1:
             return content
-        config = json.loads(content)
         name = _CONFIG_DTYPE_NAMES[float_dtypes.pop()]
+        config = json.loads(content)
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        if all(config.get(key) == name for key in keys):
+            return content
         for key in keys:
             config[key] = name
         return (json.dumps(config, indent=2) + "\n").encode()

@@ -1,0 +1,136 @@
+"""`watch` follows a run while checkpoints are written into it: one timeline row per complete
+checkpoint, none taken half-written, and a drift equal to the one of dense predictions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from relex_stream.store import TrajectoryStore
+from tests.fixtures import Spec, build_trajectory
+from tests.helpers import REPO_ROOT, run_cli
+from tests.reference import is_float, load_model_dir, reference_predict
+
+STEPS = (10, 20, 30, 40, 50, 60)
+TARGET = 150
+PAUSE = 1.0  # a shard stays half-written this long: longer than --settle and --interval
+
+
+def _write_run(source: Path, runs: Path, log: list) -> None:
+    """Copy checkpoints in step order the way a trainer writes them: config first, then the
+    weights in two halves with a pause between, so the shard is visible half-written."""
+    for step in STEPS:
+        src = source / f"checkpoint-{step}"
+        dst = runs / f"checkpoint-{step}"
+        dst.mkdir(parents=True)
+        for extra in src.iterdir():
+            if extra.name != "model.safetensors":
+                shutil.copy2(extra, dst / extra.name)
+        data = (src / "model.safetensors").read_bytes()
+        with open(dst / "model.safetensors", "wb") as handle:
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            log.append(("half", step, time.monotonic()))
+            time.sleep(PAUSE)
+            handle.write(data[len(data) // 2 :])
+        log.append(("complete", step, time.monotonic()))
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("watch")
+    traj = build_trajectory(root / "traj", Spec(steps=STEPS, vocab=256))
+    runs, store = root / "live", root / "store.zarr"
+    runs.mkdir()
+    log: list = []
+    writer = threading.Thread(target=_write_run, args=(traj.runs, runs, log))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, "-m", "relex_stream", "watch", "--runs", str(runs), "--cache",
+           str(store), "--base", str(traj.base), "--target", str(TARGET), "--interval", "0.2s",
+           "--settle", "0.4s", "--until", str(STEPS[-1]), "--device", "cpu", "--out",
+           str(root / "pred"), "--every", "2"]
+    watch = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    writer.start()
+    try:
+        stdout, stderr = watch.communicate(timeout=240)
+    finally:
+        writer.join()
+    assert watch.returncode == 0, stderr
+    return traj, store, stdout, log, root
+
+
+def test_one_timeline_row_per_complete_checkpoint(watched) -> None:
+    _, store, stdout, _, _ = watched
+    timeline = json.loads((store / "timeline" / "timeline.json").read_text())
+    assert [row["step"] for row in timeline["rows"]] == list(STEPS[1:])
+    assert (store / "timeline" / "timeline.csv").read_text().count("\n") == len(STEPS)
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == len(STEPS) - 1, stdout
+    assert "appended 5 checkpoint(s)" in stdout  # the first build counts as one
+
+
+def test_half_written_checkpoints_were_never_taken(watched, tmp_path: Path) -> None:
+    """The store equals, Gram bit for Gram bit, one built at once from the finished files."""
+    traj, store, _, _, _ = watched
+    reference = tmp_path / "at_once.zarr"
+    run_cli("run", "--base", traj.base, "--runs", traj.runs, "--target", TARGET, "--out",
+            tmp_path / "out", "--cache", reference, "--device", "cpu", "--quiet")
+    with TrajectoryStore.open(store) as a, TrajectoryStore.open(reference) as b:
+        assert a.steps == b.steps == list(STEPS)
+        for group in a.groups():
+            if group.has_rows:
+                assert np.array_equal(a.grams(group).view(np.uint64),
+                                      b.grams(group).view(np.uint64))
+
+
+def test_drift_equals_dense_predictions(watched) -> None:
+    traj, store, _, _, _ = watched
+    rows = json.loads((store / "timeline" / "timeline.json").read_text())["rows"]
+    base = load_model_dir(traj.base)
+    ckpts = {s: load_model_dir(traj.ckpt_dirs[s]) for s in STEPS}
+    floats = [n for n, t in base.items() if is_float(t)]
+
+    def prediction(k: int) -> torch.Tensor:
+        first = {s: ckpts[s] for s in STEPS[:k]}
+        out = reference_predict(base, first, [TARGET])[float(TARGET)]
+        return torch.cat([out[n].flatten() for n in floats])
+
+    w0 = torch.cat([base[n].to(torch.float64).flatten() for n in floats])
+    for row in rows:
+        k = row["rows"]
+        drift = row["drift"][str(TARGET)]
+        if k < 3:
+            assert drift is None
+            continue
+        now, before = prediction(k), prediction(k - 1)
+        dense = float((now - before).norm() / (now - w0).norm())
+        assert drift == pytest.approx(dense, rel=1e-6), (k, drift, dense)
+
+
+def test_every_second_checkpoint_is_materialised(watched) -> None:
+    _, _, _, _, root = watched
+    assert (root / "pred" / f"step-{TARGET}" / "model.safetensors").is_file()
+
+
+def test_restart_continues_where_it_stopped(watched, tmp_path: Path) -> None:
+    traj, store, _, _, _ = watched
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    proc = run_cli("watch", "--runs", traj.runs, "--cache", copy, "--target", TARGET,
+                   "--interval", "0.1s", "--settle", "0.1s", "--until", STEPS[-1],
+                   "--device", "cpu")
+    assert "appended 0 checkpoint(s)" in proc.stdout  # the store already holds step 60
+    timeline = json.loads((copy / "timeline" / "timeline.json").read_text())
+    assert [row["step"] for row in timeline["rows"]] == list(STEPS[1:])
