@@ -1,7 +1,7 @@
 """The backtest command: held-out errors of every method and window, exact from the Grams.
 
 Predicting observed step j from earlier ones with weights w costs no weight reads:
-‖Δ_j − wᵀD‖² = G_jj − 2 wᵀG[:, j] + wᵀ G w (DESIGN.md §1).
+‖Δ_j − wᵀD‖² = G_jj − 2 wᵀG[:, j] + wᵀ G w (docs/DESIGN.md §1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Trajectory statistics and held-out errors from Gram matrices alone (DESIGN.md §1).
+"""Trajectory statistics and held-out errors from Gram matrices alone (docs/DESIGN.md §1).
 
 Everything takes G = D Dᵀ (K, K) float64 and the observed steps (K,); no weights are read.
 - rank-1 fit: explained variance λ₁/Σλ, spectral gap σ₂/σ₁, coefficients σ₁u₁ and their line;

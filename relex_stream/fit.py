@@ -1,7 +1,7 @@
 """The RELEX fit from a Gram matrix and step numbers, in float64: line weights, diagnostics.
 
 Every prediction is W_0 + wᵀD with D the (K, n) observed deltas; methods.py turns these into
-each method's K weights w (docs/DESIGN.md, "What is computed").
+each method's K weights w (docs/DESIGN.md §1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prediction methods as combination weights: every output is W_0 + wᵀD (DESIGN.md §1).
+"""Prediction methods as combination weights: every output is W_0 + wᵀD (docs/DESIGN.md §1).
 
 Each function maps the Gram matrix G = D Dᵀ (K, K) float64 and the observed steps (K,) to a
 weight matrix (n_outputs, K) float64, one row per requested output; no I/O, no weights read.

@@ -137,7 +137,7 @@ def assert_matches_reference(
         assert_within_one_ulp(out[name], ref[name], output_dtype(w0, dtype_flag), name, ulps)
 
 
-# --- Dense float64 references of every method (DESIGN.md §1), built from the deltas D. ---
+# --- Dense float64 references of every method (docs/DESIGN.md §1), built from the deltas D. ---
 # Independent of relex_stream: SVD of D (not the Gram matrix), np.polyfit against the real step
 # numbers, and each method's formula written out in weight space.
 

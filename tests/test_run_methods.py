@@ -240,7 +240,7 @@ def test_run_output_matches_dense_reference(trajectories, runs, key: str, index:
             assert got[MIXED[0]].dtype == torch.float32, "per-tensor dtype not kept"
 
 
-# --- The dense references themselves, checked against the formulas of DESIGN.md §1. ---
+# --- The dense references themselves, checked against the formulas of docs/DESIGN.md §1. ---
 
 
 def _toy(k: int = 5, n: int = 40, seed: int = 0):
@@ -267,7 +267,7 @@ def test_reference_relex_rank1_is_the_existing_reference() -> None:
 
 
 def test_reference_weights_formulas() -> None:
-    """raw-ols, two-point and expo are W_0 + wᵀD with DESIGN.md's weights; reconstruct at full
+    """raw-ols, two-point and expo are W_0 + wᵀD with docs/DESIGN.md's weights; reconstruct at full
     rank gives the checkpoints back; fit-reconstruct is relex at an observed step."""
     w0, ws, steps = _toy()
     t = torch.tensor(steps, dtype=torch.float64)
@@ -292,7 +292,7 @@ def test_reference_weights_formulas() -> None:
         fit = dense_method_one(w0, ws, steps, steps[1:3], "fit-reconstruct", rank, degree)
         rel = dense_method_one(w0, ws, steps, steps[1:3], "relex", rank, degree)
         torch.testing.assert_close(torch.stack(fit), torch.stack(rel), rtol=0, atol=0)
-    # rank-r relex: Σ_j ℓ_j(T)/σ_j · u_j as combination weights (DESIGN.md's table)
+    # rank-r relex: Σ_j ℓ_j(T)/σ_j · u_j as combination weights (docs/DESIGN.md §1)
     u, s, _ = torch.linalg.svd(d, full_matrices=False)
     tm = t.mean()
     h = 1 / len(t) + (target - tm) * (t - tm) / ((t - tm) ** 2).sum()  # OLS line weights at T
