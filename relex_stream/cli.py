@@ -85,18 +85,20 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="how a new store keeps rows: each XOR the previous then zstd (default, ~1%% of the "
         "raw bytes on consecutive RL steps), plain zstd, or uncompressed; all lossless",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--max-memory", default="4G", help="host memory budget for buffers (e.g. 4G)")
     p.add_argument(
         "--max-gpu-memory",
-        help="GPU memory a tensor may keep between passes (default: free memory less 10%%)",
+        help="GPU memory the run may use (default: the card's memory less 10%%); on the CPU, "
+        "the memory for deltas kept between the passes",
     )
     p.add_argument(
         "--svd",
         default="auto",
         choices=["auto", "exact", "randomized"],
-        help="rank-1 kernel: exact Gram matrix, randomized subspace iteration, or auto "
-        "(randomized when K > 70 and the tensor fits in memory)",
+        help="rank-1 kernel: exact Gram matrix (auto, the default: report, backtest and appends "
+        "need it), or randomized subspace iteration for tensors read once",
     )
     p.add_argument(
         "--dtype",

@@ -10,6 +10,7 @@ of 1.
 from __future__ import annotations
 
 import datetime
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +63,8 @@ def init_from_env(device_name: str) -> Ranks:
                 )
             device = torch.device("cuda", ranks.local_rank)
             torch.cuda.set_device(device)
-            options["device_id"] = device
+            if "device_id" in inspect.signature(dist.init_process_group).parameters:
+                options["device_id"] = device  # torch >= 2.3
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", **options)
     return ranks
 

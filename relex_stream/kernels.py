@@ -48,6 +48,7 @@ def resolve_device(name: str) -> torch.device:
                 f"--device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), "
                 "numbered from 0"
             )
+        return torch.device("cuda", int(index)) if index else torch.device("cuda")
     return torch.device(name)
 
 

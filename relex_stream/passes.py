@@ -233,13 +233,15 @@ def _process(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassContext,
              store_writer: StoreWriter) -> None:
     job = chunk.job
     release = chunk.release
+    # one upload per chunk (on the CPU: views), for both passes
+    device_rows = _upload(chunk.rows, chunk.base, w, ctx.device) if w.is_float else None
     if job.stage in ("gram", "both"):
         # the buffer goes back once both the store write and the computation are done
         release = release_after(2, chunk.release)
-        _first_pass_chunk(chunk, gw, w, ctx, store_writer, release)
+        _first_pass_chunk(chunk, gw, w, ctx, store_writer, release, device_rows)
         ctx.progress.add("gram", job.nbytes)
     if job.stage in ("out", "both"):
-        _materialise_chunk(chunk, w, ctx)
+        _materialise_chunk(chunk, w, ctx, device_rows)
         ctx.progress.add("materialise", job.nbytes)
     if ctx.device.type == "cuda":
         torch.cuda.current_stream(ctx.device).synchronize()  # uploads from the ring are done
@@ -250,7 +252,8 @@ def _process(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassContext,
 
 
 def _first_pass_chunk(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassContext,
-                      store_writer: StoreWriter, written: Callable[[], None]) -> None:
+                      store_writer: StoreWriter, written: Callable[[], None],
+                      device_rows: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     job, base, rows = chunk.job, chunk.base, chunk.rows
     writer = gw.writer
     store_rows = rows if w.is_float else None
@@ -268,7 +271,7 @@ def _first_pass_chunk(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassConte
             w.gram[:p, :p] = torch.tril(old[:p, :p]).to(ctx.device)
         every_row = w.row_positions == list(range(w.n_rows))
         w.kept = [] if ctx.materialise and every_row else None
-    rows_t, base_t = _upload(rows, base, w, ctx.device)
+    rows_t, base_t = device_rows
     if w.svd == "randomized":
         w.gram = randomized_gram(rows_t, base_t)
     else:
@@ -366,15 +369,16 @@ def _refuse_nonfinite(name: str, gram: torch.Tensor, steps: list[int]) -> None:
 # --------------------------------------------------------------------------- second pass
 
 
-def _materialise_chunk(chunk: Chunk, w: TensorWork, ctx: PassContext) -> None:
-    job, base, rows = chunk.job, chunk.base, chunk.rows
+def _materialise_chunk(chunk: Chunk, w: TensorWork, ctx: PassContext,
+                       device_rows: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    job, base = chunk.job, chunk.base
     if not w.is_float:
         for i in range(len(ctx.writers)):
             _write(w, ctx, i, job.start, base)
         return
     if w.weights is None:  # a tensor the store already holds: its Gram matrix is stored
         _weights(w, ctx)
-    rows_t, base_t = _upload(rows, base, w, ctx.device)
+    rows_t, base_t = device_rows
     if job.stage == "both" and w.row_positions != list(range(rows_t.shape[0])):
         rows_t = rows_t[torch.tensor(w.row_positions, device=ctx.device)]
     weights = w.weights.to(ctx.device)

@@ -14,6 +14,7 @@ when the first pass kept the tensor's deltas.
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 _ALIGN = 64
+log = logging.getLogger(__name__)
 
 
 class Ring:
@@ -31,12 +33,7 @@ class Ring:
     def __init__(self, capacity: int, pin: bool = False, device: torch.device | None = None):
         self.capacity = max(_ALIGN, -(-capacity // _ALIGN) * _ALIGN)
         self._slab = torch.empty(self.capacity, dtype=torch.uint8, device=device)
-        self._pinned = False
-        if pin:
-            result = torch.cuda.cudart().cudaHostRegister(
-                self._slab.data_ptr(), self.capacity, 0
-            )
-            self._pinned = int(result) == 0
+        self._pinned = _pin(self._slab) if pin else False
         self._array = self._slab.numpy() if self._slab.device.type == "cpu" else None
         self._live: collections.deque = collections.deque()  # [offset, size, freed], in order
         self._head = 0
@@ -97,13 +94,42 @@ class Ring:
                 self._head = 0
             self._cond.notify_all()
 
-    def close(self) -> None:
+    def close_wait(self) -> None:
+        """Wake whoever waits for room (they stop); the slab stays usable until close()."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def close(self) -> None:
+        self.close_wait()
         if self._pinned:
+            torch.cuda.synchronize()  # no upload from the slab may still be in flight
             torch.cuda.cudart().cudaHostUnregister(self._slab.data_ptr())
             self._pinned = False
+
+
+def _pin(slab: torch.Tensor) -> bool:
+    """Page-lock a host slab at its exact size (cudaHostRegister); False, with a warning, when
+    the driver refuses (uploads are then synchronous, nothing else changes).
+
+    Registered from a short-lived thread: a failed call leaves a CUDA error pending on the
+    calling thread, which torch would report at the run's first, unrelated kernel.
+    """
+    device = torch.cuda.current_device()
+    result: list[int] = []
+
+    def register() -> None:
+        torch.cuda.set_device(device)
+        result.append(int(torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), slab.numel(), 0)))
+
+    thread = threading.Thread(target=register, name="relex-pin")
+    thread.start()
+    thread.join()
+    if not result or result[0] != 0:
+        log.warning("could not page-lock the %d-byte read buffer (CUDA error %s): uploads will "
+                    "be synchronous", slab.numel(), result[0] if result else "?")
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -198,7 +224,7 @@ class ChunkReader:
     def close(self) -> None:
         """Stop the thread (after the read in flight) and wait for it."""
         self._stop.set()
-        self._ring.close()
+        self._ring.close_wait()
         self._thread.join()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from relex_stream.envvars import relex_test_device
 from tests.fixtures import AUX_FILES, EMBED, LM_HEAD, ZERO_DELTA, Trajectory
 from tests.reference import (
     assert_matches_reference,
@@ -22,11 +23,23 @@ from tests.reference import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_device() -> str:
+    """The device the engine tests run on: RELEX_TEST_DEVICE, 'cpu' (default) or 'cuda'."""
+    return relex_test_device()
+
+
+test_device.__test__ = False  # a helper, not a test (pytest collects test_* it finds imported)
+
+
 def run_cli(*args: object, expect_rc: int | None = 0) -> subprocess.CompletedProcess[str]:
-    """Run `python -m relex_stream ARGS` on CPU; assert the exit code unless expect_rc is None."""
+    """Run `python -m relex_stream ARGS`; assert the exit code unless expect_rc is None.
+
+    The child sees no GPU unless the tests run on CUDA (RELEX_TEST_DEVICE=cuda).
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    env["CUDA_VISIBLE_DEVICES"] = ""
+    if test_device() == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "relex_stream", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
     if expect_rc is not None:
@@ -50,9 +63,9 @@ def run_traj(
     quiet: bool = True,
     expect_rc: int | None = 0,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `relex_stream run --base --runs` for a built trajectory."""
+    """Run `relex_stream run --base --runs` for a built trajectory, on the test device."""
     args: list[object] = ["run", "--base", traj.base, "--runs", traj.runs]
-    args += ["--target", fmt_targets(targets), "--out", out, "--device", "cpu", *extra]
+    args += ["--target", fmt_targets(targets), "--out", out, "--device", test_device(), *extra]
     if quiet:
         args.append("--quiet")
     return run_cli(*args, expect_rc=expect_rc)
