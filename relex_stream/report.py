@@ -1,7 +1,7 @@
 """The report command: per-tensor diagnostics from a store's Gram matrices alone.
 
 No weight is read: the store keeps each tensor's Gram matrix G (K, K), and every statistic
-follows from G and the steps (DESIGN.md §1). backtest.py builds on the loading code here.
+follows from G and the steps (docs/DESIGN.md §1). backtest.py builds on the loading code here.
 """
 
 from __future__ import annotations
@@ -148,6 +148,11 @@ class TensorReport:
     module: str
     numel: int
     stats: TensorStats
+    support: int  # elements where some stored step differs from the base
+
+    @property
+    def support_fraction(self) -> float:
+        return self.support / self.numel if self.numel else math.nan
 
     def row(self) -> dict[str, object]:
         """Scalar columns for the CSV."""
@@ -160,6 +165,7 @@ class TensorReport:
             "layer": "" if self.layer is None else self.layer,
             "module": self.module,
             "numel": self.numel,
+            "support_fraction": self.support_fraction,
             "explained_variance": fit.explained_variance,
             "spectral_gap": fit.spectral_gap,
             "r_squared": fit.r_squared,
@@ -228,9 +234,11 @@ class ReportResult:
     def lines(self) -> list[str]:
         """The text summary."""
         n_params = sum(t.numel for t in self.tensors)
+        support = sum(t.support for t in self.tensors) / max(1, n_params)
         out = [
             f"store: {self.store}; {len(self.tensors)} tensors ({n_params:,} parameters); "
-            f"{len(self.steps)} observed steps ({self.steps[0]}..{self.steps[-1]})",
+            f"{len(self.steps)} observed steps ({self.steps[0]}..{self.steps[-1]}); "
+            f"{100 * support:.1f}% of the parameters changed at some step",
             f"{'':28s}{'min':>7s}  {'5%':>7s}  {'median':>7s}  {'95%':>7s}  {'max':>7s}",
         ]
         columns = (
@@ -238,6 +246,7 @@ class ReportResult:
             ("R² of rank-1 line", lambda t: t.stats.fit.r_squared),
             ("spectral gap σ₂/σ₁", lambda t: t.stats.fit.spectral_gap),
             ("path efficiency", lambda t: t.stats.path_efficiency),
+            ("support (changed share)", lambda t: t.support_fraction),
         )
         for label, get in columns:
             out.append(f"{label:28s}{_quantile_text([get(t) for t in self.tensors])}")
@@ -333,6 +342,7 @@ def report(
             *tensor_group(name),
             data.numel[name],
             tensor_stats(gram, steps, null_samples, seed),
+            data.support[name],
         )
         for name, gram in data.grams.items()
     ]
@@ -361,6 +371,8 @@ def write_report(result: ReportResult, out: Path, plots: bool = True) -> list[Pa
                 "steps": result.steps,
                 "null_samples": result.null_samples,
                 "seed": result.seed,
+                "support_fraction": sum(t.support for t in result.tensors)
+                / max(1, sum(t.numel for t in result.tensors)),
                 "model": _stats_json(result.model),
                 "tensors": [
                     {
@@ -368,6 +380,7 @@ def write_report(result: ReportResult, out: Path, plots: bool = True) -> list[Pa
                         "layer": t.layer,
                         "module": t.module,
                         "numel": t.numel,
+                        "support": t.support,
                         **_stats_json(t.stats),
                     }
                     for t in result.tensors

@@ -301,3 +301,19 @@ def test_missing_matplotlib_says_how_to_fix(
     result = report(synth_store, tmp_path / "rep", null_samples=5, plots=False)
     assert not any(p.suffix == ".png" for p in result.files)
     assert all(math.isfinite(t.stats.fit.explained_variance) for t in result.tensors)
+
+
+def test_support_is_the_share_of_elements_that_ever_changed(synth_store: Path,
+                                                            tmp_path: Path) -> None:
+    trajectory = synth_store.parent.parent / "traj"
+    _, deltas = _explicit_deltas(trajectory)
+    result = report(synth_store, tmp_path / "rep", null_samples=5, plots=False)
+    total = changed = 0
+    for entry in result.tensors:
+        want = int((deltas[entry.name] != 0).any(dim=0).sum())  # bf16 → float64 is exact
+        assert entry.support == want, entry.name
+        total, changed = total + entry.numel, changed + want
+    assert 0 < changed < total  # the drift profile leaves some elements alone
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert data["support_fraction"] == pytest.approx(changed / total)
+    assert f"{100 * changed / total:.1f}% of the parameters changed" in result.lines()[0]
