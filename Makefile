@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test fuzz lint bench clean
 
 # torch is pinned to the CPU wheel this machine carries; on a GPU box install torch first and
 # the pin is satisfied by what is there (pip keeps an installed torch that meets >=2.1).
@@ -25,6 +25,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Hostile inputs, many examples (hypothesis has no deadline in these files): safetensors headers,
+# JSON, flags and environment variables, and damaged or forged stores.
+fuzz: install
+	RELEX_FUZZ_EXAMPLES=$${RELEX_FUZZ_EXAMPLES:-2000} $(PY) -m pytest -q \
+		tests/test_fuzz_inputs.py tests/test_fuzz_store.py
 
 lint: install
 	$(PY) -m ruff check relex_stream tests bench

@@ -6,6 +6,7 @@ check runs before the first byte is written: a refused run leaves nothing behind
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -26,11 +27,12 @@ from .inputs import RunInputs, gather_inputs
 from .kernels import GRAM_BLOCK_COLS, Workspace
 from .memory import Budget
 from .outputs import OutputSpec, check_plan, output_weights, plan_outputs
-from .passes import GroupWork, PassContext, PassStats, run_passes
+from .passes import GroupWork, PassContext, PassStats, jobs_for, run_passes
 from .plan import assign, chunking, device_budget, group_work
 from .progress import Progress
-from .reader import Ring
+from .reader import ALIGN_BYTES, Ring
 from .request import RunRequest, make_request
+from .safefs import open_root, remove_tree
 from .safetensors_io import DTYPES
 from .sources import RowOrigin, RowReader
 from .store import TrajectoryStore, compressed_sample_fraction
@@ -160,39 +162,58 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
         _check_disk(request, inputs, outputs, dtypes, budget)
         _warn_about(outputs, inputs.observed, request.max_memory_bytes)
 
-    store = _open_store(inputs, ranks)
+    created = _missing_dirs([request.store_path, *{o.directory.parent for o in outputs}])
+    store_names = _names(request.store_path) if inputs.store_state == "empty" else None
     try:
-        groups = _my_groups(gen, ranks)
-        works = group_work(inputs, store, groups, plan, request.svd)
-        summary = RunSummary([o.directory for o in outputs], request.store_path, inputs.observed)
-        summary.rank = ranks.rank
-        summary.appended_steps = inputs.new_steps if inputs.kind == "append" else []
-        all_works = gen.groups()
-        summary.tensors = sum(len(g.tensors) for g in all_works) + len(gen.aliases)
-        summary.input_bytes = _input_bytes(all_works, len(inputs.observed))
-        keep = _keep_budget(request, budget, gpu_bytes)
-        writers, stats, reader = _write_outputs(request, ranks, inputs, store, outputs, dtypes,
-                                                works, device, keep, budget, summary)
+        store = _open_store(inputs, ranks)
         try:
-            per_rank = gather(
-                (reader.bytes_from_sources, reader.bytes_from_store, stats.bytes_written,
-                 stats.store_bytes_written, stats.support_observed, stats.elements_observed,
-                 summary.ill_conditioned, _peak_rss_bytes(), reader.bytes_decoded),
-                ranks,
-            )
-            if ranks.is_main:
-                if inputs.kind is not None:
-                    store.commit()
-                aux = inputs.aux if inputs.aux is not None else store.aux_files()
+            groups = _my_groups(gen, ranks)
+            works = group_work(inputs, store, groups, plan, request.svd)
+            # the records of the groups only read (finished by an earlier, interrupted run
+            # too) are checked before any output is laid out (gather_inputs checked the rest)
+            for gw in works:
+                if not gw.write:
+                    store.record(gw.group, gen, gen.steps)
+            aux = inputs.aux if inputs.aux is not None else store.aux_files(gen)
+            summary = RunSummary([o.directory for o in outputs], request.store_path,
+                                 inputs.observed)
+            summary.rank = ranks.rank
+            summary.appended_steps = inputs.new_steps if inputs.kind == "append" else []
+            all_works = gen.groups()
+            summary.tensors = sum(len(g.tensors) for g in all_works) + len(gen.aliases)
+            summary.input_bytes = _input_bytes(all_works, len(inputs.observed))
+            keep = _keep_budget(request, budget, gpu_bytes)
+            writers, stats, reader = _write_outputs(request, ranks, inputs, store, outputs,
+                                                    dtypes, works, device, keep, budget, summary)
+            try:
+                per_rank = gather(
+                    (reader.bytes_from_sources, reader.bytes_from_store, stats.bytes_written,
+                     stats.store_bytes_written, stats.support_observed, stats.elements_observed,
+                     summary.ill_conditioned, _peak_rss_bytes(), reader.bytes_decoded),
+                    ranks,
+                )
+                if ranks.is_main:
+                    if inputs.kind is not None:
+                        store.commit()
+                    for writer in writers:
+                        writer.finalize(aux, request.overwrite)
+                    writers = []
+                barrier(ranks)
+            finally:
                 for writer in writers:
-                    writer.finalize(aux, request.overwrite)
-                writers = []
-            barrier(ranks)
+                    writer.abort()
+        except BaseException:
+            if ranks.is_main and not ranks.distributed:  # other ranks may have finished groups
+                _remove_new_store(inputs, store, store_names)  # still locked
+            raise
         finally:
-            for writer in writers:
-                writer.abort()
-    finally:
-        store.close()
+            store.close()
+    except BaseException:
+        if ranks.is_main:
+            for directory in created:  # OUT, and the store's parents, when empty again
+                with contextlib.suppress(OSError):
+                    os.rmdir(directory)
+        raise
     summary.bytes_from_sources = sum(r[0] for r in per_rank)
     summary.bytes_from_store = sum(r[1] for r in per_rank)
     summary.bytes_written = sum(r[2] for r in per_rank)
@@ -279,6 +300,40 @@ def _open_store(inputs: RunInputs, ranks: Ranks) -> TrajectoryStore:
     return store
 
 
+def _missing_dirs(paths: list[Path]) -> list[Path]:
+    """The directories among `paths` and their parents that do not exist yet, deepest first."""
+    missing: set[Path] = set()
+    for path in paths:
+        path = Path(os.path.abspath(path))
+        while not os.path.lexists(path) and path != path.parent:
+            missing.add(path)
+            path = path.parent
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
+
+
+def _names(path: Path) -> set[str]:
+    try:
+        return set(os.listdir(path))
+    except OSError:
+        return set()
+
+
+def _remove_new_store(inputs: RunInputs, store: TrajectoryStore,
+                      store_names: set[str] | None) -> None:
+    """After a failed run: a store this run created and finished no group in is removed (what
+    it put into an empty directory, when the store was one). A store holding finished groups
+    is kept: the same command continues from it."""
+    if inputs.store_state in ("absent", "empty") and store.created and (
+            store.manifest.current is None and store.finished_groups == 0):
+        with contextlib.suppress(OSError):
+            fd = open_root(store.path)
+            try:
+                for name in _names(store.path) - (store_names or set()):
+                    remove_tree(fd, name)
+            finally:
+                os.close(fd)
+
+
 def _my_groups(gen: Generation, ranks: Ranks) -> list[Group]:
     groups = gen.groups()
     sizes = [sum(g.numels) * (len(gen.steps) + 1) for g in groups]
@@ -337,23 +392,27 @@ def _write_outputs(
         for gw in works:
             if gw.write:
                 gw.open_writer = _writer_factory(store, gen, gw.group, inputs)
-        ctx = PassContext(
-            reader=reader,
-            writers=writers,
-            out_dtypes={n: DTYPES[d][0] for n, d in dtypes.items()},
-            device=device,
-            plan_weights=output_weights(outputs, inputs.observed),
-            observed_steps=inputs.observed,
-            allow_nonfinite=request.allow_nonfinite,
-            keep_ring=Ring(keep_budget, device=device) if keep_budget > 0 else None,
-            materialise=bool(outputs),
-            workspace=Workspace(len(gen.steps), len(outputs), budget.block_cols, device),
-            progress=progress,
-            stats=stats,
-            ill_conditioned=summary.ill_conditioned,
-        )
-        ring = Ring(budget.ring, pin=device.type == "cuda")
+        ring = None
         try:
+            # allocated here, where running out of device memory is one line, not a traceback
+            keep_bytes = min(keep_budget, _keepable_bytes(works, len(gen.steps)))
+            ctx = PassContext(
+                reader=reader,
+                writers=writers,
+                out_dtypes={n: DTYPES[d][0] for n, d in dtypes.items()},
+                device=device,
+                plan_weights=output_weights(outputs, inputs.observed),
+                observed_steps=inputs.observed,
+                allow_nonfinite=request.allow_nonfinite,
+                keep_ring=Ring(keep_bytes, device=device) if outputs and keep_bytes > 0 else None,
+                materialise=bool(outputs),
+                workspace=Workspace(len(gen.steps), len(outputs), budget.block_cols, device),
+                progress=progress,
+                stats=stats,
+                ill_conditioned=summary.ill_conditioned,
+            )
+            ring = Ring(_read_ring_bytes(works, bool(outputs), budget.ring),
+                        pin=device.type == "cuda")
             run_passes(works, ctx, ring)
         except torch.cuda.OutOfMemoryError:
             raise RelexError(
@@ -361,7 +420,8 @@ def _write_outputs(
                 "with --device cpu"
             ) from None
         finally:
-            ring.close()
+            if ring is not None:
+                ring.close()
         progress.close()
         for writer in writers:
             writer.close()
@@ -375,6 +435,26 @@ def _write_outputs(
     finally:
         reader.close()
     return writers, stats, reader
+
+
+def _keepable_bytes(works: list, n_rows: int) -> int:
+    """The most kept deltas the run could ever hold: every float tensor it computes, whole
+    (rows and their column indices in float64/int64, plus each block's alignment). A small
+    model does not reserve, on the GPU above all, a keep budget it can never fill."""
+    total = 0
+    for gw in works:
+        for w in gw.tensors:
+            if w.write and w.is_float:
+                blocks = -(-w.numel // GRAM_BLOCK_COLS)
+                total += (n_rows + 1) * w.numel * 8 + blocks * ALIGN_BYTES
+    return total
+
+
+def _read_ring_bytes(works: list, materialise: bool, budget_bytes: int) -> int:
+    """The read ring: the budget's share, but no more than three of the run's largest reads
+    (in flight, waiting, being filled), so that small models do not pin the whole share."""
+    largest = max((job.nbytes for job in jobs_for(works, materialise)), default=0)
+    return min(budget_bytes, 3 * (largest + 2 * ALIGN_BYTES))
 
 
 def _writer_factory(store: TrajectoryStore, gen: Generation, group: Group, inputs: RunInputs):

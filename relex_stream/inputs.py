@@ -10,6 +10,7 @@ one. Nothing is written here: the decision is made, and every mistake found, fir
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .checkpoints import ModelLayout, config_of, select_steps
 from .errors import RelexError
 from .sources import Sources, find_checkpoints, open_sources
 from .store import TrajectoryStore, is_replaceable
-from .store_layout import AuxFile, Generation, transforms_for
+from .store_layout import MAX_GENERATION, AuxFile, Generation, transforms_for
 from .tensor_files import widest
 from .units import StepSelection
 
@@ -36,7 +37,9 @@ class RunInputs:
     committed_steps: tuple[int, ...]  # steps the store holds now (of target's generation)
     observed: list[int]  # steps the outputs use
     row_ids: list[int]  # their rows in `target`
-    aux: dict[str, bytes] | None  # files to keep in a new generation
+    # the model's small files: from the base for a new generation (which keeps them), else
+    # from the store (checked against its digests before the run writes anything)
+    aux: dict[str, bytes] | None
 
     @property
     def first_new_row(self) -> int:
@@ -72,11 +75,19 @@ def gather_inputs(
 ) -> RunInputs:
     """Open (headers only) and check sources and store, and decide what the run writes."""
     state = TrajectoryStore.probe(store_path)
-    current = pending = None
+    current = pending = stored_aux = None
     if state == "store":
         try:
             with TrajectoryStore.open(store_path) as store:
                 current, pending = store.manifest.current, store.manifest.pending
+                if current is not None and not rebuild:
+                    # what a run takes from the store besides rows is checked before it
+                    # writes anything: every group's record and Gram matrices, the model's files
+                    for group in store.groups():
+                        store.record(group)
+                        if group.has_rows:
+                            store.grams(group)
+                    stored_aux = store.aux_files()
         except RelexError:
             if not (rebuild and base is not None and is_replaceable(store_path)):
                 raise
@@ -90,7 +101,8 @@ def gather_inputs(
         found = find_checkpoints(runs, list(ckpts) if ckpts else None)
         sources = open_sources(None, found, steps, window, also=list(current.steps),
                                stored=current.layout, stored_aliases=current.aliases)
-        return _append(sources, store_path, state, current, steps, window, current.layout)
+        return _append(sources, store_path, state, current, steps, window, current.layout,
+                       stored_aux)
     if base is None:
         if rebuild:
             raise RelexError("--rebuild needs the sources (--base and --runs/--ckpt)")
@@ -101,14 +113,14 @@ def gather_inputs(
             )
         observed = select_steps(list(current.steps), steps, window)
         return RunInputs(None, store_path, state, None, current, current.steps, observed,
-                         [current.steps.index(s) for s in observed], None)
+                         [current.steps.index(s) for s in observed], stored_aux)
     found = find_checkpoints(runs, list(ckpts) if ckpts else None)
     stored = list(current.steps) if current is not None and not rebuild else []
     sources = open_sources(base, found, steps, window, also=stored)
     layout = sources.base.layout()
     if current is None or rebuild:
         return _build(sources, store_path, state, current, pending, steps, window, codec, layout)
-    return _append(sources, store_path, state, current, steps, window, layout)
+    return _append(sources, store_path, state, current, steps, window, layout, stored_aux)
 
 
 def _build(sources: Sources, store_path: Path, state: str, current: Generation | None,
@@ -120,8 +132,13 @@ def _build(sources: Sources, store_path: Path, state: str, current: Generation |
         pending.generation if pending is not None else 1)
     if state == "old":  # past every generation the unreadable store may hold
         taken = [int(p.name[3:]) for p in store_path.iterdir()
-                 if p.name.startswith("gen") and p.name[3:].isdigit()]
+                 if re.fullmatch(r"gen[0-9]{1,9}", p.name, re.ASCII)]
         number = max(taken, default=0) + 1
+    if number > MAX_GENERATION:
+        raise RelexError(
+            f"the store at {store_path} has used up its generation numbers; remove it, or use "
+            "another --cache"
+        )
     aliases = tied_aliases(layout, config_of(aux, str(sources.base.config_dir)))
     row_dtypes = {n: d for n, d in sources.row_dtypes.items() if n not in aliases}
     target = Generation(
@@ -140,7 +157,7 @@ def _build(sources: Sources, store_path: Path, state: str, current: Generation |
 
 
 def _append(sources: Sources, store_path: Path, state: str, current: Generation,
-            steps, window, layout: ModelLayout) -> RunInputs:
+            steps, window, layout: ModelLayout, aux: dict[str, bytes] | None) -> RunInputs:
     if layout.to_json() != current.layout.to_json():
         raise RelexError(
             f"the store at {store_path} was built for another model layout; use --rebuild or "
@@ -190,7 +207,7 @@ def _append(sources: Sources, store_path: Path, state: str, current: Generation,
         target = replace(current, steps=tuple(observed_rows),
                          sources={"base": current.sources["base"], "steps": merged})
     return RunInputs(sources, store_path, state, kind, target, current.steps, chosen,
-                     [observed_rows.index(s) for s in chosen], None)
+                     [observed_rows.index(s) for s in chosen], aux)
 
 
 def _first_change(old: dict, new: dict) -> str:

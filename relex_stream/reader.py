@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-_ALIGN = 64
+ALIGN_BYTES = 64
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +31,7 @@ class Ring:
     """A slab of `capacity` bytes handed out in order; allocate() waits for room."""
 
     def __init__(self, capacity: int, pin: bool = False, device: torch.device | None = None):
-        self.capacity = max(_ALIGN, -(-capacity // _ALIGN) * _ALIGN)
+        self.capacity = max(ALIGN_BYTES, -(-capacity // ALIGN_BYTES) * ALIGN_BYTES)
         self._slab = torch.empty(self.capacity, dtype=torch.uint8, device=device)
         self._pinned = _pin(self._slab) if pin else False
         self._array = self._slab.numpy() if self._slab.device.type == "cpu" else None
@@ -65,7 +65,7 @@ class Ring:
         return token, self._slab[offset : offset + size]
 
     def _take(self, size: int, wait: bool) -> tuple[int, int] | None:
-        size = max(_ALIGN, -(-size // _ALIGN) * _ALIGN)
+        size = max(ALIGN_BYTES, -(-size // ALIGN_BYTES) * ALIGN_BYTES)
         if size > self.capacity:
             if not wait:
                 return None
@@ -199,7 +199,7 @@ class ChunkReader:
                 if self._stop.is_set():
                     return
                 job = self._wait(job)
-                token, raw = self._ring.allocate(_pad(job.nbytes) + _ALIGN)
+                token, raw = self._ring.allocate(_pad(job.nbytes) + ALIGN_BYTES)
                 base, rows = self._views(raw, job)
                 try:
                     self._fill(job, base, rows)
@@ -229,4 +229,4 @@ class ChunkReader:
 
 
 def _pad(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
+    return -(-n // ALIGN_BYTES) * ALIGN_BYTES

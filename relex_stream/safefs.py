@@ -55,8 +55,24 @@ def open_root(path: os.PathLike | str) -> int:
 
 
 def open_file(dir_fd: int, name: str, flags: int, mode: int = 0o644) -> int:
-    """os.open of a file directly in `dir_fd`, refusing a symbolic link in its place."""
-    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    """os.open of a regular file directly in `dir_fd`, refusing a symbolic link in its place,
+    and anything else that is not a regular file (a FIFO planted there is not waited on)."""
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_file(dir_fd: int, name: str) -> int:
+    """A new, empty file `name` in `dir_fd` for writing: whatever held the name is unlinked
+    first, so that a hard link planted there never has its other copy truncated."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+    return open_file(dir_fd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
 
 
 def read_small(dir_fd: int, name: str, max_bytes: int) -> bytes:
@@ -64,8 +80,6 @@ def read_small(dir_fd: int, name: str, max_bytes: int) -> bytes:
     fd = open_file(dir_fd, name, os.O_RDONLY)
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
         if info.st_size > max_bytes:
             raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes")
         return pread_exact(fd, info.st_size, 0)
@@ -94,7 +108,7 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 def write_atomic(dir_fd: int, name: str, data: bytes) -> None:
     """Replace `name` in `dir_fd` with `data`: written under a temporary name, synced, renamed."""
     tmp = f".{name}.tmp-{os.getpid()}"
-    fd = open_file(dir_fd, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd = create_file(dir_fd, tmp)
     try:
         write_all(fd, data)
         os.fsync(fd)

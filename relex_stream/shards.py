@@ -10,7 +10,7 @@ in memory) and so that every byte read back is checked against a checksum its pa
 
     store manifest → group record (size and crc32c of each shard's tail)
                    → tail (crc32c of every encoded chunk, and of its raw bits)
-                   → chunk (its own crc32c trailer)
+                   → chunk (its own crc32c trailer; once decoded, the raw bits' crc32c)
 
 A chunk that does not compress is kept as a zstd frame of raw blocks: a plain copy that every
 zstd decoder reads.
@@ -26,7 +26,7 @@ import numpy as np
 from numcodecs import Zstd
 from numcodecs.checksum32 import crc32c_checksum
 
-from .safefs import open_file, pread_exact, write_all
+from .safefs import create_file, pread_exact, write_all
 
 ZSTD_LEVEL = 1
 # zstd is kept for a chunk only when it leaves at most this fraction of the bytes: below that the
@@ -182,7 +182,7 @@ class ShardWriter:
     """
 
     def __init__(self, dir_fd: int, name: str, n_chunks: int):
-        self._fd = open_file(dir_fd, name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self._fd = create_file(dir_fd, name)
         self._pos = 0
         self.index = ShardIndex(
             np.full(n_chunks, MISSING, dtype=np.uint64),
@@ -245,7 +245,8 @@ def read_index(fd: int, n_chunks: int, record: ShardRecord) -> ShardIndex:
     data_end = size - tail_size
     if bool((offsets == MISSING).any()) or bool((sizes == MISSING).any()):
         raise ValueError("a chunk is missing from its index")
-    if bool((sizes < 5).any()) or bool((offsets + sizes > data_end).any()):
+    end = np.uint64(data_end)  # (offset + size could wrap around in uint64)
+    if bool((sizes < 5).any()) or bool((sizes > end).any()) or bool((offsets > end - sizes).any()):
         raise ValueError("its index points outside the file")
     return ShardIndex(offsets, sizes, sums[:, 0].copy(), sums[:, 1].copy())
 

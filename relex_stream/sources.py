@@ -179,6 +179,8 @@ class RowReader:
         else:
             read_into(self._sources.base.tensors[name], start, base)
             self.bytes_from_sources += base.nbytes
+            if self._store_reader is not None:
+                self._verify_base(group, name, start, base, live)
         n_store = len(origin.store_rows)
         if n_store:
             self._store_reader.read_rows(self._gen, self._steps_for(group), group, name, start,
@@ -193,14 +195,31 @@ class RowReader:
             if store_row is not None:
                 self._verify(group, name, start, store_row, target, info, live)
 
+    def _verify_base(self, group: Group, name: str, start: int, values: np.ndarray,
+                     live: GroupWriter | None) -> None:
+        """The base's bits, read again, must be those the store keeps (chunks the store does
+        not hold yet are read for the first time: nothing to compare)."""
+        steps = () if live is not None and live.covers(None) else self._steps_for(group)
+        index = self._store_reader.base_index(self._gen, steps, group, name, live)
+        if index is not None:
+            self._compare(group, name, start, values, self._sources.base.tensors[name],
+                          index.raw_crcs, index.offsets != shards.MISSING)
+
     def _verify(self, group: Group, name: str, start: int, row: int, values: np.ndarray,
                 info: TensorInfo, live: GroupWriter | None) -> None:
         """The checkpoint's bits must be those the store recorded when it first read them."""
         expected = self._store_reader.raw_crcs(self._gen, self._steps_for(group), group, row,
                                                name, live)
+        self._compare(group, name, start, values, info, expected, None)
+
+    @staticmethod
+    def _compare(group: Group, name: str, start: int, values: np.ndarray, info: TensorInfo,
+                 expected: np.ndarray, held: np.ndarray | None) -> None:
         offset, _ = group.position(name)
         chunk = group.chunk_cols
         for j in group.chunk_range(name, start, start + values.shape[0]):
+            if held is not None and not held[j]:
+                continue
             lo = j * chunk - offset
             a, b = max(lo, start), min(lo + chunk, start + values.shape[0])
             if shards.crc32c(values[a - start : b - start]) != int(expected[j]):

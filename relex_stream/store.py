@@ -13,8 +13,12 @@ observed row (losslessly, in its own dtype) and the Gram matrices, plus the mode
 Rows are stored as codes (row k against row k − 1, row 0 against the base; row_codec.py), so an
 appended checkpoint creates new files and rewrites none. A store is input like any other: the
 manifest is checked field by field on open, every name is built from integers or checked to
-be a plain file name, every byte read is checked against a checksum its parent holds, and a
-missing or damaged piece is an error naming the tensor and the remedy, never zeros.
+be a plain file name, every byte read is checked against a checksum its parent holds (and the
+bits decoded from a chunk against the crc32c of the bits that were stored), every group record
+names the store, generation, group, steps and meaning (definition_sha256) it was written for,
+and a missing or damaged piece is an error naming the tensor and the remedy, never zeros.
+Files are never opened through a link, nor waited on (a FIFO), and written ones are created
+anew (a hard link planted in the store is replaced, not written through).
 
 Changes are transactions: the manifest records a pending generation (a build or an append),
 groups are written and marked complete one by one (a killed run resumes at the next group),
@@ -39,6 +43,7 @@ import numpy as np
 import torch
 
 from . import shards
+from .checkpoints import JSON_AUX
 from .errors import RelexError
 from .jsonfile import JsonProblem, loads_strict
 from .row_codec import (
@@ -100,6 +105,14 @@ def _sha256(data: object) -> str:
     return hashlib.sha256(_canonical(data)).hexdigest()
 
 
+def definition_sha256(gen: Generation) -> str:
+    """What a generation's pieces mean (layout, row dtypes, tied tensors, transforms, codec,
+    model files), not which steps it holds or where they came from: every group record keeps
+    it, so a manifest that tells a reader to read the pieces as another model is refused."""
+    data = gen.to_json()
+    return _sha256({k: v for k, v in data.items() if k not in ("generation", "steps", "sources")})
+
+
 def _strict_json(raw: bytes, where: str) -> dict:
     """Parse JSON strictly (jsonfile.loads_strict); a dict at the top."""
     try:
@@ -132,11 +145,13 @@ class GroupRecord:
     gram_crc: int | None
     kinds: dict[str, str]  # float tensor -> "exact" or "randomized"
     support: dict[str, int]  # float tensor -> columns where some stored row differs from the base
+    definition: str  # definition_sha256 of the generation the pieces were written for
 
     def to_json(self, store_id: str, generation: int) -> dict:
         return {
             "store_id": store_id,
             "generation": generation,
+            "definition": self.definition,
             "group": self.group,
             "steps": list(self.steps),
             "base": self.base.to_json(),
@@ -156,13 +171,17 @@ def _parse_record(
     body = data["record"]
     if _sha256(body) != data["sha256"]:
         raise ValueError("its record does not match its checksum")
-    expected_keys = {"store_id", "generation", "group", "steps", "base", "rows", "gram_crc",
-                     "kinds", "support"}
+    expected_keys = {"store_id", "generation", "definition", "group", "steps", "base", "rows",
+                     "gram_crc", "kinds", "support"}
     if not isinstance(body, dict) or set(body) != expected_keys:
         raise ValueError("malformed record")
     if (body["store_id"], body["generation"], body["group"], body["steps"]) != (
         store_id, gen.generation, group.index, list(steps)):
         raise ValueError("its record belongs to another store, generation, group or step list")
+    if body["definition"] != definition_sha256(gen):
+        # the manifest says to read the pieces as another model (shapes, dtypes, transforms,
+        # file names) than the one they were written for
+        raise ValueError("its record was written for another model layout than the manifest's")
 
     def shard(item: object) -> shards.ShardRecord:
         if not (isinstance(item, list) and len(item) == 2 and all(type(x) is int and
@@ -188,7 +207,7 @@ def _parse_record(
                                                     int):
         raise ValueError("malformed Gram checksum")
     return GroupRecord(group.index, steps, shard(body["base"]), tuple(shard(r) for r in rows),
-                       gram_crc, dict(kinds), dict(support))
+                       gram_crc, dict(kinds), dict(support), body["definition"])
 
 
 # --------------------------------------------------------------------------- the store
@@ -204,6 +223,8 @@ class TrajectoryStore:
         self._lock_fd = lock_fd
         self._records: dict[tuple[int, int, int], GroupRecord] = {}
         self._grams: dict[tuple[int, int, int], np.ndarray] = {}
+        self.created = False  # this process made the store (create() wrote its first manifest)
+        self.finished_groups = 0  # groups this process marked complete
 
     # ------------------------------------------------------------------ open, create, close
 
@@ -282,6 +303,7 @@ class TrajectoryStore:
             return cls.open(path, lock="exclusive")
         manifest = Manifest(uuid.uuid4().hex, None, None, None)
         store = cls(path, root_fd, manifest, lock_fd)
+        store.created = True
         store._write_manifest(manifest)
         return store
 
@@ -336,9 +358,18 @@ class TrajectoryStore:
                     raw = read_small(fd, "0", aux.size + 4)
                 data = shards.read_plain_chunk(raw, None, np.uint8, aux.size)
             except (OSError, ValueError) as exc:
-                raise _store_error(self.path, f"has a damaged or missing {where} ({exc})") from None
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise _store_error(self.path, f"has a damaged or missing copy of the model file "
+                                              f"{aux.name!r} ({where}: {reason})") from None
             if hashlib.sha256(data.tobytes()).hexdigest() != aux.sha256:
-                raise _store_error(self.path, f"has a damaged copy of {aux.name}")
+                raise _store_error(self.path, f"has a damaged copy of the model file "
+                                              f"{aux.name!r} ({where})")
+            if aux.name in JSON_AUX:  # read as the base's are (checkpoints.aux_files)
+                try:
+                    _strict_json(data.tobytes(), aux.name)
+                except RelexError:
+                    raise _store_error(self.path, f"has a copy of the model file {aux.name!r} "
+                                                  "that is not a JSON object") from None
             files[aux.name] = data.tobytes()
         return files
 
@@ -374,7 +405,11 @@ class TrajectoryStore:
         except OSError as exc:
             raise _store_error(self.path, f"has unreadable metadata of {_tensors_of(group)} "
                                           f"({exc.strerror})") from None
-        meta = _zarr_json(raw, f"{self.path}/gen{gen.generation}/gram/{name}/zarr.json")
+        try:
+            meta = _zarr_json(raw, f"gen{gen.generation}/gram/{name}/zarr.json")
+        except RelexError as exc:
+            raise _store_error(self.path, f"has damaged metadata of {_tensors_of(group)} "
+                                          f"({exc})") from None
         expected = shards.plain_array_meta(
             [len(group.tensors) if group.has_rows else 0, len(steps), len(steps)], "float64"
         )
@@ -568,9 +603,12 @@ def _lock(path: Path, root_fd: int, exclusive: bool) -> int | None:
             f"cannot write the store's lock {path / LOCK_NAME}: {exc.strerror}; choose a "
             "writable --cache (or --out)"
         ) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    if exclusive and os.fstat(fd).st_nlink != 1:  # its pid is written: never into another file
         os.close(fd)
-        raise RelexError(f"the store's lock {path / LOCK_NAME} is not a regular file; remove it")
+        raise RelexError(
+            f"the store's lock {path / LOCK_NAME} is a hard link to another file; relex_stream "
+            "will not write through it: remove it (or use another --cache)"
+        )
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -674,6 +712,14 @@ def apply_codes(current: np.ndarray, codes: np.ndarray, transform: str) -> None:
     current[...] = codes
 
 
+def apply_codes_in_place(codes: np.ndarray, previous: np.ndarray, transform: str) -> None:
+    """codes ← the row they code against `previous` (XOR-prev needs one pass)."""
+    if transform == "xor-prev":
+        np.bitwise_xor(codes, previous, out=codes)
+    else:
+        decode_rows(codes[None, :], previous, transform, out=codes[None, :])
+
+
 def compressed_sample_fraction(base: np.ndarray, rows: np.ndarray, group: Group,
                                codec: str) -> float:
     """Stored size ÷ raw size of a sample: base (c,) and rows (K, c) bits as the store keeps
@@ -756,6 +802,18 @@ class StoreReader:
         _, index = self._shard(gen, group, row, record, live, name)
         return index.raw_crcs
 
+    def base_index(self, gen: Generation, steps: tuple[int, ...], group: Group, name: str,
+                   live: GroupWriter | None = None) -> shards.ShardIndex | None:
+        """The index (raw-bits crc32c included) of the group's base shard, or None when the
+        store holds no base of the group yet; with a live writer, chunks it has not written
+        yet are MISSING in it."""
+        if live is not None and live.covers(None):
+            return live.index(None)
+        if not steps or not self._store.has_record(group, gen, steps):
+            return None
+        record = self._store.record(group, gen, steps).base
+        return self._shard(gen, group, None, record, None, name)[1]
+
     def _spans(self, group: Group, name: str, start: int, stop: int):
         """(inner chunk j, slice of the output, slice of the chunk) covering [start, stop)."""
         offset, _ = group.position(name)
@@ -778,6 +836,7 @@ class StoreReader:
             for j, span, inner in self._spans(group, name, start, start + out.shape[0]):
                 payload = self._payload(fd, index, j)
                 shards.decode_chunk(payload, int(index.encoded_crcs[j]), scratch)
+                _check_raw(group, name, j, scratch[inner], index)
                 out[span] = scratch[inner]
 
     def read_rows(self, gen: Generation, steps: tuple[int, ...], group: Group, name: str,
@@ -802,14 +861,28 @@ class StoreReader:
         codes = np.empty(group.chunk_cols, dtype=words)
         current = np.empty(group.chunk_cols, dtype=words)
         scratch = np.empty(group.chunk_cols * codes.itemsize, dtype=np.uint8)
+        in_place = row_ids == list(range(needed)) and not transform_spec(transform).shuffle
         with self._guard(name):
             for j, span, inner in self._spans(group, name, start, start + out.shape[1]):
-                current[inner] = _reference_row(base[span], group, words)
+                reference = _reference_row(base[span], group, words)
+                if in_place and inner.stop - inner.start == group.chunk_cols:
+                    # every row asked for, whole chunks: decode straight into the output and
+                    # undo the transform there (row k against the row above it)
+                    for k, (fd, index) in enumerate(handles):
+                        target = out[k, span]
+                        shards.decode_chunk(self._payload(fd, index, j),
+                                            int(index.encoded_crcs[j]), target)
+                        apply_codes_in_place(target, reference if k == 0 else out[k - 1, span],
+                                             transform)
+                        _check_raw(group, name, j, target, index)
+                    continue
+                current[inner] = reference
                 for k, (fd, index) in enumerate(handles):
                     payload = self._payload(fd, index, j)
                     decode_chunk_codes(payload, int(index.encoded_crcs[j]), transform, codes,
                                        scratch)
                     apply_codes(current[inner], codes[inner], transform)
+                    _check_raw(group, name, j, current[inner], index)
                     if k in position:
                         out[position[k], span] = current[inner]
 
@@ -820,6 +893,18 @@ class StoreReader:
         except (OSError, ValueError, RuntimeError) as exc:
             raise _store_error(
                 self._store.path, f"has a damaged chunk of tensor {name!r} ({exc})") from None
+
+
+def _check_raw(group: Group, name: str, j: int, bits: np.ndarray,
+               index: shards.ShardIndex) -> None:
+    """Decoded bits of inner chunk j against the crc32c of the bits that were stored (taken
+    before any transform): a store whose metadata decodes its rows another way, or a chunk
+    taken from elsewhere, fails here. `bits`: the chunk's elements of tensor `name`, all of
+    them (reads start on inner chunks; a partial one is not checked here)."""
+    offset, numel = group.position(name)
+    if bits.shape[0] == min(group.chunk_cols, numel - (j * group.chunk_cols - offset)) and (
+            shards.crc32c(bits) != int(index.raw_crcs[j])):
+        raise ValueError("its decoded bits do not match the checksum taken when they were stored")
 
 
 def _reference_row(base: np.ndarray, group: Group, words: np.dtype) -> np.ndarray:
@@ -955,12 +1040,14 @@ class GroupWriter:
             with self._store._dir((*parts, "c", "0", "0"), create=True) as fd:
                 write_atomic(fd, "0", chunk)
         record = GroupRecord(group.index, gen.steps, base, rows, gram_crc,
-                             {t: kinds[t] for t in floats}, {t: support[t] for t in floats})
+                             {t: kinds[t] for t in floats}, {t: support[t] for t in floats},
+                             definition_sha256(gen))
         body = record.to_json(self._store.manifest.store_id, gen.generation)
         meta = shards.plain_array_meta([len(floats), k, k], "float64")
         meta["attributes"] = {"relex_stream_group": {"record": body, "sha256": _sha256(body)}}
         with self._store._dir(parts, create=True) as fd:
             write_atomic(fd, ROOT_META, _canonical(meta))
+        self._store.finished_groups += 1
 
     def abort(self) -> None:
         for shard in self._shards.values():

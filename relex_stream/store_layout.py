@@ -16,12 +16,12 @@ import math
 import re
 from dataclasses import dataclass
 
-from .checkpoints import ModelLayout, check_layout
+from .checkpoints import AUX_EXCLUDE_SUFFIXES, ModelLayout, check_layout
 from .errors import RelexError
 from .row_codec import TRANSFORMS, default_transform
-from .safetensors_io import DTYPES, FLOAT_CODES
+from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME
 
-STORE_FORMAT = "relex_stream.trajectory/3"
+STORE_FORMAT = "relex_stream.trajectory/4"
 FORMAT_FAMILY = "relex_stream.trajectory/"
 # Rows of one Gram panel (kernels.PANEL_ROWS): part of the format, since the panels decide the
 # Gram's bits (see kernels.py).
@@ -41,6 +41,7 @@ CODECS = {"xor-zstd": True, "zstd": True, "none": False}
 MAX_STEP = 2**53
 MAX_STEPS = 1_000_000
 MAX_ELEMENTS = 2**44
+MAX_GENERATION = 10**9 - 1  # gen<G> directories: at most nine digits
 _HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
@@ -308,10 +309,12 @@ def parse_layout(value: object) -> ModelLayout:
     tensors = {}
     for name, entry in _dict(data["tensors"], "the layout's tensors").items():
         entry = _list(entry, f"tensor {name!r}", 2)
-        if len(entry) != 2 or entry[0] not in DTYPES:
+        if len(entry) != 2 or not isinstance(entry[0], str) or entry[0] not in DTYPES:
             raise _fail(f"the layout entry of tensor {name!r} is malformed")
         shape = tuple(_int(d, f"a dimension of {name!r}", 0, MAX_ELEMENTS) for d in
                       _list(entry[1], f"the shape of {name!r}", 16))
+        if math.prod(shape) > MAX_ELEMENTS:
+            raise _fail(f"the shape of tensor {name!r} in the store's layout is absurd")
         tensors[name] = (entry[0], shape)
     shard_tensors = {}
     for shard, names in _dict(data["shard_tensors"], "the layout's shards").items():
@@ -337,7 +340,8 @@ def parse_generation(value: object, codecs: dict) -> Generation:
     layout = parse_layout(data["layout"])
     aliases = {}
     for alias, source in _dict(data["aliases"], "the store's tied tensors").items():
-        if alias not in layout.tensors or source not in layout.tensors or source in aliases or (
+        if not isinstance(source, str) or alias not in layout.tensors or (
+                source not in layout.tensors) or source in aliases or (
             layout.tensors[alias] != layout.tensors[source]) or alias == source:
             raise _fail(f"the store ties {alias!r} to {source!r}, which its layout does not allow")
         aliases[alias] = source
@@ -345,24 +349,28 @@ def parse_generation(value: object, codecs: dict) -> Generation:
         raise _fail("the store ties a tensor to a tied tensor")
     row_dtypes = _dict(data["row_dtypes"], "the store's row dtypes")
     expected = {n for n, (d, _) in layout.tensors.items() if d in FLOAT_CODES and n not in aliases}
-    if set(row_dtypes) != expected or not all(v in FLOAT_CODES for v in row_dtypes.values()):
+    if set(row_dtypes) != expected or not all(
+            isinstance(v, str) and v in FLOAT_CODES for v in row_dtypes.values()):
         raise _fail("the store's row dtypes do not match its layout")
     aux = []
     for item in _list(data["aux"], "the store's model files", 256):
         if not (isinstance(item, list) and len(item) == 3 and is_plain_name(item[0])
                 and isinstance(item[2], str) and _HEX64.fullmatch(item[2])):
             raise _fail("the store's list of model files is malformed")
+        if item[0] == INDEX_NAME or item[0].endswith(AUX_EXCLUDE_SUFFIXES):
+            # a model file of an output never takes the name of its weights or their index
+            raise _fail(f"the store keeps a model file named {item[0]!r}, which no base has")
         aux.append(AuxFile(item[0], _int(item[1], "a model file's size", 0, 2**31), item[2]))
     if len({a.name for a in aux}) != len(aux):
         raise _fail("the store names a model file twice")
-    if data["codec"] not in codecs:
+    if not isinstance(data["codec"], str) or data["codec"] not in codecs:
         raise _fail(f"the store's codec {data['codec']!r} is not one relex_stream writes")
     transforms = _dict(data["transforms"], "the store's row transforms")
     if set(transforms) != set(row_dtypes.values()) or not all(
-            t in TRANSFORMS for t in transforms.values()):
+            isinstance(t, str) and t in TRANSFORMS for t in transforms.values()):
         raise _fail("the store names row transforms relex_stream does not know")
     return Generation(
-        generation=_int(data["generation"], "the store's generation", 1, 2**31),
+        generation=_int(data["generation"], "the store's generation", 1, MAX_GENERATION),
         steps=steps,
         layout=layout,
         row_dtypes=dict(row_dtypes),
