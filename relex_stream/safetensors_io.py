@@ -88,13 +88,9 @@ FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 TORCH_TO_CODE = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes lie: file, absolute byte offset, dtype code and shape."""
+class DtypeAndShape:
+    """Sizes of a tensor described by `dtype` (a safetensors code) and `shape`."""
 
-    name: str
-    file: Path
-    offset: int
     dtype: str
     shape: tuple[int, ...]
 
@@ -113,6 +109,17 @@ class TensorInfo:
     @property
     def is_float(self) -> bool:
         return self.dtype in FLOAT_CODES
+
+
+@dataclass(frozen=True)
+class TensorInfo(DtypeAndShape):
+    """Where one tensor's bytes lie: file, absolute byte offset, dtype code and shape."""
+
+    name: str
+    file: Path
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
 
 
 class HeaderProblem(ValueError):
