@@ -19,6 +19,7 @@ elements near zero up to 140 bf16 ulps off the float64 reference (README, Numeri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,17 +76,13 @@ class BlockDeltas:
     def support(self) -> int:
         return self.width if self.columns is None else int(self.columns.numel())
 
-    @property
-    def nbytes(self) -> int:
-        extra = 0 if self.columns is None else self.columns.numel() * 8
-        return self.deltas.numel() * 8 + extra
-
 
 class Workspace:
     """Preallocated scratch for one Gram block on the compute device: the kernels write into it
     instead of allocating (no allocator churn: peak memory is what --max-memory counts).
 
-    A BlockDeltas made in the workspace is valid until the next block; keep() copies it out.
+    A BlockDeltas made in the workspace is valid until the next block (block_deltas can place
+    one in storage of its own instead).
     """
 
     def __init__(self, n_rows: int, n_outputs: int, block_cols: int, device: torch.device):
@@ -158,38 +155,39 @@ def widen_into(values: torch.Tensor, out: torch.Tensor, ws: Workspace) -> torch.
 
 
 def block_deltas(
-    rows: torch.Tensor, base: torch.Tensor, changed: torch.Tensor, ws: Workspace
+    rows: torch.Tensor, base: torch.Tensor, changed: torch.Tensor, ws: Workspace,
+    storage: Callable[[int], torch.Tensor | None] | None = None,
 ) -> BlockDeltas:
-    """Deltas rows − base in float64 on the block's support, in the workspace.
+    """Deltas rows − base in float64 on the block's support, in the workspace or in storage.
 
     rows: (K, s) row dtype; base: (s,) base dtype; changed: (K, s) bool from changed_columns.
+    storage: called with the bytes the deltas (and their column indices) take; a uint8 tensor
+    of that size on the block's device puts them there, to outlive the workspace (kept for the
+    second pass, with no copy), None leaves them in the workspace.
     """
     n_rows, width = rows.shape
     mask = any_row(changed)  # (s,)
+    count = int(mask.sum())
+    dense = count * 2 >= width  # dense enough: every column (no gather)
+    m = width if dense else count
+    delta_bytes = n_rows * m * 8
+    place = storage(delta_bytes + (0 if dense else m * 8)) if storage is not None else None
+    if place is None:
+        out = Workspace.view(ws.deltas, (n_rows, m), torch.float64)
+    else:
+        out = place[:delta_bytes].view(torch.float64).view(n_rows, m)
     base64 = Workspace.view(ws.base, (width,), torch.float64)
-    if int(mask.sum()) * 2 >= width:  # dense enough: every column (no gather)
-        deltas = widen_into(rows, Workspace.view(ws.deltas, (n_rows, width), torch.float64), ws)
+    if dense:
+        deltas = widen_into(rows, out, ws)
         deltas -= widen_into(base, base64, ws)
         return BlockDeltas(None, deltas, width)
     columns = mask.nonzero().flatten()  # (m,)
-    m = columns.numel()
+    if place is not None:
+        columns = place[delta_bytes:].view(torch.int64).copy_(columns)
     picked = gather_columns(rows, columns, Workspace.view(ws.words, (n_rows, m), rows.dtype))
-    deltas = widen_into(picked, Workspace.view(ws.deltas, (n_rows, m), torch.float64), ws)
+    deltas = widen_into(picked, out, ws)
     deltas -= widen_into(base.index_select(0, columns), base64[:m], ws)
     return BlockDeltas(columns, deltas, width)
-
-
-def keep(block: BlockDeltas, storage: torch.Tensor) -> BlockDeltas:
-    """A copy of a block's deltas in `storage` (uint8, block.nbytes), which outlives the
-    workspace (for the second pass)."""
-    n_rows, m = block.deltas.shape
-    deltas = storage[: n_rows * m * 8].view(torch.float64).view(n_rows, m)
-    deltas.copy_(block.deltas)
-    columns = None
-    if block.columns is not None:
-        columns = storage[n_rows * m * 8 : (n_rows + 1) * m * 8].view(torch.int64)
-        columns.copy_(block.columns)
-    return BlockDeltas(columns, deltas, block.width)
 
 
 def add_gram_panels(

@@ -28,7 +28,6 @@ from .kernels import (
     block_deltas,
     changed_columns,
     combine_block,
-    keep,
     randomized_gram,
     symmetric,
 )
@@ -275,20 +274,31 @@ def _first_pass_chunk(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassConte
     if w.svd == "randomized":
         w.gram = randomized_gram(rows_t, base_t)
     else:
+        tokens: list[int] = []  # the current block's keep-ring allocation, if it got one
+
+        def keep_storage(n_bytes: int) -> torch.Tensor | None:
+            """Kept deltas go straight into the keep ring (no copy), when it has room."""
+            found = ctx.keep_ring.try_tensor(n_bytes) if ctx.keep_ring else None
+            if found is None:
+                return None
+            tokens.append(found[0])
+            return found[1]
+
         for a in range(0, rows_t.shape[1], GRAM_BLOCK_COLS):
             b = min(a + GRAM_BLOCK_COLS, rows_t.shape[1])
             rows_b, base_b = rows_t[:, a:b], base_t[a:b]
             changed = _changed(rows_b, base_b, w, ctx)
-            block = block_deltas(rows_b, base_b, changed, ctx.workspace)
+            tokens.clear()
+            keeping = w.kept is not None
+            block = block_deltas(rows_b, base_b, changed, ctx.workspace,
+                                 keep_storage if keeping else None)
             add_gram_panels(w.gram, changed, block, gw.first_panel_row, ctx.workspace)
             w.support_stored += block.support
-            if w.kept is not None:
-                found = ctx.keep_ring.try_tensor(block.nbytes) if ctx.keep_ring else None
-                if found is None:  # the budget for kept deltas is spent: read again
+            if keeping:
+                if not tokens:  # the budget for kept deltas is spent: read again
                     _drop_kept(w, ctx)
                 else:
-                    token, storage = found
-                    w.kept.append((token, keep(block, storage)))
+                    w.kept.append((tokens[0], block))
     if job.stop == w.numel:
         w.gram = symmetric(w.gram).cpu() if w.svd != "randomized" else w.gram.cpu()
         if ctx.materialise:
