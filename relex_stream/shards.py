@@ -43,11 +43,11 @@ _SUMS_VERSION = 1
 _ZSTD = Zstd(level=ZSTD_LEVEL)
 
 
-def crc32c(data: bytes | memoryview | np.ndarray) -> int:
+def crc32c(data: bytes | bytearray | memoryview | np.ndarray) -> int:
     """crc32c of a buffer (zarr's checksum)."""
     if isinstance(data, np.ndarray):
         data = np.ascontiguousarray(data).view(np.uint8)
-    elif isinstance(data, memoryview):  # google_crc32c takes bytes and arrays, not memoryviews
+    elif isinstance(data, (memoryview, bytearray)):  # google_crc32c takes bytes and arrays
         data = np.frombuffer(data, dtype=np.uint8)
     return int(crc32c_checksum(data))
 
@@ -55,8 +55,9 @@ def crc32c(data: bytes | memoryview | np.ndarray) -> int:
 # --------------------------------------------------------------------------- chunk payloads
 
 
-def raw_frame(data: memoryview) -> bytes:
-    """A zstd frame that stores `data` as raw blocks (decoding it is a copy)."""
+def raw_frame(data: memoryview) -> bytearray:
+    """A zstd frame that stores `data` as raw blocks (decoding it is a copy). Returned as the
+    bytearray it was built in: a bytes() of it would copy every byte once more."""
     n = len(data)
     n_blocks = max(1, -(-n // _RAW_BLOCK))
     frame = bytearray(4 + 1 + 8 + 3 * n_blocks + n)
@@ -68,7 +69,7 @@ def raw_frame(data: memoryview) -> bytes:
         frame[pos : pos + 3] = (last | (len(part) << 3)).to_bytes(3, "little")
         frame[pos + 3 : pos + 3 + len(part)] = part
         pos += 3 + len(part)
-    return bytes(frame)
+    return frame
 
 
 def frame_content_size(frame: memoryview | bytes) -> int | None:
@@ -87,7 +88,8 @@ def frame_content_size(frame: memoryview | bytes) -> int | None:
     return value + 256 if width == 2 else value
 
 
-def encode_chunk(data: np.ndarray, compress: bool, cutoff: float = 1.0) -> tuple[bytes, int, float]:
+def encode_chunk(data: np.ndarray, compress: bool,
+                 cutoff: float = 1.0) -> tuple[bytes | bytearray, int, float]:
     """(zstd frame, its crc32c, compressed ÷ raw) of one chunk's bytes: raw blocks when not
     asked to compress or when zstd leaves more than `cutoff` of the bytes (the ratio is then
     what zstd reached, or 1.0 when it was not tried)."""
