@@ -58,7 +58,8 @@ class RunSummary:
     bytes_decoded: int = 0  # raw bytes those decoded to
     bytes_written: int = 0  # bytes of output tensors
     store_bytes_written: int = 0
-    support_fraction: float = 0.0  # changed elements ÷ elements, over the observed steps
+    # changed elements ÷ elements, over the observed steps (None: no output was computed)
+    support_fraction: float | None = None
     wall_seconds: float = 0.0
     peak_rss_bytes: int = 0  # the largest of any rank
     rank: int = 0  # this process's torchrun rank
@@ -84,8 +85,9 @@ class RunSummary:
             f"from the store (decoded to {format_bytes(self.bytes_decoded)}); written: "
             f"{format_bytes(self.bytes_written)} of outputs, "
             f"{format_bytes(self.store_bytes_written)} into the store",
-            f"support: {100 * self.support_fraction:.1f}% of elements changed over the observed "
-            "steps",
+            *([] if self.support_fraction is None else [
+                f"support: {100 * self.support_fraction:.1f}% of elements changed over the "
+                "observed steps"]),
             f"wall time: {self.wall_seconds:.1f} s; peak RSS: {format_bytes(self.peak_rss_bytes)}"
             + (f" (largest of {self.ranks} ranks)" if self.ranks > 1 else ""),
             *(f"output: {path}" for path in self.outputs),
@@ -102,14 +104,7 @@ def extrapolate(**kwargs) -> RunSummary:
     together in one pass.
     """
     started = time.perf_counter()
-    request = make_request(**kwargs)
-    ranks = init_from_env(request.device)
-    try:
-        summary = _execute(request, ranks)
-    finally:
-        shutdown(ranks)
-    summary.wall_seconds = time.perf_counter() - started
-    return summary
+    return _run(make_request(**kwargs), started)
 
 
 def update_store(
@@ -130,6 +125,11 @@ def update_store(
                            ckpts=ckpts, steps=steps, cache=cache, device=device,
                            max_memory=max_memory, store_codec=store_codec, quiet=quiet,
                            store_only=True)
+    return _run(request, started)
+
+
+def _run(request: RunRequest, started: float) -> RunSummary:
+    """Execute a checked request in this process's rank; its wall time counts from `started`."""
     ranks = init_from_env(request.device)
     try:
         summary = _execute(request, ranks)
@@ -219,7 +219,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     summary.bytes_written = sum(r[2] for r in per_rank)
     summary.store_bytes_written = sum(r[3] for r in per_rank)
     elements = sum(r[5] for r in per_rank)
-    summary.support_fraction = sum(r[4] for r in per_rank) / elements if elements else 0.0
+    summary.support_fraction = sum(r[4] for r in per_rank) / elements if elements else None
     summary.ill_conditioned = [item for r in per_rank for item in r[6]]
     summary.peak_rss_bytes = max(r[7] for r in per_rank)
     summary.bytes_decoded = sum(r[8] for r in per_rank)
