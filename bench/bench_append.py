@@ -4,7 +4,9 @@ Measures, in one run, each after dropping the page cache (needs root):
   append   `run --cache S --runs R` where S holds steps 1..K and R also holds step K+1: only the
            new checkpoint is read from the sources, the old rows are decoded from the store
   rebuild  `run --base B --runs R --rebuild` over all K+1 steps
-both writing the same prediction, and prints wall time and bytes read from the checkpoints.
+both writing the same prediction, and the same two without outputs (the store alone, as `watch`
+does between predictions: `relex_stream.engine.update_store`), and prints wall time and bytes
+read from the checkpoints.
 
     python bench/bench_append.py --steps 1-30 --profile drift
 """
@@ -28,9 +30,20 @@ UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 
 def _run(args: list[str]) -> dict:
+    return _timed([sys.executable, "-m", "relex_stream", "run", *args])
+
+
+def _update_store(**kwargs: str) -> dict:
+    """update_store(**kwargs) in a fresh interpreter, its summary printed as `run` prints it."""
+    code = ("from relex_stream.engine import update_store\n"
+            f"summary = update_store(device='cpu', quiet=True, **{kwargs!r})\n"
+            "print('\\n'.join(summary.lines()))")
+    return _timed([sys.executable, "-c", code])
+
+
+def _timed(cmd: list[str]) -> dict:
     drop_caches()
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
-    cmd = [sys.executable, "-m", "relex_stream", "run", *args]
     started = time.perf_counter()
     done = subprocess.run(timer + cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -80,6 +93,15 @@ def main() -> None:
     rebuilt = _run(["--base", str(traj / "base"), "--runs", str(traj / "runs"), "--cache",
                     str(work / "append-rebuild.zarr"), "--rebuild", "--out",
                     str(work / "append-out2"), *common])
+    store_only = work / "append-store-only.zarr"
+    shutil.rmtree(store_only, ignore_errors=True)
+    shutil.rmtree(work / "append-rebuild-only.zarr", ignore_errors=True)
+    sources = {"base": str(traj / "base"), "runs": str(traj / "runs")}
+    _update_store(cache=str(store_only), steps=args.steps, max_memory=args.max_memory, **sources)
+    appended_only = _update_store(cache=str(store_only), runs=str(traj / "runs"),
+                                  max_memory=args.max_memory)
+    rebuilt_only = _update_store(cache=str(work / "append-rebuild-only.zarr"),
+                                 max_memory=args.max_memory, **sources)
     same = all(
         a.read_bytes() == b.read_bytes()
         for a, b in zip(sorted((work / "append-out1").rglob("*.safetensors")),
@@ -94,6 +116,9 @@ def main() -> None:
         "rebuild": rebuilt,
         "new_checkpoint_bytes": checkpoint,
         "append_wall_fraction_of_rebuild": appended["wall_s"] / rebuilt["wall_s"],
+        "store_only_append": appended_only,
+        "store_only_rebuild": rebuilt_only,
+        "store_only_append_wall_fraction": appended_only["wall_s"] / rebuilt_only["wall_s"],
         "append_source_bytes_over_checkpoint": appended["bytes_from_checkpoints"] / checkpoint,
         "outputs_identical": same,
     }

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -42,7 +43,8 @@ def drop_caches() -> bool:
 
 def make_trajectory(args: argparse.Namespace) -> Path:
     tag = (f"{args.profile}-h{args.hidden}-l{args.layers}-v{args.vocab}-s{args.steps}"
-           f"-{args.save_dtype}" + ("-tied" if args.tied else ""))
+           f"-{args.save_dtype}" + ("-tied" if args.tied else "")
+           + "".join(f"-{flag}{value}" for flag, value in _shape_flags(args)))
     path = Path(args.work) / f"traj-{tag}"
     if not (path / "runs").exists():
         cmd = [sys.executable, "-m", "relex_stream", "synth", "--out", str(path), "--steps",
@@ -51,14 +53,26 @@ def make_trajectory(args: argparse.Namespace) -> Path:
                args.save_dtype, "--overwrite"]
         if args.base_dtype:
             cmd += ["--base-dtype", args.base_dtype]
-        if args.intermediate:
-            cmd += ["--intermediate", str(args.intermediate)]
+        for flag, value in _shape_flags(args):
+            cmd += [f"--{flag}", str(value)]
         if args.tied:
             cmd.append("--tied")
         started = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=sys.stderr)
         print(f"generated {path} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return path
+
+
+def _shape_flags(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """synth's optional shape flags that were given (intermediate, heads, kv-heads, head-dim)."""
+    names = ("intermediate", "heads", "kv_heads", "head_dim")
+    return [(n.replace("_", "-"), getattr(args, n)) for n in names if getattr(args, n)]
+
+
+def store_files(store: Path) -> tuple[int, int]:
+    """(files, bytes) of a store directory."""
+    files = [p for p in store.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
 
 
 def input_files(trajectory: Path) -> list[Path]:
@@ -137,6 +151,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=12288)
     parser.add_argument("--intermediate", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--kv-heads", type=int)
+    parser.add_argument("--head-dim", type=int)
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--steps", default="1-30")
     parser.add_argument("--profile", default="planted")
@@ -148,6 +165,8 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "bench" / "out"))
     parser.add_argument("--skip-floors", action="store_true")
     parser.add_argument("--warm-only", action="store_true", help="skip the cold run")
+    parser.add_argument("--delete-trajectory", action="store_true",
+                        help="remove the generated trajectory (and the run's outputs) at the end")
     parser.add_argument("extra", nargs="*", help="extra arguments for run (after --)")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -172,6 +191,8 @@ def main() -> None:
     runs = {} if args.warm_only else {"cold": time_run(trajectory, args, cold=True)}
     runs["warm"] = time_run(trajectory, args, cold=False)
     result["runs"] = runs
+    result["store_files"], result["store_bytes"] = store_files(
+        Path(args.work) / "run-out" / "trajectory.zarr")
     if not args.skip_floors:
         support = runs["warm"]["support_fraction"] or 1.0
         result["gram_floor_support_s"] = result["gram_floor_dense_s"] * support
@@ -185,6 +206,9 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     with open(Path(args.work) / "results.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
+    if args.delete_trajectory:
+        shutil.rmtree(trajectory)
+        shutil.rmtree(Path(args.work) / "run-out")
 
 
 if __name__ == "__main__":
