@@ -20,6 +20,7 @@ MAX_WORLD_SIZE = 2**20  # far above any torchrun job; keeps ranks well inside C 
 MAX_OMP_THREADS = 2**16
 TEST_DEVICES = ("cpu", "cuda")
 _UINT_RE = re.compile(r"[0-9]{1,12}")  # ASCII only: re's \d and int() take any script's digits
+_SIGNED_RE = re.compile(r"[+-][0-9]{1,40}", re.ASCII)
 
 
 def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -32,6 +33,10 @@ def parse_env_int(name: str, value: str, minimum: int, maximum: int, fix: str) -
     `fix` ends the message: what the user should do instead.
     """
     if not _UINT_RE.fullmatch(value):
+        if _SIGNED_RE.fullmatch(value):
+            raise RelexError(
+                f"environment variable {name}={value[:40]} is outside {minimum}..{maximum}; {fix}"
+            )
         raise RelexError(f"environment variable {name}={value[:40]!r} is not a number; {fix}")
     number = int(value)
     if not minimum <= number <= maximum:

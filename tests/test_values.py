@@ -7,6 +7,11 @@ through the module (`units.parse_bytes`) so that these tests also run against ol
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from relex_stream import units
@@ -287,3 +292,21 @@ def test_relex_test_device_and_int_variables() -> None:
     for bad in ("0", "x", "1e3", "٥"):
         env = {"RELEX_FUZZ_EXAMPLES": bad}
         assert "RELEX_FUZZ_EXAMPLES" in refuses(read_env_int, "RELEX_FUZZ_EXAMPLES", 200, 1, 9, env)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "٤", "4,"])
+def test_malformed_omp_num_threads_is_one_error_line_before_torch_loads(
+        tmp_path: Path, value: str) -> None:
+    """torch's OpenMP runtime reads OMP_NUM_THREADS as torch loads and only warns: the CLI checks
+    it first, so the user sees one error line, not libgomp's warning and a run."""
+    env = dict(os.environ, OMP_NUM_THREADS=value,
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "relex_stream", "run", "--base", str(tmp_path / "b"), "--runs",
+         str(tmp_path / "r"), "--target", "100", "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "OMP_NUM_THREADS" in lines[0]
+    assert not out.exists()
