@@ -19,6 +19,7 @@ from .safetensors_io import DTYPES
 from .sources import RowOrigin
 from .store import TrajectoryStore
 from .store_layout import PANEL_ROWS, Group
+from .units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,28 @@ def chunking(inputs: RunInputs, budget: Budget, device_bytes: int | None) -> dic
     gen = inputs.target
     n_stored, n_observed = len(gen.steps), len(inputs.observed)
     ring = budget.ring if device_bytes is None else min(budget.ring, device_bytes)
+    device_limits = device_bytes is not None and device_bytes < budget.ring
     plan: dict[str, Chunking] = {}
     for group in gen.groups():
         align = smallest_unit(group.chunk_cols)
         for name, numel in zip(group.tensors, group.numels, strict=True):
             n_rows = (n_stored, n_observed) if group.has_rows else (0, 0)
-            cols = [
-                chunk_cols(max(numel, 1), _bytes_per_col(group, k), ring, align, budget, k)
-                for k in n_rows
-            ]
+            cols = []
+            for k in n_rows:
+                per_col = _bytes_per_col(group, k)
+                try:
+                    cols.append(chunk_cols(max(numel, 1), per_col, ring, align, budget, k))
+                except RelexError:
+                    if not device_limits:
+                        raise
+                    # the GPU's budget is what is short: half of it (less the workspace) holds
+                    # the chunk in work
+                    needed = budget.fixed + 2 * min(numel, align) * per_col
+                    raise RelexError(
+                        f"--max-gpu-memory is too small to hold one chunk of {k} checkpoints of "
+                        f"{name!r} on the GPU; give at least {format_bytes(needed)}, or run with "
+                        "--device cpu"
+                    ) from None
             plan[name] = Chunking(*cols)
     return plan
 

@@ -214,3 +214,27 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert expected <= set(sections), (sorted(sections), tail)
     bad = {name: s for name, s in sections.items() if s["status"] != "ok"}
     assert not bad, (bad, tail)
+
+
+def test_a_short_gpu_budget_names_max_gpu_memory() -> None:
+    """When the device's budget, not --max-memory, cannot hold one chunk, the error names
+    --max-gpu-memory and how much it needs (the CPU has no device budget: planned directly)."""
+    from types import SimpleNamespace
+
+    from relex_stream.errors import RelexError
+    from relex_stream.memory import Budget
+    from relex_stream.plan import chunking
+    from relex_stream.store_layout import Group
+
+    n = 1 << 20  # one tensor of 1M bf16 elements, K = 30
+    group = Group(0, ("w",), (0,), (n,), "BF16", "BF16", 1 << 19)
+    gen = SimpleNamespace(steps=tuple(range(1, 31)), groups=lambda: [group])
+    inputs = SimpleNamespace(target=gen, observed=list(range(1, 31)))
+    budget = Budget.split(4 << 30, 30, 1, 1 << 16, 1 << 20)
+    assert chunking(inputs, budget, None)["w"].gram_cols == n  # the host budget holds it whole
+    assert chunking(inputs, budget, 32 << 20)["w"].gram_cols < n  # the GPU budget chunks it
+    with pytest.raises(RelexError, match=r"--max-gpu-memory is too small .* give at least"):
+        chunking(inputs, budget, 1 << 20)
+    small = Budget.split(8 << 20, 30, 1, 1 << 16, 1 << 20)  # the host budget is short too
+    with pytest.raises(RelexError, match=r"--max-memory"):
+        chunking(inputs, small, None)
