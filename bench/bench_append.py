@@ -19,11 +19,10 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_run import drop_caches  # noqa: E402
+from bench_run import drop_caches, run_timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
@@ -43,21 +42,15 @@ def _update_store(**kwargs: str) -> dict:
 
 def _timed(cmd: list[str]) -> dict:
     drop_caches()
-    timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
-    started = time.perf_counter()
-    done = subprocess.run(timer + cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"run failed:\n{done.stderr[-3000:]}")
+    wall, done, rss = run_timed(cmd)
     read = re.search(r"read: ([\d.]+) (\w+) from checkpoints", done.stdout)
     store = re.search(r"([\d.]+) (\w+) from the store", done.stdout)
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     return {
         "command": " ".join(cmd),
         "wall_s": wall,
         "bytes_from_checkpoints": float(read.group(1)) * UNITS[read.group(2)] if read else None,
         "bytes_from_store": float(store.group(1)) * UNITS[store.group(2)] if store else None,
-        "peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
+        "peak_rss_bytes": rss,
         "summary": done.stdout.strip().splitlines(),
     }
 

@@ -48,6 +48,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_run import drop_caches  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT  # where the relex_stream package is taken from (--relex-src)
 RANK_FILE = "model_world_size_{world}_rank_{rank}.pt"
@@ -66,14 +69,6 @@ IO_FIELDS = ("rchar", "wchar", "read_bytes", "write_bytes", "cancelled_write_byt
 # Helpers
 
 
-def drop_caches() -> bool:
-    """os.sync(), then drop the page cache so reads hit the disk; False when not permitted."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def self_io() -> dict[str, int]:

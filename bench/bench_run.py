@@ -120,6 +120,19 @@ def matmul_rate(n_rows: int, device: str) -> float:
     return repeats * n_rows * n_rows * block / (time.perf_counter() - started)
 
 
+def run_timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess, int | None]:
+    """(wall seconds, the finished process, peak RSS bytes from /usr/bin/time -v or None) of
+    `cmd` run in the repository; exits with its stderr when it fails."""
+    timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
+    started = time.perf_counter()
+    done = subprocess.run(timer + cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"{cmd[:4]} failed:\n{done.stderr[-3000:]}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    return wall, done, int(rss.group(1)) * 1024 if rss else None
+
+
 def time_run(trajectory: Path, args: argparse.Namespace, cold: bool) -> dict:
     out = Path(args.work) / "run-out"
     cmd = [sys.executable, "-m", "relex_stream", "run", "--base", str(trajectory / "base"),
@@ -128,18 +141,12 @@ def time_run(trajectory: Path, args: argparse.Namespace, cold: bool) -> dict:
            args.max_memory, *args.extra]
     if cold:
         drop_caches()
-    timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
-    started = time.perf_counter()
-    done = subprocess.run(timer + cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"run failed:\n{done.stderr[-3000:]}")
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    wall, done, rss = run_timed(cmd)
     support = re.search(r"support: ([\d.]+)%", done.stdout)
     return {
         "command": " ".join(cmd),
         "wall_s": wall,
-        "peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
+        "peak_rss_bytes": rss,
         "support_fraction": float(support.group(1)) / 100 if support else None,
         "summary": done.stdout.strip().splitlines(),
     }

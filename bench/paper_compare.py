@@ -49,6 +49,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_run import drop_caches  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
 # hidden 1024, 12 layers, vocab 20704 in synth's Qwen2 layout (intermediate 2*hidden, kv heads
@@ -62,14 +65,6 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 # page cache, processes, sizes
 
 
-def drop_caches() -> bool:
-    """Write back and drop the page cache (root only); False when not permitted."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def warm_files(files: list[Path]) -> None:
