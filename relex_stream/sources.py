@@ -12,6 +12,8 @@ header and mtime included) stops the run, naming the file.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,18 @@ def find_checkpoints(runs: Path | None, ckpts: list[str] | None) -> dict[int, Pa
     return discover_runs(Path(runs)) if runs is not None else parse_ckpt_args(list(ckpts or []))
 
 
+def _check_base_is_not_a_checkpoint(base: Path, found: dict[int, Path]) -> None:
+    """A base that is one of the observed checkpoints gives that step a zero delta and every
+    prediction a wrong origin: a mistake, refused."""
+    for step, path in found.items():
+        with contextlib.suppress(OSError):
+            if os.path.samefile(base, path):
+                raise RelexError(
+                    f"--base {base} is also the checkpoint of step {step}; give the model the RL "
+                    "run started from (step 0)"
+                )
+
+
 def open_sources(
     base: Path | None,
     found: dict[int, Path],
@@ -92,6 +106,7 @@ def open_sources(
     available = sorted(set(found) | set(also or []))
     chosen = [s for s in select_steps(available, steps, window) if s in found]
     if base is not None:
+        _check_base_is_not_a_checkpoint(Path(base), found)
         base_model = open_model(Path(base))
         layout, where, config_dir = base_model.layout(), "the base", base_model.config_dir
         config = config_of(base_model.aux_files(), str(base_model.config_dir))

@@ -145,6 +145,14 @@ def test_no_checkpoints_found(traj, tmp_path: Path, out_with_existing) -> None:
     assert "no checkpoints" in line and str(runs) in line, line
 
 
+def test_base_that_is_one_of_the_checkpoints(traj, out_with_existing) -> None:
+    """--base pointing at an observed checkpoint (step 30's delta would be zero): refused."""
+    out, existing = out_with_existing
+    proc = run_cli(*run_args(traj.ckpt_dirs[30], traj.runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    assert "step 30" in line and "--base" in line, line
+
+
 def test_step_dir_without_a_model(traj, out_with_existing) -> None:
     """checkpoint-30 exists but holds no weights at all."""
     out, existing = out_with_existing
