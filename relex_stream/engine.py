@@ -32,7 +32,7 @@ from .plan import assign, chunking, device_budget, group_work
 from .progress import Progress
 from .reader import ALIGN_BYTES, Ring
 from .request import RunRequest, make_request
-from .safefs import open_root, remove_tree
+from .safefs import open_root, paths_overlap, remove_tree
 from .safetensors_io import DTYPES
 from .sources import RowOrigin, RowReader
 from .store import TrajectoryStore, compressed_sample_fraction
@@ -481,20 +481,25 @@ def _progress_totals(works: list[GroupWork], n_observed: int, n_stored: int) -> 
 
 
 def _check_paths(request: RunRequest, outputs: list[OutputSpec]) -> None:
-    """The store and the outputs must not lie inside each other (a replaced output would take
-    the store with it)."""
-    store = request.store_path.resolve()
+    """The store, the outputs and the inputs must not lie inside each other: a replaced output
+    would take the store or a checkpoint with it, and an output inside a run directory would be
+    found as a checkpoint (step-T) by the next run."""
+    inputs = [p for p in (request.base, request.runs) if p is not None]
+    inputs += [Path(item.split("=", 1)[1]) for item in request.ckpts or () if "=" in item]
     for spec in outputs:
-        directory = spec.directory.resolve()
-        if store == directory or store.is_relative_to(directory) or directory.is_relative_to(
-                store):
+        if paths_overlap(request.store_path, spec.directory):
             raise RelexError(
                 f"the store {request.store_path} and the output {spec.directory} overlap; give "
                 "--cache a path outside the output directories"
             )
-    for path in (request.base, request.runs):
-        if path is not None and (store.is_relative_to(path.resolve()) or
-                                 path.resolve().is_relative_to(store)):
+        for path in inputs:
+            if paths_overlap(path, spec.directory):
+                raise RelexError(
+                    f"the output {spec.directory} and the input {path} overlap; give --out a "
+                    "directory outside the checkpoints"
+                )
+    for path in inputs:
+        if paths_overlap(request.store_path, path):
             raise RelexError(
                 f"the store {request.store_path} and the input {path} overlap; give --cache a "
                 "path outside the checkpoints"

@@ -14,6 +14,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from pathlib import Path
 
 from .errors import RelexError
 
@@ -139,3 +140,9 @@ def remove_tree(dir_fd: int, name: str) -> None:
 def entries(dir_fd: int) -> list[str]:
     """Names in a directory (sorted)."""
     return sorted(entry.name for entry in os.scandir(dir_fd))
+
+
+def paths_overlap(a: os.PathLike | str, b: os.PathLike | str) -> bool:
+    """Whether one of two paths (links resolved) lies inside the other, or they are the same."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a.is_relative_to(b) or b.is_relative_to(a)

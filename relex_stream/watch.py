@@ -34,6 +34,7 @@ from .engine import extrapolate, update_store
 from .errors import RelexError
 from .methods import MethodSpec, combination_weights, parse_method
 from .report import StoreGrams, load_grams
+from .safefs import paths_overlap
 from .store import TrajectoryStore
 from .units import StepSelection, step_label
 
@@ -304,6 +305,11 @@ def run_watch(options: WatchOptions, printer: Callable[[str], None] = print) -> 
     """The watch loop; returns the number of checkpoints appended."""
     if options.every < 1:
         raise RelexError("--every must be at least 1")
+    for path in (options.runs, options.base):
+        if options.out is not None and path is not None and paths_overlap(options.out, path):
+            # an output inside the run directory would be taken for a checkpoint (step-T)
+            raise RelexError(f"--out {options.out} and the input {path} overlap; give --out a "
+                             "directory outside the checkpoints")
     watcher = Watcher(options)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 

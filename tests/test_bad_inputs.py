@@ -314,6 +314,25 @@ def test_nonfinite_base(traj, out_with_existing) -> None:
 # ----------------------------------------------------------------------------- outputs
 
 
+@pytest.mark.parametrize("where", ["in-runs", "in-a-checkpoint", "in-the-base"])
+def test_output_inside_an_input_is_refused(traj, tmp_path: Path, where: str) -> None:
+    """An output inside the run directory would be found as a checkpoint (step-T) by the next
+    run, and --overwrite could replace what lies in an input. Nothing is written."""
+    out = {"in-runs": traj.runs, "in-a-checkpoint": traj.ckpt_dirs[20],
+           "in-the-base": traj.base}[where]
+    before = sorted(p.relative_to(traj.root) for p in traj.root.rglob("*"))
+    proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite", "--cache",
+                             tmp_path / "store.zarr"), expect_rc=2)
+    assert proc.stderr.count("\n") == 1 and "overlap" in proc.stderr, proc.stderr
+    assert sorted(p.relative_to(traj.root) for p in traj.root.rglob("*")) == before
+    assert not (tmp_path / "store.zarr").exists()
+    watch = run_cli("watch", "--runs", traj.runs, "--cache", tmp_path / "w.zarr", "--base",
+                    traj.base, "--target", 100, "--out", out, "--interval", "1s",
+                    "--settle", "1s", expect_rc=2)
+    assert watch.stderr.count("\n") == 1 and "overlap" in watch.stderr, watch.stderr
+    assert not (tmp_path / "w.zarr").exists()
+
+
 def test_output_exists_without_overwrite(traj, out_with_existing) -> None:
     out, existing = out_with_existing
     proc = run_cli(*run_args(traj.base, traj.runs, out), expect_rc=None)
