@@ -698,11 +698,28 @@ def _log_written(directory: Path, size: int, start: float) -> None:
 
 
 def _fresh(out: Path, overwrite: bool) -> None:
-    if out.exists():
+    """An empty `out`: --overwrite replaces only what synth wrote (OUT/synth.json, base/, runs/),
+    never a directory of anything else."""
+    if out.exists() or out.is_symlink():
         if not overwrite:
             raise RelexError(f"{out} already exists; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+        if not out.is_dir() or out.is_symlink():
+            raise RelexError(f"{out} is not a directory synth wrote; choose another --out")
+        entries = {p.name: p for p in out.iterdir()}
+        ours = {SPEC_FILE, "base", "runs"}
+        foreign = sorted(set(entries) - ours) or ([] if SPEC_FILE in entries else [
+            f"no {SPEC_FILE}"])
+        if entries and (foreign or any(p.is_symlink() for p in entries.values())):
+            raise RelexError(
+                f"{out} holds files synth did not write ({', '.join(foreign) or 'a link'}); "
+                "synth --overwrite replaces only its own trajectories: choose another --out"
+            )
+        for path in entries.values():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _replay(trajectory: _Trajectory, done: list[int]) -> None:

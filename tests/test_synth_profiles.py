@@ -409,3 +409,25 @@ def test_rounding_to_the_saved_dtype_matches_torch(dtype: str) -> None:
     ours = torch.from_numpy(saved.view(np.int16 if saved.itemsize == 2 else np.int32))
     assert torch.equal(ours, theirs.view(bits))
     assert torch.equal(torch.from_numpy(synth._held(saved)), theirs.float())
+
+
+def test_overwrite_replaces_only_a_trajectory_synth_wrote(tmp_path: Path) -> None:
+    common = {"hidden": 32, "vocab": 64}
+    write_trajectory(tmp_path / "ours", [1, 2], **common)
+    write_trajectory(tmp_path / "ours", [1, 2, 3], overwrite=True, **common)  # its own: replaced
+    assert (tmp_path / "ours" / "runs" / "checkpoint-3").is_dir()
+    (tmp_path / "empty").mkdir()
+    write_trajectory(tmp_path / "empty", [1, 2], overwrite=True, **common)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "ours" / "notes.txt").write_text("keep me too")
+    (tmp_path / "link").symlink_to(tmp_path / "ours")
+    (tmp_path / "file").write_text("a file")
+    for name in ("mine", "ours", "link", "file"):
+        before = sorted(p.name for p in (tmp_path / name).rglob("*")) if name != "file" else []
+        with pytest.raises(RelexError, match="synth"):
+            write_trajectory(tmp_path / name, [1, 2], overwrite=True, **common)
+        if name != "file":
+            assert sorted(p.name for p in (tmp_path / name).rglob("*")) == before
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "file").read_text() == "a file"
