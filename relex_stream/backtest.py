@@ -18,6 +18,7 @@ from .diagnostics import heldout_error_sq, relative_error
 from .errors import RelexError
 from .methods import MethodSpec, combination_weights, parse_method
 from .report import StoreGrams, finite_values, load_grams, write_json
+from .safefs import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,7 @@ def write_backtest(result: BacktestResult, out: Path, plots: bool = True) -> lis
             },
         )
     ]
-    (out / "backtest.txt").write_text("\n".join(result.lines()) + "\n")
-    files.append(out / "backtest.txt")
+    files.append(replace_file(out / "backtest.txt", "\n".join(result.lines()) + "\n"))
     if plots:
         from . import plots as figures
 

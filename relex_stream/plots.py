@@ -5,11 +5,13 @@ Every function takes plain numbers (no store access) and writes one PNG, returni
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import RelexError
+from .safefs import replace_file
 
 
 def pyplot():
@@ -29,9 +31,10 @@ def pyplot():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format="png")
     pyplot().close(fig)
-    return path
+    return replace_file(path, image.getvalue())
 
 
 def _horizontal() -> dict:

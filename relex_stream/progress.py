@@ -8,12 +8,13 @@ rank 0 adds them up. No collective call is needed, so ranks never wait on each o
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .safefs import replace_file
 
 STAGES = ("gram", "materialise")
 
@@ -52,9 +53,7 @@ class Progress:
             self._publish()
 
     def _publish(self) -> None:
-        tmp = self._board / f".{self._rank}.tmp"
-        tmp.write_text(json.dumps(self.done))
-        os.replace(tmp, self._board / str(self._rank))
+        replace_file(self._board / str(self._rank), json.dumps(self.done))
         if self._rank != 0:
             return
         totals = dict.fromkeys(STAGES, 0)

@@ -7,6 +7,7 @@ follows from G and the steps (docs/DESIGN.md §1). backtest.py builds on the loa
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import torch
 
 from .diagnostics import TensorStats, tensor_stats
 from .errors import RelexError
+from .safefs import replace_file
 from .store import TrajectoryStore
 
 log = logging.getLogger(__name__)
@@ -131,8 +133,7 @@ def _clean(value: object) -> object:
 
 def write_json(path: Path, data: dict) -> Path:
     """Strict JSON (no NaN) at `path`."""
-    path.write_text(json.dumps(_clean(data), indent=1, allow_nan=False) + "\n")
-    return path
+    return replace_file(path, json.dumps(_clean(data), indent=1, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,15 +389,12 @@ def write_report(result: ReportResult, out: Path, plots: bool = True) -> list[Pa
             },
         )
     ]
-    csv_path = out / "report.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(result.tensors[0].row()))
-        writer.writeheader()
-        writer.writerows(t.row() for t in result.tensors)
-    files.append(csv_path)
-    summary = out / "summary.txt"
-    summary.write_text("\n".join(result.lines()) + "\n")
-    files.append(summary)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(result.tensors[0].row()))
+    writer.writeheader()
+    writer.writerows(t.row() for t in result.tensors)
+    files.append(replace_file(out / "report.csv", table.getvalue()))
+    files.append(replace_file(out / "summary.txt", "\n".join(result.lines()) + "\n"))
     if plots:
         files += _report_plots(result, out)
     return files

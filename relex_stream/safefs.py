@@ -146,3 +146,27 @@ def paths_overlap(a: os.PathLike | str, b: os.PathLike | str) -> bool:
     """Whether one of two paths (links resolved) lies inside the other, or they are the same."""
     a, b = Path(a).resolve(), Path(b).resolve()
     return a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def replace_file(path: os.PathLike | str, data: bytes | str) -> Path:
+    """`data` as the file `path`, written under a new temporary name beside it and renamed over
+    it: a link (symbolic or hard) planted at `path` is replaced, never written through.
+    RelexError when the directory cannot be written."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        try:
+            write_all(fd, raw)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise RelexError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path

@@ -15,6 +15,7 @@ continues from the store.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from .engine import extrapolate, update_store
 from .errors import RelexError
 from .methods import MethodSpec, combination_weights, parse_method
 from .report import StoreGrams, load_grams
-from .safefs import paths_overlap
+from .safefs import paths_overlap, replace_file
 from .store import TrajectoryStore
 from .units import StepSelection, step_label
 
@@ -267,18 +268,15 @@ def _write_timeline(options: WatchOptions, rows: list[dict]) -> None:
     json_path.parent.mkdir(exist_ok=True)
     labels = [step_label(t) for t in options.targets]
     body = {"targets": labels, "method": options.method, "rows": rows}
-    tmp = json_path.with_name(".timeline.json.tmp")
-    tmp.write_text(json.dumps(body, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, json_path)
+    replace_file(json_path, json.dumps(body, indent=1, allow_nan=False) + "\n")
     columns = ["step", "rows", "explained_variance", "r_squared", "null_ev_p95", "null_r2_p95",
                "straight", "reach", *(f"drift_{label}" for label in labels)]
-    tmp = csv_path.with_name(".timeline.csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([row[c] for c in columns[:8]] + [row["drift"][x] for x in labels])
-    os.replace(tmp, csv_path)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row[c] for c in columns[:8]] + [row["drift"][x] for x in labels])
+    replace_file(csv_path, table.getvalue())
     try:
         from .plots import timeline
 

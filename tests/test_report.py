@@ -317,3 +317,22 @@ def test_support_is_the_share_of_elements_that_ever_changed(synth_store: Path,
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert data["support_fraction"] == pytest.approx(changed / total)
     assert f"{100 * changed / total:.1f}% of the parameters changed" in result.lines()[0]
+
+
+def test_report_and_backtest_never_write_through_a_link(synth_store: Path, tmp_path: Path) -> None:
+    """A link planted in --out under a file name report or backtest writes is replaced by the
+    file, and what it points to is left as it was (files are written beside and renamed)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours")
+    names = {"report": ["report.json", "report.csv", "summary.txt", "coefficients.png"],
+             "backtest": ["backtest.json", "backtest.txt", "backtest.png"]}
+    for command, files in names.items():
+        out = tmp_path / command
+        out.mkdir()
+        for name in files:
+            (out / name).symlink_to(victim)
+        extra = ["--holdout", "2"] if command == "backtest" else ["--null-samples", "5"]
+        cli(command, synth_store, "--out", out, *extra)
+        for name in files:
+            assert (out / name).is_file() and not (out / name).is_symlink(), name
+    assert victim.read_text() == "not yours"
