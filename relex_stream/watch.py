@@ -35,13 +35,14 @@ from .engine import extrapolate, update_store
 from .errors import RelexError
 from .methods import MethodSpec, combination_weights, parse_method
 from .report import StoreGrams, load_grams
-from .safefs import paths_overlap, replace_file
+from .safefs import open_root, opened_dir, paths_overlap, read_small, replace_file
 from .store import TrajectoryStore
 from .units import StepSelection, step_label
 
 log = logging.getLogger("relex_stream")
 
 TIMELINE_DIR = "timeline"
+MAX_TIMELINE_BYTES = 64 * 2**20
 NULL_SAMPLES = 200
 
 
@@ -206,7 +207,9 @@ def timeline_rows(
     rows = []
     for k in range(2, len(data.steps) + 1):
         step = data.steps[k - 1]
-        rows.append(kept.get(step) or _row(data, spec, targets, holdout, k))
+        old = kept.get(step)
+        rows.append(old if old is not None and old["rows"] == k else
+                    _row(data, spec, targets, holdout, k))
     return rows
 
 
@@ -251,21 +254,51 @@ def _paths(options: WatchOptions) -> tuple[Path, Path, Path]:
 
 
 def _load_rows(options: WatchOptions) -> list[dict]:
-    """Rows of an earlier watch of the same targets and method (else none: recomputed)."""
-    path = _paths(options)[0]
+    """Rows of an earlier watch of the same targets and method (else none: recomputed). The
+    store is input: the file is read without following links, bounded, and a row is kept only
+    when every field has the type the timeline writes (else it is computed again)."""
+    labels = [step_label(t) for t in options.targets]
     try:
-        data = json.loads(path.read_text())
-        if data.get("targets") == [step_label(t) for t in options.targets] and data.get(
-                "method") == options.method and isinstance(data.get("rows"), list):
-            return [r for r in data["rows"] if isinstance(r, dict) and "step" in r]
-    except (OSError, ValueError, AttributeError):
-        pass
-    return []
+        root = open_root(options.cache)
+        try:
+            with opened_dir(root, (TIMELINE_DIR,), False, str(options.cache)) as fd:
+                data = json.loads(read_small(fd, "timeline.json", MAX_TIMELINE_BYTES))
+        finally:
+            os.close(root)
+    except (OSError, ValueError, RelexError, RecursionError):
+        return []
+    if not (isinstance(data, dict) and data.get("targets") == labels
+            and data.get("method") == options.method and isinstance(data.get("rows"), list)):
+        return []
+    return [r for r in data["rows"] if _is_row(r, labels)]
+
+
+def _is_row(row: object, labels: list[str]) -> bool:
+    """Whether `row` is a timeline row as _row makes them (for these target labels)."""
+    def number(v: object) -> bool:
+        return v is None or (type(v) in (int, float) and math.isfinite(v))
+
+    def count(v: object) -> bool:
+        return type(v) is int and 0 <= v <= 2**53
+
+    fields = ("explained_variance", "r_squared", "null_ev_p95", "null_r2_p95")
+    return (isinstance(row, dict) and set(row) == {"step", "rows", "straight", "reach", "drift",
+                                                      *fields}
+            and count(row["step"]) and count(row["rows"]) and type(row["straight"]) is bool
+            and number(row["reach"])
+            and all(number(row[f]) for f in fields)
+            and isinstance(row["drift"], dict) and list(row["drift"]) == labels
+            and all(number(v) for v in row["drift"].values()))
 
 
 def _write_timeline(options: WatchOptions, rows: list[dict]) -> None:
     json_path, csv_path, png_path = _paths(options)
-    json_path.parent.mkdir(exist_ok=True)
+    root = open_root(options.cache)  # the directory made here, and checked not to be a link
+    try:
+        with opened_dir(root, (TIMELINE_DIR,), True, str(options.cache)):
+            pass
+    finally:
+        os.close(root)
     labels = [step_label(t) for t in options.targets]
     body = {"targets": labels, "method": options.method, "rows": rows}
     replace_file(json_path, json.dumps(body, indent=1, allow_nan=False) + "\n")

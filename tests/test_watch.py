@@ -134,3 +134,58 @@ def test_restart_continues_where_it_stopped(watched, tmp_path: Path) -> None:
     assert "appended 0 checkpoint(s)" in proc.stdout  # the store already holds step 60
     timeline = json.loads((copy / "timeline" / "timeline.json").read_text())
     assert [row["step"] for row in timeline["rows"]] == list(STEPS[1:])
+
+
+def _watch_to_end(traj, store: Path) -> subprocess.CompletedProcess[str]:
+    """watch over a finished run (every checkpoint already complete) until its last step."""
+    return run_cli("watch", "--runs", traj.runs, "--cache", store, "--base", traj.base,
+                   "--target", TARGET, "--interval", "0.2s", "--settle", "0.2s", "--until",
+                   STEPS[-1], "--device", "cpu", expect_rc=None)
+
+
+def test_a_hostile_timeline_in_the_store_is_neither_trusted_nor_followed(watched,
+                                                                         tmp_path: Path) -> None:
+    """The store is input: forged timeline rows are computed again, a FIFO is not waited on,
+    and a timeline directory that links elsewhere is refused without writing there."""
+    traj, store, _, _, _ = watched
+    honest = json.loads((store / "timeline" / "timeline.json").read_text())
+    forged = json.loads(json.dumps(honest))
+    forged["rows"][-1]["explained_variance"] = "0.5"  # a string where a number belongs
+    forged["rows"][-2]["drift"] = {"x": 1.0}  # another target's drift
+    forged["rows"][-3]["rows"] = 99  # a row for another step count
+    for damage in ("forged", "fifo", "link"):
+        # a store of every step but the last, with the watched store's timeline: watch appends
+        # the last step and rewrites the timeline
+        copy = tmp_path / damage / "store.zarr"
+        run_cli("run", "--base", traj.base, "--runs", traj.runs, "--steps",
+                f"{STEPS[0]}-{STEPS[-2]}", "--target", TARGET, "--out", tmp_path / damage / "o",
+                "--cache", copy, "--device", "cpu", "--quiet")
+        shutil.copytree(store / "timeline", copy / "timeline")
+        timeline = copy / "timeline"
+        (timeline / "timeline.json").unlink()
+        if damage == "forged":
+            (timeline / "timeline.json").write_text(json.dumps(forged))
+        elif damage == "fifo":
+            os.mkfifo(timeline / "timeline.json")
+        else:
+            elsewhere = tmp_path / damage / "elsewhere"
+            elsewhere.mkdir()
+            shutil.rmtree(timeline)
+            timeline.symlink_to(elsewhere)
+        proc = _watch_to_end(traj, copy)
+        if damage == "link":
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+            assert "symbolic link" in proc.stderr and not any(elsewhere.iterdir())
+            continue
+        assert proc.returncode == 0, proc.stderr
+        rows = json.loads((timeline / "timeline.json").read_text())["rows"]
+        assert [r["step"] for r in rows] == [r["step"] for r in honest["rows"]]
+        for got, want in zip(rows, honest["rows"], strict=True):
+            # recomputed rows equal the live ones up to the last bits of the float64 reductions
+            pairs = [(got[f], want[f]) for f in ("explained_variance", "r_squared", "reach",
+                                                    "rows", "straight")]
+            pairs += [(got["drift"][t], want["drift"][t]) for t in want["drift"]]
+            for a, b in pairs:
+                assert a == b if b is None or a is None else a == pytest.approx(b, rel=1e-9), (
+                    damage, got, want)
+            assert set(got) == set(want) and list(got["drift"]) == list(want["drift"])
