@@ -82,6 +82,14 @@ MAX_META_BYTES = 64 * 2**20
 _V2_DIRS = ("base", "rows", "gram", "files")
 
 
+def _write_error(path: Path, where: str, exc: OSError) -> RelexError:
+    return RelexError(
+        f"cannot write the store at {path} ({where}: {exc.strerror or exc}); free space or fix "
+        "the file system, or rebuild it with --rebuild if something not written by relex_stream "
+        "is in the way (or use another --cache)"
+    )
+
+
 def _store_error(path: Path, what: str) -> RelexError:
     return RelexError(
         f"the store at {path} {what}; rebuild it from the sources with --rebuild "
@@ -456,8 +464,19 @@ class TrajectoryStore:
         """A reader of base and row bits (one per thread)."""
         return StoreReader(self)
 
+    @contextlib.contextmanager
     def _dir(self, parts: tuple[str, ...], create: bool = False):
-        return opened_dir(self._root_fd, parts, create, str(self.path))
+        """A directory of the store, made when `create` (for writing: a write that fails in it,
+        say over a directory planted where a file goes, is one error naming the store)."""
+        if not create:
+            with opened_dir(self._root_fd, parts, create, str(self.path)) as fd:
+                yield fd
+            return
+        try:
+            with opened_dir(self._root_fd, parts, create, str(self.path)) as fd:
+                yield fd
+        except OSError as exc:
+            raise _write_error(self.path, "/".join(parts), exc) from None
 
     # ------------------------------------------------------------------ transactions
 
@@ -569,7 +588,10 @@ class TrajectoryStore:
     def _write_manifest(self, manifest: Manifest) -> None:
         body = manifest.to_json()
         attributes = {"relex_stream": body, "relex_stream_sha256": _sha256(body)}
-        write_atomic(self._root_fd, ROOT_META, _canonical(shards.group_meta(attributes)))
+        try:
+            write_atomic(self._root_fd, ROOT_META, _canonical(shards.group_meta(attributes)))
+        except OSError as exc:
+            raise _write_error(self.path, ROOT_META, exc) from None
         self.manifest = manifest
 
     def _require_lock(self) -> None:

@@ -850,6 +850,21 @@ def test_refused_append_leaves_the_store_unchanged(built: Built, tmp_path: Path,
     assert diff(before, snapshot(tmp_path)) == []
 
 
+def test_a_directory_where_the_store_writes_a_file_is_one_error(built: Built,
+                                                                tmp_path: Path) -> None:
+    """d. (found by make fuzz) A directory planted where an append rewrites a metadata file (a
+    group's rows array) is one error line naming the store, not an IsADirectoryError."""
+    store = tmp_path / "S"
+    assert_ok(call(*built.source_args(store, tmp_path / "first", "--steps", "10-30")))
+    meta = read_json(store / "zarr.json")["attributes"]["relex_stream"]["current"]
+    target = store / f"gen{meta['generation']}" / "rows" / "g0" / "zarr.json"
+    target.unlink()
+    target.mkdir()
+    (target / "x").write_text("in the way")
+    assert_error(call(*built.source_args(store, tmp_path / "O")), str(store))
+    assert (target / "x").read_text() == "in the way"
+
+
 def test_from_store_run_with_damaged_rows_leaves_no_output_dir(case: Case) -> None:
     """d. A run refused while reading (a damaged chunk) removes the OUT it made."""
     path, _, _, index, j = _shard(case.store, EMBED, 1)
