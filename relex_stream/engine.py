@@ -167,41 +167,8 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     try:
         store = _open_store(inputs, ranks)
         try:
-            groups = _my_groups(gen, ranks)
-            works = group_work(inputs, store, groups, plan, request.svd)
-            # the records of the groups only read (finished by an earlier, interrupted run
-            # too) are checked before any output is laid out (gather_inputs checked the rest)
-            for gw in works:
-                if not gw.write:
-                    store.record(gw.group, gen, gen.steps)
-            aux = inputs.aux if inputs.aux is not None else store.aux_files(gen)
-            summary = RunSummary([o.directory for o in outputs], request.store_path,
-                                 inputs.observed)
-            summary.rank = ranks.rank
-            summary.appended_steps = inputs.new_steps if inputs.kind == "append" else []
-            all_works = gen.groups()
-            summary.tensors = sum(len(g.tensors) for g in all_works) + len(gen.aliases)
-            summary.input_bytes = _input_bytes(all_works, len(inputs.observed))
-            keep = _keep_budget(request, budget, gpu_bytes)
-            writers, stats, reader = _write_outputs(request, ranks, inputs, store, outputs,
-                                                    dtypes, works, device, keep, budget, summary)
-            try:
-                per_rank = gather(
-                    (reader.bytes_from_sources, reader.bytes_from_store, stats.bytes_written,
-                     stats.store_bytes_written, stats.support_observed, stats.elements_observed,
-                     summary.ill_conditioned, _peak_rss_bytes(), reader.bytes_decoded),
-                    ranks,
-                )
-                if ranks.is_main:
-                    if inputs.kind is not None:
-                        store.commit()
-                    for writer in writers:
-                        writer.finalize(aux, request.overwrite)
-                    writers = []
-                barrier(ranks)
-            finally:
-                for writer in writers:
-                    writer.abort()
+            summary, per_rank = _run_on_store(request, ranks, inputs, store, outputs, dtypes,
+                                              plan, device, budget, gpu_bytes)
         except BaseException:
             if ranks.is_main and not ranks.distributed:  # other ranks may have finished groups
                 _remove_new_store(inputs, store, store_names)  # still locked
@@ -214,6 +181,62 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
                 with contextlib.suppress(OSError):
                     os.rmdir(directory)
         raise
+    _add_totals(summary, per_rank, ranks)
+    if summary.ill_conditioned and ranks.is_main:
+        worst = max(summary.ill_conditioned, key=lambda item: item[1])
+        log.warning(
+            "%d tensor(s) have σ₂/σ₁ above %.2f, so their rank-1 direction is ill-defined "
+            "(worst: %s at %.3f)",
+            len(summary.ill_conditioned), GAP_WARNING, *worst,
+        )
+    return summary
+
+
+def _run_on_store(request: RunRequest, ranks: Ranks, inputs: RunInputs, store: TrajectoryStore,
+                  outputs: list[OutputSpec], dtypes: dict[str, str], plan: dict,
+                  device: torch.device, budget: Budget, gpu_bytes: int | None,
+                  ) -> tuple[RunSummary, list[tuple]]:
+    """Both passes of this rank's groups, then (rank 0) the store's commit and the outputs'
+    finalisation; the summary and every rank's counters."""
+    gen = inputs.target
+    works = group_work(inputs, store, _my_groups(gen, ranks), plan, request.svd)
+    # the records of the groups only read (finished by an earlier, interrupted run too) are
+    # checked before any output is laid out (gather_inputs checked the rest)
+    for gw in works:
+        if not gw.write:
+            store.record(gw.group, gen, gen.steps)
+    aux = inputs.aux if inputs.aux is not None else store.aux_files(gen)
+    summary = RunSummary([o.directory for o in outputs], request.store_path, inputs.observed)
+    summary.rank = ranks.rank
+    summary.appended_steps = inputs.new_steps if inputs.kind == "append" else []
+    all_groups = gen.groups()
+    summary.tensors = sum(len(g.tensors) for g in all_groups) + len(gen.aliases)
+    summary.input_bytes = _input_bytes(all_groups, len(inputs.observed))
+    keep = _keep_budget(request, budget, gpu_bytes)
+    writers, stats, reader = _write_outputs(request, ranks, inputs, store, outputs, dtypes,
+                                            works, device, keep, budget, summary)
+    try:
+        per_rank = gather(
+            (reader.bytes_from_sources, reader.bytes_from_store, stats.bytes_written,
+             stats.store_bytes_written, stats.support_observed, stats.elements_observed,
+             summary.ill_conditioned, _peak_rss_bytes(), reader.bytes_decoded),
+            ranks,
+        )
+        if ranks.is_main:
+            if inputs.kind is not None:
+                store.commit()
+            for writer in writers:
+                writer.finalize(aux, request.overwrite)
+            writers = []
+        barrier(ranks)
+    finally:
+        for writer in writers:
+            writer.abort()
+    return summary, per_rank
+
+
+def _add_totals(summary: RunSummary, per_rank: list[tuple], ranks: Ranks) -> None:
+    """The summary's counters: sums over the ranks (peak RSS: the largest)."""
     summary.bytes_from_sources = sum(r[0] for r in per_rank)
     summary.bytes_from_store = sum(r[1] for r in per_rank)
     summary.bytes_written = sum(r[2] for r in per_rank)
@@ -224,14 +247,6 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     summary.peak_rss_bytes = max(r[7] for r in per_rank)
     summary.bytes_decoded = sum(r[8] for r in per_rank)
     summary.ranks = ranks.world_size
-    if summary.ill_conditioned and ranks.is_main:
-        worst = max(summary.ill_conditioned, key=lambda item: item[1])
-        log.warning(
-            "%d tensor(s) have σ₂/σ₁ above %.2f, so their rank-1 direction is ill-defined "
-            "(worst: %s at %.3f)",
-            len(summary.ill_conditioned), GAP_WARNING, *worst,
-        )
-    return summary
 
 
 def _budget(request: RunRequest, gen: Generation, n_outputs: int) -> Budget:
