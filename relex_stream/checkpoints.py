@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,13 @@ class Checkpoint:
     model: ModelFiles
 
 
+def _not_a_directory(what: str, path: Path) -> str:
+    if path.exists():
+        return (f"{what} {path} is a file, not a directory; give the directory that holds the "
+                "model's files")
+    return f"{what} {path} does not exist"
+
+
 def _explain_non_safetensors(directory: Path) -> str:
     if (directory / "adapter_config.json").exists():
         return (
@@ -194,6 +202,9 @@ def _explain_non_safetensors(directory: Path) -> str:
             "shards only (other pickle files can run code). Convert with "
             "`model.save_pretrained(dir, safe_serialization=True)`"
         )
+    for name in (SINGLE_NAME, INDEX_NAME):
+        if os.path.lexists(directory / name):  # a link to nowhere, a FIFO, a device...
+            return f"{directory / name} is not a regular file; relex_stream will not read it"
     return f"{directory} holds no model.safetensors, {INDEX_NAME} or verl FSDP shards"
 
 
@@ -226,7 +237,7 @@ def _has_safetensors(candidate: Path) -> bool:
 def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
     """Index the tensors of a safetensors model or a verl FSDP checkpoint (headers only)."""
     if not directory.is_dir():
-        raise RelexError(f"model directory {directory} does not exist")
+        raise RelexError(_not_a_directory("model directory", directory))
     kind, model_dir = find_model_dir(directory)
     if kind == "fsdp":
         return _open_fsdp(model_dir, config_dir)
@@ -316,7 +327,7 @@ def _read_index(index_path: Path) -> tuple[list[str], dict[str, str]]:
 def discover_runs(runs_dir: Path) -> dict[int, Path]:
     """Step number -> directory, for every step directory directly inside `runs_dir`."""
     if not runs_dir.is_dir():
-        raise RelexError(f"run directory {runs_dir} does not exist")
+        raise RelexError(_not_a_directory("run directory", runs_dir))
     found: dict[int, Path] = {}
     for child in sorted(runs_dir.iterdir()):
         match = STEP_DIR_RE.match(child.name)

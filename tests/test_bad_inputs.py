@@ -153,6 +153,30 @@ def test_base_that_is_one_of_the_checkpoints(traj, out_with_existing) -> None:
     assert "step 30" in line and "--base" in line, line
 
 
+@pytest.mark.parametrize("case", ["base-is-a-file", "weights-link-to-a-device",
+                                  "weights-dangling-link", "weights-fifo"])
+def test_model_paths_that_are_not_what_they_seem(traj, out_with_existing, case: str) -> None:
+    """A file given where a model directory goes, and weights that are no regular file (never
+    opened: a device or a FIFO would be read forever or waited on), each say what they are."""
+    out, existing = out_with_existing
+    base = traj.base
+    if case == "base-is-a-file":
+        base = traj.base / "config.json"
+    else:
+        weights = traj.ckpt_dirs[30] / "model.safetensors"
+        for shard in traj.ckpt_dirs[30].glob("model*.safetensors*"):
+            shard.unlink()
+        if case == "weights-fifo":
+            os.mkfifo(weights)
+        else:
+            weights.symlink_to("/dev/zero" if case.endswith("device") else "/nonexistent")
+    proc = run_cli(*run_args(base, traj.runs, out, "--overwrite"), expect_rc=None)
+    line = assert_refused(proc, out, existing)
+    expected = "is a file, not a directory" if case == "base-is-a-file" else (
+        "is not a regular file")
+    assert expected in line, line
+
+
 def test_step_dir_without_a_model(traj, out_with_existing) -> None:
     """checkpoint-30 exists but holds no weights at all."""
     out, existing = out_with_existing
