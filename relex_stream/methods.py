@@ -137,6 +137,8 @@ def parse_method(text: str, **overrides) -> MethodSpec:
                 f"method {text!r}: cannot read {item!r}; write options as key=value, e.g. "
                 "relex:rank=2,fit=poly:2 or two-point:from=10,to=40"
             )
+        if key in options:
+            raise RelexError(f"method {text!r} gives {key!r} twice; give each option once")
         options[key] = value.strip()
     try:
         values = {

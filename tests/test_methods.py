@@ -180,6 +180,8 @@ def test_parse_fields() -> None:
     ("two-point:from=40,to=10", "from < to"),
     ("two-point:from=-1", ">= 0"),
     ("relex:rank", "key=value"),
+    ("relex:rank=1,rank=2", "twice"),
+    ("two-point:from=0,to=20,to=30", "twice"),
 ])
 def test_parse_errors_say_what_to_do(text: str, needle: str) -> None:
     with pytest.raises(RelexError, match=needle):
