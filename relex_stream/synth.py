@@ -26,10 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from .errors import RelexError
 from .safetensors_io import INDEX_NAME, SINGLE_NAME
+from .units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -667,6 +669,7 @@ def write_trajectory(
     growing = append and out.exists()
     if not growing and len(steps) < 2 and not append:
         raise RelexError("synth needs at least two --steps")
+    _check_capacity(out, spec, len(steps))
     trajectory = _Trajectory(spec)
     pause = delay_s / PIECES
     if growing:
@@ -690,6 +693,32 @@ def write_trajectory(
         _record(out, spec, done)
         _log_written(directory, size, start)
     return out
+
+
+def _check_capacity(out: Path, spec: SynthSpec, n_checkpoints: int) -> None:
+    """Refuse, before a byte is written, a trajectory the disk cannot hold or (drift, walk) a
+    master the memory cannot hold."""
+    n_params = sum(math.prod(shape) for shape in qwen2_shapes(spec.config).values())
+    size = n_params * (DTYPES[spec.base_dtype][0].itemsize
+                       + n_checkpoints * DTYPES[spec.save_dtype][0].itemsize)
+    probe = Path(os.path.abspath(out))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if size > free:
+        raise RelexError(
+            f"synth would write {format_bytes(size)} ({n_params:,} parameters, "
+            f"{n_checkpoints} checkpoints and the base) but {probe} has {format_bytes(free)} "
+            "free; choose smaller shapes or fewer --steps"
+        )
+    master = 4 * n_params if spec.profile != "planted" else 0
+    available = psutil.virtual_memory().available
+    if master > available:
+        raise RelexError(
+            f"the {spec.profile} profile keeps fp32 master weights, {format_bytes(master)} for "
+            f"{n_params:,} parameters, but {format_bytes(available)} of memory is available; "
+            "choose smaller shapes or --profile planted"
+        )
 
 
 def _log_written(directory: Path, size: int, start: float) -> None:

@@ -431,3 +431,26 @@ def test_overwrite_replaces_only_a_trajectory_synth_wrote(tmp_path: Path) -> Non
             assert sorted(p.name for p in (tmp_path / name).rglob("*")) == before
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert (tmp_path / "file").read_text() == "a file"
+
+
+def test_refuses_a_trajectory_the_disk_or_memory_cannot_hold(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """Checked before a byte is written: a hostile --hidden/--layers once wrote 11 GB before
+    anyone noticed it would need 147,000 TiB."""
+    from collections import namedtuple
+
+    import psutil
+
+    common = {"hidden": 32, "vocab": 64}
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(synth.shutil, "disk_usage", lambda path: usage(10**6, 0, 10**5))
+    with pytest.raises(RelexError, match="free; choose smaller shapes"):
+        write_trajectory(tmp_path / "disk", [1, 2], **common)
+    assert not (tmp_path / "disk").exists()
+    monkeypatch.undo()
+    memory = psutil.virtual_memory()._replace(available=1000)
+    monkeypatch.setattr(synth.psutil, "virtual_memory", lambda: memory)
+    with pytest.raises(RelexError, match="fp32 master weights"):
+        write_trajectory(tmp_path / "memory", [1, 2], profile="drift", **common)
+    assert not (tmp_path / "memory").exists()
+    write_trajectory(tmp_path / "planted", [1, 2], **common)  # keeps no master
