@@ -9,6 +9,7 @@ count against the process's resident memory.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +67,13 @@ def read_into(info: TensorInfo, start: int, out: np.ndarray) -> None:
 
 def _pread_all(path: Path, view: memoryview, offset: int, name: str) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # never waited on: a FIFO swapped in for a checkpoint between the passes is refused
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise RelexError(f"cannot read {path}: {exc.strerror}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RelexError(f"{path} is no longer a regular file; it changed during the run")
         done = 0
         while done < len(view):
             got = os.preadv(fd, [view[done:]], offset + done)

@@ -4,6 +4,7 @@ every store codec, a window decoded from the store."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -114,3 +115,18 @@ def test_windowed_rerun_from_store_decodes_later_rows(trajectory, tmp_path: Path
     for target in TARGETS:
         assert _shards(from_store, target) == _shards(from_sources, target)
     check_against_reference(trajectory, from_store, TARGETS, steps=SPEC.steps[-3:])
+
+
+def test_a_fifo_in_place_of_a_checkpoint_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """A checkpoint file swapped for a FIFO after its header was read (say between the passes):
+    the read of its rows stops with one error instead of waiting for a writer forever."""
+    import numpy as np
+
+    from relex_stream.errors import RelexError
+    from relex_stream.tensor_files import Piece, TensorInfo, read_into
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    info = TensorInfo("w", "BF16", (4,), (Piece(fifo, 8, 4),))
+    with pytest.raises(RelexError, match="no longer a regular file"):
+        read_into(info, 0, np.empty(4, dtype=np.uint16))
