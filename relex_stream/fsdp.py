@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import os
 import pickle
 import re
+import stat
 import struct
 import zipfile
 from collections import OrderedDict
@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from .errors import RelexError
+from .jsonfile import load_json_object
 from .safetensors_io import DTYPES, TORCH_TO_CODE
 from .tensor_files import Piece, TensorInfo
 
@@ -629,14 +630,8 @@ def _read_fsdp_config(directory: Path) -> tuple[int, int]:
             f"{directory} has FSDP rank files but no {FSDP_CONFIG} (verl before 0.4.1 did not "
             f"write one); create it as {example} with W the number of ranks that saved it"
         )
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise RelexError(f"{path} is not valid JSON; it should look like {example}") from None
-    if not isinstance(config, dict):
-        raise RelexError(
-            f"{path} holds a JSON {type(config).__name__}, not an object like {example}"
-        )
+    # bounded, strict, never waited on (a FIFO), nesting limited: as every JSON input is read
+    config = load_json_object(path, "verl's FSDP config")
     version, world = config.get("FSDP_version"), config.get("world_size")
     if type(world) is not int or world < 1:
         raise RelexError(f"{path}: world_size must be a positive integer, got {world!r}")
@@ -776,10 +771,12 @@ def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 def _member_starts(archive: _Archive, keys: set[str]) -> dict[str, int]:
     """Absolute data offsets of the named storage members (absent keys are left out)."""
     try:
-        fd = os.open(archive.path, os.O_RDONLY)
+        fd = os.open(archive.path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO is not waited on
     except OSError as exc:
         raise RelexError(f"cannot read {archive.path}: {exc.strerror or exc}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RelexError(f"{archive.path} is not a regular file")
         return {
             key: _member_offset(fd, archive.storages[key], archive)
             for key in sorted(keys)

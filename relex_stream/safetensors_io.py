@@ -379,8 +379,10 @@ def read_into(info: TensorInfo, start: int, out: np.ndarray) -> None:
     """Fill `out` (1-D, the tensor's bit dtype) with flattened elements [start, start+len(out))."""
     view = memoryview(out).cast("B")
     offset = info.offset + start * info.itemsize
-    fd = os.open(info.file, os.O_RDONLY)
+    fd = os.open(info.file, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in is not waited on
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RelexError(f"{info.file} is no longer a regular file; it changed during the run")
         done = 0
         while done < len(view):
             got = os.preadv(fd, [view[done:]], offset + done)

@@ -272,9 +272,11 @@ def test_stale_rank_files(ckpts: FsdpFixture, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text,expected",
     [
-        ("[2, 4]", "holds a JSON list, not an object"),
-        ('"fsdp"', "holds a JSON str, not an object"),
+        ("[2, 4]", "holds a JSON array, not an object"),
+        ('"fsdp"', "holds a JSON string, not an object"),
         ("{not json", "is not valid JSON"),
+        ("[" * 100_000, "nested more than"),  # json.loads alone: a RecursionError traceback
+        ('{"world_size": 2, "world_size": 4, "FSDP_version": 2}', "world_size"),  # given twice
         ('{"FSDP_version": 2, "world_size": "4"}', "world_size must be a positive integer"),
         ('{"FSDP_version": 2, "world_size": true}', "world_size must be a positive integer"),
         ('{"FSDP_version": 3, "world_size": 4}', "FSDP_version must be 1 or 2"),
