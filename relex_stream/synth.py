@@ -30,6 +30,7 @@ import psutil
 import torch
 
 from .errors import RelexError
+from .jsonfile import load_json_object
 from .safetensors_io import INDEX_NAME, SINGLE_NAME
 from .units import format_bytes
 
@@ -547,11 +548,12 @@ def _record(out: Path, spec: SynthSpec, steps: list[int]) -> None:
 def _recorded(out: Path) -> tuple[SynthSpec, list[int]]:
     """The spec and complete steps of an existing synth trajectory; RelexError if there is none."""
     try:
-        body = json.loads((out / SPEC_FILE).read_text())
+        # bounded, strict, never a FIFO: the record is read as every JSON input is
+        body = load_json_object(out / SPEC_FILE, f"synth's record {SPEC_FILE}")
         if body["format"] != SPEC_FORMAT or body.get("block") != BLOCK:
             raise ValueError(body["format"])
         recorded = SynthSpec(**body["spec"]), [int(s) for s in body["steps"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (RelexError, ValueError, KeyError, TypeError):
         raise RelexError(
             f"{out} exists but has no {SPEC_FILE} from this version of synth, so it cannot be "
             "appended to; pass overwrite to write it again"

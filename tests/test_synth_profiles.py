@@ -454,3 +454,21 @@ def test_refuses_a_trajectory_the_disk_or_memory_cannot_hold(tmp_path: Path,
         write_trajectory(tmp_path / "memory", [1, 2], profile="drift", **common)
     assert not (tmp_path / "memory").exists()
     write_trajectory(tmp_path / "planted", [1, 2], **common)  # keeps no master
+
+
+@pytest.mark.parametrize("damage", ["deep", "fifo", "list"])
+def test_append_to_a_damaged_record_is_one_error(tmp_path: Path, damage: str) -> None:
+    """synth.json is read as every JSON input is: a deeply nested one (a RecursionError), a FIFO
+    (waited on forever) or the wrong type each give the one refusal."""
+    import os
+
+    common = {"hidden": 32, "vocab": 64, "profile": "drift"}
+    write_trajectory(tmp_path / "d", [1, 2], **common)
+    record = tmp_path / "d" / synth.SPEC_FILE
+    record.unlink()
+    if damage == "fifo":
+        os.mkfifo(record)
+    else:
+        record.write_text("[" * 100_000 if damage == "deep" else "[1, 2]")
+    with pytest.raises(RelexError, match="cannot be appended"):
+        write_trajectory(tmp_path / "d", [3], append=True, **common)
