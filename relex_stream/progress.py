@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .safefs import replace_file
+from .safefs import read_small_at, replace_file
 
 STAGES = ("gram", "materialise")
 
@@ -60,11 +60,14 @@ class Progress:
         for path in self._board.iterdir():
             if path.name.isdigit():
                 try:
-                    counts = json.loads(path.read_text())
-                except (OSError, ValueError):
+                    counts = json.loads(read_small_at(path, 4096))
+                except (OSError, ValueError, RecursionError):
                     continue  # being replaced right now; next time
+                if not isinstance(counts, dict):
+                    continue  # not a rank's counts
                 for stage in STAGES:
-                    totals[stage] += counts.get(stage, 0)
+                    value = counts.get(stage, 0)
+                    totals[stage] += value if type(value) is int and value >= 0 else 0
         for stage in STAGES:
             self._show(stage, totals[stage])
 

@@ -170,3 +170,14 @@ def replace_file(path: os.PathLike | str, data: bytes | str) -> Path:
             os.unlink(tmp)
         raise RelexError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def read_small_at(path: os.PathLike | str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` at `path` (its own name not a link;
+    never waited on): for small files a run reads back from directories others can write."""
+    path = Path(path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return read_small(fd, path.name, max_bytes)
+    finally:
+        os.close(fd)

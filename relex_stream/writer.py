@@ -21,7 +21,7 @@ import psutil
 
 from .checkpoints import ModelLayout
 from .errors import RelexError
-from .safefs import open_root, remove_tree
+from .safefs import open_root, read_small_at, remove_tree
 from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME
 
 _CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
@@ -217,7 +217,7 @@ def remove_leftovers(directory: Path) -> None:
         if not entry.name.startswith(".step-") or entry.is_symlink() or not entry.is_dir():
             continue
         try:
-            pid = int((entry / MARKER).read_text().strip())
+            pid = int(read_small_at(entry / MARKER, 64).decode("ascii").strip())
         except (OSError, ValueError):
             continue  # not ours
         if pid != os.getpid() and psutil.pid_exists(pid):

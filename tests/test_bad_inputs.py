@@ -357,6 +357,19 @@ def test_output_inside_an_input_is_refused(traj, tmp_path: Path, where: str) -> 
     assert not (tmp_path / "w.zarr").exists()
 
 
+def test_a_fifo_marker_in_a_leftover_is_not_waited_on(traj, tmp_path: Path) -> None:
+    """OUT/.step-* directories with a marker are a killed run's leftovers; one whose marker is a
+    FIFO (planted by someone who can write OUT) is not ours: neither read nor removed."""
+    from relex_stream.writer import MARKER
+
+    out = tmp_path / "out"
+    planted = out / ".step-100.tmp-planted"
+    planted.mkdir(parents=True)
+    os.mkfifo(planted / MARKER)
+    run_cli(*run_args(traj.base, traj.runs, out), expect_rc=0)
+    assert (planted / MARKER).exists() and (out / "step-100").is_dir()
+
+
 def test_output_exists_without_overwrite(traj, out_with_existing) -> None:
     out, existing = out_with_existing
     proc = run_cli(*run_args(traj.base, traj.runs, out), expect_rc=None)
