@@ -17,7 +17,7 @@ import torch
 from .diagnostics import heldout_error_sq, relative_error
 from .errors import RelexError
 from .methods import MethodSpec, combination_weights, parse_method
-from .report import StoreGrams, finite_values, load_grams, write_json
+from .report import StoreGrams, finite_values, load_grams, make_out_dir, write_json
 from .safefs import replace_file
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,8 @@ def backtest(
             f"--holdout {holdout} is not possible with {n_steps} observed steps: hold out 1 to "
             f"{n_steps - 2} so at least two remain to fit"
         )
+    if out_dir is not None:
+        make_out_dir(Path(out_dir), data.path)
     train = n_steps - holdout
     targets = list(range(train, n_steps))
     rows = [
@@ -229,8 +231,7 @@ def backtest(
 
 
 def write_backtest(result: BacktestResult, out: Path, plots: bool = True) -> list[Path]:
-    """backtest.json and (if plots) backtest.png under `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+    """backtest.json and (if plots) backtest.png under `out` (made by make_out_dir)."""
     files = [
         write_json(
             out / "backtest.json",

@@ -336,6 +336,8 @@ def report(
 
         pyplot()  # fail before the work if matplotlib is missing
     data = load_grams(store_path)
+    if out_dir is not None:
+        make_out_dir(Path(out_dir), data.path)
     steps = torch.tensor(data.steps, dtype=torch.float64)
     tensors = [
         TensorReport(
@@ -361,9 +363,23 @@ def report(
     return result
 
 
+def make_out_dir(out: Path, store: Path) -> None:
+    """The directory report or backtest writes to, made; RelexError when it is not one or lies
+    inside the store (the store holds only what a run wrote; beside it, as in a run's OUT, is
+    fine)."""
+    if out.resolve().is_relative_to(store.resolve()):
+        raise RelexError(f"--out {out} is inside the store {store}; give --out a directory "
+                         "outside the store")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RelexError(f"cannot make --out {out}: {exc.strerror or exc}; give a directory "
+                         "(new or existing) that can be written") from None
+
+
 def write_report(result: ReportResult, out: Path, plots: bool = True) -> list[Path]:
-    """report.json, report.csv, summary.txt and (if plots) PNG figures under `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+    """report.json, report.csv, summary.txt and (if plots) PNG figures under `out` (made by
+    make_out_dir)."""
     files = [
         write_json(
             out / "report.json",

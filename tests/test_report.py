@@ -336,3 +336,21 @@ def test_report_and_backtest_never_write_through_a_link(synth_store: Path, tmp_p
         for name in files:
             assert (out / name).is_file() and not (out / name).is_symlink(), name
     assert victim.read_text() == "not yours"
+
+
+@pytest.mark.parametrize("command", ["report", "backtest"])
+def test_out_that_is_a_file_or_inside_the_store_is_one_error(synth_store: Path, tmp_path: Path,
+                                                             command: str) -> None:
+    """--out a file gave a FileExistsError traceback; --out inside the store wrote files into
+    it. Both are one error line, and the store is left as it was."""
+    extra = ["--holdout", "2"] if command == "backtest" else ["--null-samples", "5"]
+    before = sorted(p.relative_to(synth_store) for p in synth_store.rglob("*"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for out, needle in ((a_file, "cannot make --out"), (synth_store, "inside the store"),
+                        (synth_store / "reports", "inside the store")):
+        proc = run_cli(command, synth_store, "--out", out, *extra, expect_rc=2)
+        assert proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
+    assert sorted(p.relative_to(synth_store) for p in synth_store.rglob("*")) == before
+    beside = synth_store.parent  # a run's OUT, which holds the store: fine
+    assert run_cli(command, synth_store, "--out", beside, *extra).returncode == 0
