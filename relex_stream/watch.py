@@ -336,6 +336,13 @@ def run_watch(options: WatchOptions, printer: Callable[[str], None] = print) -> 
     """The watch loop; returns the number of checkpoints appended."""
     if options.every < 1:
         raise RelexError("--every must be at least 1")
+    # what can be refused now is refused before the first checkpoint is appended
+    if options.runs.exists() and not options.runs.is_dir():
+        raise RelexError(f"--runs {options.runs} is a file, not the run's directory")
+    if options.out is not None and (options.out.is_symlink() or (
+            options.out.exists() and not options.out.is_dir())):
+        raise RelexError(f"--out {options.out} is not a directory; give a directory for the "
+                         "predictions")
     for path in (options.runs, options.base):
         if options.out is not None and path is not None and paths_overlap(options.out, path):
             # an output inside the run directory would be taken for a checkpoint (step-T)

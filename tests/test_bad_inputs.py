@@ -370,6 +370,20 @@ def test_a_fifo_marker_in_a_leftover_is_not_waited_on(traj, tmp_path: Path) -> N
     assert (planted / MARKER).exists() and (out / "step-100").is_dir()
 
 
+@pytest.mark.parametrize("what", ["runs-is-a-file", "out-is-a-file"])
+def test_watch_refuses_what_it_can_before_appending(traj, tmp_path: Path, what: str) -> None:
+    """watch --runs FILE waited forever; watch --out FILE failed only after the store was
+    built. Both are refused first, leaving no store."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    runs, out = (a_file, tmp_path / "pred") if what == "runs-is-a-file" else (traj.runs, a_file)
+    proc = run_cli("watch", "--runs", runs, "--cache", tmp_path / "w.zarr", "--base", traj.base,
+                   "--target", 100, "--out", out, "--interval", "1s", "--settle", "1s",
+                   expect_rc=2)
+    assert proc.stderr.count("\n") == 1 and str(a_file) in proc.stderr, proc.stderr
+    assert not (tmp_path / "w.zarr").exists() and not (tmp_path / "pred").exists()
+
+
 def test_output_exists_without_overwrite(traj, out_with_existing) -> None:
     out, existing = out_with_existing
     proc = run_cli(*run_args(traj.base, traj.runs, out), expect_rc=None)
