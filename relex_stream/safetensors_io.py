@@ -1,4 +1,5 @@
-"""Reading safetensors headers and byte ranges without loading tensors or running code.
+"""Reading safetensors headers without loading tensors or running code (tensor_files.py reads
+the bytes).
 
 Every header is untrusted. `read_header` accepts exactly what the format's own parser (the
 Rust `safetensors` crate's `SafeTensors::read_metadata`, which `safetensors.safe_open` runs)
@@ -25,7 +26,6 @@ import json
 import os
 import stat
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,40 +86,6 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 }
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 TORCH_TO_CODE = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
-
-
-class DtypeAndShape:
-    """Sizes of a tensor described by `dtype` (a safetensors code) and `shape`."""
-
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def itemsize(self) -> int:
-        return DTYPES[self.dtype][1].itemsize
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.itemsize
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in FLOAT_CODES
-
-
-@dataclass(frozen=True)
-class TensorInfo(DtypeAndShape):
-    """Where one tensor's bytes lie: file, absolute byte offset, dtype code and shape."""
-
-    name: str
-    file: Path
-    offset: int
-    dtype: str
-    shape: tuple[int, ...]
 
 
 class HeaderProblem(ValueError):
@@ -373,29 +339,3 @@ def header_fingerprint(path: Path) -> dict:
         "mtime_ns": stat_result.st_mtime_ns,
         "header_sha256": hashlib.sha256(raw).hexdigest(),
     }
-
-
-def read_into(info: TensorInfo, start: int, out: np.ndarray) -> None:
-    """Fill `out` (1-D, the tensor's bit dtype) with flattened elements [start, start+len(out))."""
-    view = memoryview(out).cast("B")
-    offset = info.offset + start * info.itemsize
-    fd = os.open(info.file, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in is not waited on
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RelexError(f"{info.file} is no longer a regular file; it changed during the run")
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got == 0:
-                raise RelexError(f"{info.file} is truncated while reading {info.name!r}")
-            done += got
-    finally:
-        os.close(fd)
-
-
-def bits_to_torch(bits: np.ndarray, dtype_code: str) -> torch.Tensor:
-    """View a numpy array of a tensor's bits as the torch dtype it encodes (no copy)."""
-    tensor = torch.from_numpy(bits)
-    if dtype_code == "BF16":
-        return tensor.view(torch.bfloat16)
-    return tensor

@@ -8,6 +8,7 @@ count against the process's resident memory.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import RelexError
-from .safetensors_io import DTYPES, DtypeAndShape
+from .safetensors_io import DTYPES, FLOAT_CODES
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,29 @@ class Piece:
 
 
 @dataclass(frozen=True)
-class TensorInfo(DtypeAndShape):
+class TensorInfo:
     """One tensor of a checkpoint: dtype code, shape, and its bytes as pieces in order."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1].itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
 
 
 def read_into(info: TensorInfo, start: int, out: np.ndarray) -> None:
