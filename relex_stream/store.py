@@ -468,14 +468,12 @@ class TrajectoryStore:
     def _dir(self, parts: tuple[str, ...], create: bool = False):
         """A directory of the store, made when `create` (for writing: a write that fails in it,
         say over a directory planted where a file goes, is one error naming the store)."""
-        if not create:
-            with opened_dir(self._root_fd, parts, create, str(self.path)) as fd:
-                yield fd
-            return
         try:
             with opened_dir(self._root_fd, parts, create, str(self.path)) as fd:
                 yield fd
         except OSError as exc:
+            if not create:
+                raise  # readers name the piece they were reading
             raise _write_error(self.path, "/".join(parts), exc) from None
 
     # ------------------------------------------------------------------ transactions
