@@ -26,7 +26,8 @@ import numpy as np
 from numcodecs import Zstd
 from numcodecs.checksum32 import crc32c_checksum
 
-from .safefs import create_file, pread_exact, write_all
+from .direct_writes import DirectAppender
+from .safefs import create_file, pread_exact
 
 ZSTD_LEVEL = 1
 # zstd is kept for a chunk only when it leaves at most this fraction of the bytes: below that the
@@ -185,6 +186,7 @@ class ShardWriter:
 
     def __init__(self, dir_fd: int, name: str, n_chunks: int):
         self._fd = create_file(dir_fd, name)
+        self._file = DirectAppender(self._fd)
         self._pos = 0
         self.index = ShardIndex(
             np.full(n_chunks, MISSING, dtype=np.uint64),
@@ -199,9 +201,8 @@ class ShardWriter:
 
     def write_chunk(self, j: int, frame: bytes, frame_crc: int, raw_crc: int) -> None:
         """Append chunk j (its frame and crc32c trailer) at the end of the file."""
-        trailer = struct.pack("<I", frame_crc)
-        write_all(self._fd, frame)
-        write_all(self._fd, trailer)
+        self._file.write(frame)
+        self._file.write(struct.pack("<I", frame_crc))
         self.index.offsets[j] = self._pos
         self.index.sizes[j] = len(frame) + 4
         self.index.encoded_crcs[j] = frame_crc
@@ -214,7 +215,8 @@ class ShardWriter:
             missing = int(np.flatnonzero(self.index.offsets == MISSING)[0])
             raise AssertionError(f"shard finished with chunk {missing} unwritten")
         tail = _tail(self.index)
-        write_all(self._fd, tail)
+        self._file.write(tail)
+        self._file.finish()
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1

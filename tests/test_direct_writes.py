@@ -1,0 +1,135 @@
+"""Direct (O_DIRECT) appends write exactly the bytes given, whatever the file system does."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relex_stream import direct_writes
+from relex_stream.direct_writes import ALIGN_BYTES, O_DIRECT, STAGE_BYTES, DirectAppender
+
+SIZES = [0, 1, 3, ALIGN_BYTES - 1, ALIGN_BYTES, ALIGN_BYTES + 1, 5 * ALIGN_BYTES + 7,
+         STAGE_BYTES - 5, STAGE_BYTES, STAGE_BYTES + ALIGN_BYTES + 3, 2 * STAGE_BYTES + 11]
+
+
+def _write(path, pieces: list[bytes], direct: bool = True) -> DirectAppender:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        appender = DirectAppender(fd, direct=direct)
+        for piece in pieces:
+            appender.write(piece)
+        appender.finish()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return appender
+
+
+def _pieces(sizes: list[int], seed: int = 0) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(n) for n in sizes]
+
+
+def _direct_supported(tmp_path) -> bool:
+    if not O_DIRECT:
+        return False
+    try:
+        fd = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def test_every_size_around_blocks_and_stage_round_trips(tmp_path):
+    pieces = _pieces(SIZES + SIZES[::-1])
+    _write(tmp_path / "f", pieces)
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
+
+
+def test_direct_io_is_used_where_the_file_system_takes_it(tmp_path):
+    if not _direct_supported(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        appender = DirectAppender(fd)
+        assert appender.direct
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT
+        appender.write(b"x" * (3 * ALIGN_BYTES + 5))
+        appender.finish()
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT  # the end went through the cache
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"x" * (3 * ALIGN_BYTES + 5)
+
+
+def test_buffered_writes_give_the_same_bytes(tmp_path):
+    pieces = _pieces([7, STAGE_BYTES + 1, 123, ALIGN_BYTES], seed=1)
+    appender = _write(tmp_path / "buffered", pieces, direct=False)
+    assert not appender.direct
+    _write(tmp_path / "direct", pieces)
+    assert (tmp_path / "buffered").read_bytes() == (tmp_path / "direct").read_bytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3 * ALIGN_BYTES), max_size=12), seed=st.integers(0, 9))
+def test_any_sequence_of_writes_round_trips(tmp_path_factory, sizes, seed):
+    path = tmp_path_factory.mktemp("seq") / "f"
+    pieces = _pieces(sizes, seed)
+    _write(path, pieces)
+    assert path.read_bytes() == b"".join(pieces)
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 3])
+def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch, fail_at):
+    """A file system that opens O_DIRECT but refuses the writes (EINVAL) loses nothing."""
+    real_write, calls = os.write, []
+
+    def refusing_write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            calls.append(len(data))
+            if len(calls) > fail_at:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_writes.os, "write", refusing_write)
+    pieces = _pieces([ALIGN_BYTES + 3, STAGE_BYTES + 9, 2 * ALIGN_BYTES, 17], seed=fail_at)
+    appender = _write(tmp_path / "f", pieces)
+    assert not appender.direct
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
+
+
+def test_a_short_unaligned_direct_write_is_completed_buffered(tmp_path, monkeypatch):
+    real_write, short = os.write, [True]
+
+    def short_write(fd, data):
+        if short[0] and len(data) > 1000:
+            short[0] = False
+            return real_write(fd, bytes(data[:1000]))  # a short write at an unaligned length
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_writes.os, "write", short_write)
+    pieces = _pieces([3 * ALIGN_BYTES + 1, 5 * ALIGN_BYTES], seed=3)
+    _write(tmp_path / "f", pieces)
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
+
+
+def test_other_write_errors_are_raised(tmp_path, monkeypatch):
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(direct_writes.os, "write", full_disk)
+    monkeypatch.setattr(direct_writes, "write_all", lambda fd, data: full_disk(fd, data))
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        with pytest.raises(OSError) as caught:
+            DirectAppender(fd).write(b"y" * (2 * ALIGN_BYTES))
+        assert caught.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
