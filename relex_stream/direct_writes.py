@@ -18,8 +18,6 @@ import mmap
 import os
 import threading
 
-from .safefs import write_all
-
 ALIGN_BYTES = 4096  # the largest logical block size in use; a multiple of the smaller ones
 STAGE_BYTES = 4 << 20  # one staging buffer per writing thread (fixed cost, not the budget)
 O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: always buffered
@@ -53,12 +51,13 @@ class DirectAppender:
     def __init__(self, fd: int, direct: bool = True):
         self.fd = fd
         self.direct = direct and _set_direct(fd, True)
+        self._offset = 0  # where the carry starts in the file (a block boundary while direct)
         self._carry = b""  # written bytes not yet a whole block (< ALIGN_BYTES)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         if not self.direct:
-            write_all(self.fd, view)
+            self._offset = _pwrite_all(self.fd, view, self._offset)
             return
         stage = _stage()
         while view:
@@ -73,31 +72,53 @@ class DirectAppender:
             if whole:
                 self._write_blocks(stage[:whole])
             if not self.direct:  # the file system refused: the rest goes through the cache
-                write_all(self.fd, self._carry)
-                self._carry = b""
-                write_all(self.fd, view)
+                carry, self._carry = self._carry, b""
+                self._offset = _pwrite_all(self.fd, memoryview(carry), self._offset)
+                self._offset = _pwrite_all(self.fd, view, self._offset)
                 return
+
+    def flush(self) -> None:
+        """Make every byte written so far readable from the file (the unaligned end goes
+        through the page cache and is written again, direct, with the next whole block)."""
+        if not (self.direct and self._carry):
+            return
+        _set_direct(self.fd, False)
+        end = _pwrite_all(self.fd, memoryview(self._carry), self._offset)
+        self.direct = _set_direct(self.fd, True)
+        if not self.direct:  # cannot go back to direct I/O: carry on buffered after the end
+            self._offset, self._carry = end, b""
+
+    def finish(self) -> None:
+        """Write the unaligned end through the page cache (the caller syncs and closes)."""
+        if self.direct:
+            self.direct = _set_direct(self.fd, False)
+        carry, self._carry = self._carry, b""
+        self._offset = _pwrite_all(self.fd, memoryview(carry), self._offset)
 
     def _write_blocks(self, blocks: memoryview) -> None:
         """Write whole blocks direct; on a refusal (EINVAL) or an unaligned short write, turn
         direct I/O off and write what is left buffered."""
         while blocks:
             try:
-                done = os.write(self.fd, blocks)
+                done = os.pwrite(self.fd, blocks, self._offset)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 done = 0
+            self._offset += done
             blocks = blocks[done:]
             if blocks and (done == 0 or done % ALIGN_BYTES):
                 self.direct = _set_direct(self.fd, False)
-                write_all(self.fd, blocks)
+                self._offset = _pwrite_all(self.fd, blocks, self._offset)
                 return
 
-    def finish(self) -> None:
-        """Write the unaligned end through the page cache (the caller syncs and closes)."""
-        if self.direct:
-            self.direct = _set_direct(self.fd, False)
-        if self._carry:
-            write_all(self.fd, self._carry)
-            self._carry = b""
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:
+    """Write all of view at offset (through whatever mode fd is in); the offset after it."""
+    while view:
+        done = os.pwrite(fd, view, offset)
+        if done == 0:
+            raise OSError(errno.EIO, "a write made no progress")
+        offset += done
+        view = view[done:]
+    return offset

@@ -323,6 +323,7 @@ def _first_pass_done(gw: GroupWork, w: TensorWork, ctx: PassContext,
     gw.pending -= 1
 
     def flushed() -> None:
+        gw.writer.flush()  # direct writes hold each shard's unaligned end until now
         if not w.read_once:
             w.out_origin = _cheaper_origin(gw, w)
         w.first_pass_done.set()

@@ -209,6 +209,10 @@ class ShardWriter:
         self.index.raw_crcs[j] = raw_crc
         self._pos += len(frame) + 4
 
+    def flush(self) -> None:
+        """Make the chunks written so far readable from the file (reads of this run)."""
+        self._file.flush()
+
     def finish(self) -> ShardRecord:
         """Write the checksum block and the zarr index, sync and close; every chunk written."""
         if bool((self.index.offsets == MISSING).any()):

@@ -975,6 +975,11 @@ class GroupWriter:
             raise
         self._indexes = {row: shard.index for row, shard in self._shards.items()}
 
+    def flush(self) -> None:
+        """Make every chunk written so far readable (the second pass may read it back)."""
+        for shard in self._shards.values():
+            shard.flush()
+
     def covers(self, row: int | None) -> bool:
         """True when this writer writes (or wrote) the base (None) or row `row`."""
         return row in self._indexes

@@ -86,19 +86,46 @@ def test_any_sequence_of_writes_round_trips(tmp_path_factory, sizes, seed):
     assert path.read_bytes() == b"".join(pieces)
 
 
+@settings(max_examples=40, deadline=None)
+@given(steps=st.lists(st.one_of(st.integers(0, 3 * ALIGN_BYTES), st.just("flush")), max_size=14),
+       seed=st.integers(0, 9))
+def test_flushed_bytes_are_readable_at_once_and_the_file_ends_right(tmp_path_factory, steps,
+                                                                     seed):
+    """What a run reads back while a shard is still being written (a second pass from the
+    store) is there after flush(), and writing on after a flush loses nothing."""
+    path = tmp_path_factory.mktemp("flush") / "f"
+    rng = random.Random(seed)
+    written = b""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        appender = DirectAppender(fd)
+        for step in steps:
+            if step == "flush":
+                appender.flush()
+                assert path.read_bytes() == written
+            else:
+                piece = rng.randbytes(step)
+                appender.write(piece)
+                written += piece
+        appender.finish()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == written
+
+
 @pytest.mark.parametrize("fail_at", [0, 1, 3])
 def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch, fail_at):
     """A file system that opens O_DIRECT but refuses the writes (EINVAL) loses nothing."""
-    real_write, calls = os.write, []
+    real_write, calls = os.pwrite, []
 
-    def refusing_write(fd, data):
+    def refusing_write(fd, data, offset):
         if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
             calls.append(len(data))
             if len(calls) > fail_at:
                 raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(direct_writes.os, "write", refusing_write)
+    monkeypatch.setattr(direct_writes.os, "pwrite", refusing_write)
     pieces = _pieces([ALIGN_BYTES + 3, STAGE_BYTES + 9, 2 * ALIGN_BYTES, 17], seed=fail_at)
     appender = _write(tmp_path / "f", pieces)
     assert not appender.direct
@@ -106,26 +133,25 @@ def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch, fa
 
 
 def test_a_short_unaligned_direct_write_is_completed_buffered(tmp_path, monkeypatch):
-    real_write, short = os.write, [True]
+    real_write, short = os.pwrite, [True]
 
-    def short_write(fd, data):
+    def short_write(fd, data, offset):
         if short[0] and len(data) > 1000:
             short[0] = False
-            return real_write(fd, bytes(data[:1000]))  # a short write at an unaligned length
-        return real_write(fd, data)
+            return real_write(fd, bytes(data[:1000]), offset)  # short, at an unaligned length
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(direct_writes.os, "write", short_write)
+    monkeypatch.setattr(direct_writes.os, "pwrite", short_write)
     pieces = _pieces([3 * ALIGN_BYTES + 1, 5 * ALIGN_BYTES], seed=3)
     _write(tmp_path / "f", pieces)
     assert (tmp_path / "f").read_bytes() == b"".join(pieces)
 
 
 def test_other_write_errors_are_raised(tmp_path, monkeypatch):
-    def full_disk(fd, data):
+    def full_disk(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(direct_writes.os, "write", full_disk)
-    monkeypatch.setattr(direct_writes, "write_all", lambda fd, data: full_disk(fd, data))
+    monkeypatch.setattr(direct_writes.os, "pwrite", full_disk)
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         with pytest.raises(OSError) as caught:
