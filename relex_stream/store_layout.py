@@ -26,7 +26,7 @@ FORMAT_FAMILY = "relex_stream.trajectory/"
 # Rows of one Gram panel (kernels.PANEL_ROWS): part of the format, since the panels decide the
 # Gram's bits (see kernels.py).
 GRAM_BLOCK_COLS = 1 << 16  # columns of one block of the fixed Gram grid (kernels.py)
-PANEL_ROWS = 8
+PANEL_ROWS = 16
 # A panel whose rows changed in at least this share of a block's columns is computed on all of
 # them (no gather); also part of the format (kernels.add_gram_panels).
 PANEL_DENSE_FRACTION = 0.5
