@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -53,6 +54,7 @@ def main() -> None:
     walls: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, cmd in variants.items():
+            shutil.rmtree(out, ignore_errors=True)  # untimed: a first run deletes nothing
             if args.cold:
                 drop_caches()
             wall, done, _ = run_timed(cmd)
