@@ -11,6 +11,7 @@ from .envvars import message_rank
 from .errors import RelexError
 from .report_cli import REPORT_HANDLERS, add_report_parsers
 from .units import (
+    DEFAULT_MAX_MEMORY,
     argtype,
     parse_duration,
     parse_float,
@@ -87,7 +88,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if present), cpu, cuda or cuda:N")
-    p.add_argument("--max-memory", default="4G", help="host memory budget for buffers (e.g. 4G)")
+    p.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY,
+                   help=f"host memory budget for buffers (default {DEFAULT_MAX_MEMORY})")
     p.add_argument(
         "--max-gpu-memory",
         help="GPU memory the run may use (default: the card's memory less 10%%); on the CPU, "
@@ -197,7 +199,8 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="relex", help="prediction method for the drift (relex)")
     p.add_argument("--holdout", default="3", help="held-out steps of the backtest reach (3)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    p.add_argument("--max-memory", default="4G", help="host memory budget for buffers (e.g. 4G)")
+    p.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY,
+                   help=f"host memory budget for buffers (default {DEFAULT_MAX_MEMORY})")
     p.add_argument("--quiet", action="store_true", help="no lines per checkpoint")
 
 

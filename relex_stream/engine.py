@@ -37,7 +37,7 @@ from .safetensors_io import DTYPES
 from .sources import RowOrigin, RowReader
 from .store import TrajectoryStore, compressed_sample_fraction
 from .store_layout import Generation, Group
-from .units import format_bytes, step_label
+from .units import DEFAULT_MAX_MEMORY, format_bytes, step_label
 from .writer import ModelWriter, check_output_dir, output_dtypes, remove_leftovers
 
 log = logging.getLogger("relex_stream")
@@ -114,7 +114,7 @@ def update_store(
     runs: str | Path | None = None,
     ckpts: list[str] | None = None,
     steps: str | None = None,
-    max_memory: str | int = "4G",
+    max_memory: str | int = DEFAULT_MAX_MEMORY,
     device: str = "auto",
     store_codec: str = "xor-zstd",
     quiet: bool = False,

@@ -9,7 +9,13 @@ from .checkpoints import check_window
 from .errors import RelexError
 from .methods import MethodSpec, build_spec, parse_method
 from .store_layout import CODECS
-from .units import StepSelection, parse_bytes, parse_step_selection, parse_targets
+from .units import (
+    DEFAULT_MAX_MEMORY,
+    StepSelection,
+    parse_bytes,
+    parse_step_selection,
+    parse_targets,
+)
 
 DTYPE_CHOICES = {"auto": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 SVD_CHOICES = ("auto", "exact", "randomized")
@@ -76,7 +82,7 @@ def make_request(
     mode: str = "extrapolate",
     cache: str | Path | None = None,
     device: str = "auto",
-    max_memory: str | int = "4G",
+    max_memory: str | int = DEFAULT_MAX_MEMORY,
     max_gpu_memory: str | int | None = None,
     svd: str = "auto",
     dtype: str = "auto",

@@ -33,6 +33,12 @@ _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{
 _DURATION_RE = re.compile(rf"({_DECIMAL})[ \t]*(ms|s|m|h)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
+# The default --max-memory. On the benches here 4G ran at most 4% faster than 2G (Qwen2.5-1.5B
+# shapes, K = 8) and no faster on the 100M model at K = 30, dense or realistic, while 2G holds
+# ~1.2 GiB less (bench/RESULTS.md): past a ring of a few chunks, more budget only keeps more
+# deltas between the passes, and the store serves a second pass nearly as cheaply.
+DEFAULT_MAX_MEMORY = "2G"
+
 
 def _parts(text: str) -> list[str]:
     """Comma-separated parts with ASCII blanks stripped; an empty part is kept (and refused)."""

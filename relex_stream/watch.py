@@ -37,7 +37,7 @@ from .methods import MethodSpec, combination_weights, parse_method
 from .report import StoreGrams, load_grams
 from .safefs import open_root, opened_dir, paths_overlap, read_small, replace_file
 from .store import TrajectoryStore
-from .units import StepSelection, step_label
+from .units import DEFAULT_MAX_MEMORY, StepSelection, step_label
 
 log = logging.getLogger("relex_stream")
 
@@ -61,7 +61,7 @@ class WatchOptions:
     until: int | None = None  # stop once the store holds a checkpoint at or after this step
     method: str = "relex"
     holdout: int = 3
-    max_memory: str = "4G"
+    max_memory: str = DEFAULT_MAX_MEMORY
     device: str = "auto"
     quiet: bool = False
 
