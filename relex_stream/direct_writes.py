@@ -5,9 +5,9 @@ on this project's bench machine 6.3 GB took 6.9 s of system time written buffere
 written direct (bench/RESULTS.md), and buffered writes also evict the checkpoint pages a run is
 reading. Direct writes need the buffer address, the file offset and the length aligned, so the
 bytes are staged in one aligned buffer per thread and written a whole number of blocks at a
-time; the unaligned end is written through the page cache by `finish`. A file system that
-refuses direct I/O (at open or at the first write) gets ordinary writes: the bytes in the file
-are the same either way.
+time; the unaligned end is written through the page cache by `flush` or `finish`. A file
+system that refuses direct I/O (at open or at the first write) gets ordinary writes: the bytes
+in the file are the same either way.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import threading
 
 ALIGN_BYTES = 4096  # the largest logical block size in use; a multiple of the smaller ones
 STAGE_BYTES = 4 << 20  # one staging buffer per writing thread (fixed cost, not the budget)
+DIRECT_MIN_BYTES = 256 << 10  # smaller writes go through the page cache (see DirectAppender)
 O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: always buffered
 
 _local = threading.local()
@@ -46,20 +47,64 @@ def _set_direct(fd: int, on: bool) -> bool:
 
 
 class DirectAppender:
-    """Sequential writes to `fd` (a new, empty file opened for writing) from its start."""
+    """Sequential writes to `fd` (a new, empty file opened for writing) from its start.
+
+    Writes of at least DIRECT_MIN_BYTES go direct; smaller ones (compressed chunks) go through
+    the page cache, where they cost little, because a direct write waits for the device: one
+    per small frame made the realistic bench's store writer ~2 s slower. The last partial
+    block is kept in memory either way, so the next direct write can start on a boundary.
+    """
 
     def __init__(self, fd: int, direct: bool = True):
         self.fd = fd
-        self.direct = direct and _set_direct(fd, True)
-        self._offset = 0  # where the carry starts in the file (a block boundary while direct)
-        self._carry = b""  # written bytes not yet a whole block (< ALIGN_BYTES)
+        self._can_direct = direct and _set_direct(fd, True) and not _set_direct(fd, False)
+        self._direct_on = False  # the fd's O_DIRECT flag as last set
+        self._end = 0  # bytes written so far
+        self._carry = b""  # the bytes after the last block boundary before _end
+        self._carry_in_file = True  # whether _carry has been written (else only in memory)
+
+    @property
+    def direct(self) -> bool:
+        """Whether large writes still go direct (False once the file system refused)."""
+        return self._can_direct
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-        if not self.direct:
-            self._offset = _pwrite_all(self.fd, view, self._offset)
+        if not view:
             return
+        if self._can_direct and len(view) >= DIRECT_MIN_BYTES:
+            self._write_direct(view)
+        else:
+            self._write_buffered(view)
+
+    def flush(self) -> None:
+        """Make every byte written so far readable from the file."""
+        if self._carry and not self._carry_in_file:
+            self._mode(direct=False)
+            _pwrite_all(self.fd, memoryview(self._carry), self._end - len(self._carry))
+            self._carry_in_file = True
+
+    def finish(self) -> None:
+        """Write what is still in memory (the caller syncs and closes)."""
+        self.flush()
+        self._mode(direct=False)
+
+    def _write_buffered(self, view: memoryview) -> None:
+        self.flush()  # the block holding the carry must be in the file before bytes after it
+        self._mode(direct=False)
+        end = _pwrite_all(self.fd, view, self._end)
+        tail = end % ALIGN_BYTES
+        if len(view) >= tail:
+            self._carry = bytes(view[len(view) - tail :])
+        else:
+            self._carry = (self._carry + bytes(view))[-tail:]
+        self._end, self._carry_in_file = end, True
+
+    def _write_direct(self, view: memoryview) -> None:
+        """Stage the carry and view, write the whole blocks direct, keep the rest in memory."""
         stage = _stage()
+        offset = self._end - len(self._carry)  # a block boundary
+        self._end += len(view)
         while view:
             held = len(self._carry)
             take = min(len(view), STAGE_BYTES - held)
@@ -68,49 +113,39 @@ class DirectAppender:
             view = view[take:]
             filled = held + take
             whole = filled - filled % ALIGN_BYTES
-            self._carry = bytes(stage[whole:filled])
+            self._carry, self._carry_in_file = bytes(stage[whole:filled]), False
             if whole:
-                self._write_blocks(stage[:whole])
-            if not self.direct:  # the file system refused: the rest goes through the cache
-                carry, self._carry = self._carry, b""
-                self._offset = _pwrite_all(self.fd, memoryview(carry), self._offset)
-                self._offset = _pwrite_all(self.fd, view, self._offset)
+                offset = self._write_blocks(stage[:whole], offset)
+            if not self._can_direct:  # refused: what is left goes through the page cache
+                rest = self._carry + bytes(view)  # from a block boundary to _end
+                _pwrite_all(self.fd, memoryview(rest), offset)
+                tail = self._end % ALIGN_BYTES
+                self._carry, self._carry_in_file = rest[len(rest) - tail :], True
                 return
 
-    def flush(self) -> None:
-        """Make every byte written so far readable from the file (the unaligned end goes
-        through the page cache and is written again, direct, with the next whole block)."""
-        if not (self.direct and self._carry):
-            return
-        _set_direct(self.fd, False)
-        end = _pwrite_all(self.fd, memoryview(self._carry), self._offset)
-        self.direct = _set_direct(self.fd, True)
-        if not self.direct:  # cannot go back to direct I/O: carry on buffered after the end
-            self._offset, self._carry = end, b""
-
-    def finish(self) -> None:
-        """Write the unaligned end through the page cache (the caller syncs and closes)."""
-        if self.direct:
-            self.direct = _set_direct(self.fd, False)
-        carry, self._carry = self._carry, b""
-        self._offset = _pwrite_all(self.fd, memoryview(carry), self._offset)
-
-    def _write_blocks(self, blocks: memoryview) -> None:
-        """Write whole blocks direct; on a refusal (EINVAL) or an unaligned short write, turn
-        direct I/O off and write what is left buffered."""
+    def _write_blocks(self, blocks: memoryview, offset: int) -> int:
+        """Write whole blocks at offset direct; on a refusal (EINVAL) or an unaligned short
+        write, stop using direct I/O for this file and write the rest buffered. Returns the
+        offset after them."""
+        self._mode(direct=True)
         while blocks:
             try:
-                done = os.pwrite(self.fd, blocks, self._offset)
+                done = os.pwrite(self.fd, blocks, offset) if self._direct_on else 0
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 done = 0
-            self._offset += done
+            offset += done
             blocks = blocks[done:]
             if blocks and (done == 0 or done % ALIGN_BYTES):
-                self.direct = _set_direct(self.fd, False)
-                self._offset = _pwrite_all(self.fd, blocks, self._offset)
-                return
+                self._can_direct = False
+                self._mode(direct=False)
+                return _pwrite_all(self.fd, blocks, offset)
+        return offset
+
+    def _mode(self, direct: bool) -> None:
+        if direct != self._direct_on:
+            self._direct_on = _set_direct(self.fd, direct)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:

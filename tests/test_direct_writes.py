@@ -12,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relex_stream import direct_writes
-from relex_stream.direct_writes import ALIGN_BYTES, O_DIRECT, STAGE_BYTES, DirectAppender
+from relex_stream.direct_writes import (
+    ALIGN_BYTES,
+    DIRECT_MIN_BYTES,
+    O_DIRECT,
+    STAGE_BYTES,
+    DirectAppender,
+)
 
 SIZES = [0, 1, 3, ALIGN_BYTES - 1, ALIGN_BYTES, ALIGN_BYTES + 1, 5 * ALIGN_BYTES + 7,
          STAGE_BYTES - 5, STAGE_BYTES, STAGE_BYTES + ALIGN_BYTES + 3, 2 * STAGE_BYTES + 11]
@@ -53,20 +59,31 @@ def test_every_size_around_blocks_and_stage_round_trips(tmp_path):
     assert (tmp_path / "f").read_bytes() == b"".join(pieces)
 
 
-def test_direct_io_is_used_where_the_file_system_takes_it(tmp_path):
+def test_direct_io_is_used_where_the_file_system_takes_it(tmp_path, monkeypatch):
     if not _direct_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
+    real_write, direct_sizes = os.pwrite, []
+
+    def watching(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            direct_sizes.append(len(data))
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(direct_writes.os, "pwrite", watching)
+    small, large = b"s" * 1000, b"L" * (DIRECT_MIN_BYTES + 5)
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         appender = DirectAppender(fd)
-        assert appender.direct
-        assert fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT
-        appender.write(b"x" * (3 * ALIGN_BYTES + 5))
+        appender.write(small)
+        assert direct_sizes == [], "a small write should go through the page cache"
+        appender.write(large)
+        assert direct_sizes and all(n % ALIGN_BYTES == 0 for n in direct_sizes)
+        assert sum(direct_sizes) == (len(small) + len(large)) // ALIGN_BYTES * ALIGN_BYTES
         appender.finish()
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT  # the end went through the cache
     finally:
         os.close(fd)
-    assert (tmp_path / "f").read_bytes() == b"x" * (3 * ALIGN_BYTES + 5)
+    assert (tmp_path / "f").read_bytes() == small + large
 
 
 def test_buffered_writes_give_the_same_bytes(tmp_path):
@@ -78,7 +95,10 @@ def test_buffered_writes_give_the_same_bytes(tmp_path):
 
 
 @settings(max_examples=40, deadline=None)
-@given(sizes=st.lists(st.integers(0, 3 * ALIGN_BYTES), max_size=12), seed=st.integers(0, 9))
+@given(sizes=st.lists(st.one_of(st.integers(0, 3 * ALIGN_BYTES),
+                                st.integers(DIRECT_MIN_BYTES, DIRECT_MIN_BYTES + 3 * ALIGN_BYTES)),
+                      max_size=12),
+       seed=st.integers(0, 9))
 def test_any_sequence_of_writes_round_trips(tmp_path_factory, sizes, seed):
     path = tmp_path_factory.mktemp("seq") / "f"
     pieces = _pieces(sizes, seed)
@@ -87,7 +107,9 @@ def test_any_sequence_of_writes_round_trips(tmp_path_factory, sizes, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(steps=st.lists(st.one_of(st.integers(0, 3 * ALIGN_BYTES), st.just("flush")), max_size=14),
+@given(steps=st.lists(st.one_of(st.integers(0, 3 * ALIGN_BYTES), st.just("flush"),
+                                st.integers(DIRECT_MIN_BYTES, DIRECT_MIN_BYTES + 2 * ALIGN_BYTES)),
+                      max_size=14),
        seed=st.integers(0, 9))
 def test_flushed_bytes_are_readable_at_once_and_the_file_ends_right(tmp_path_factory, steps,
                                                                      seed):
@@ -126,9 +148,13 @@ def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch, fa
         return real_write(fd, data, offset)
 
     monkeypatch.setattr(direct_writes.os, "pwrite", refusing_write)
-    pieces = _pieces([ALIGN_BYTES + 3, STAGE_BYTES + 9, 2 * ALIGN_BYTES, 17], seed=fail_at)
+    sizes = [ALIGN_BYTES + 3, STAGE_BYTES + 9, DIRECT_MIN_BYTES + 5, 17, DIRECT_MIN_BYTES,
+             2 * ALIGN_BYTES, 3 * DIRECT_MIN_BYTES + 1, 5]
+    pieces = _pieces(sizes, seed=fail_at)
     appender = _write(tmp_path / "f", pieces)
-    assert not appender.direct
+    if O_DIRECT and _direct_supported(tmp_path):
+        assert len(calls) == fail_at + 1, "the refusal should end direct writes for the file"
+        assert not appender.direct
     assert (tmp_path / "f").read_bytes() == b"".join(pieces)
 
 
