@@ -35,7 +35,7 @@ def _stage() -> memoryview:
 
 
 def _set_direct(fd: int, on: bool) -> bool:
-    """Turn O_DIRECT on or off for fd; False when the file system refuses it."""
+    """Set (on) or clear O_DIRECT on fd; False when that fails (or the platform has none)."""
     if not O_DIRECT:
         return False
     try:
@@ -43,7 +43,7 @@ def _set_direct(fd: int, on: bool) -> bool:
         fcntl.fcntl(fd, fcntl.F_SETFL, (flags | O_DIRECT) if on else (flags & ~O_DIRECT))
     except OSError:
         return False
-    return on
+    return True
 
 
 class DirectAppender:
@@ -57,7 +57,7 @@ class DirectAppender:
 
     def __init__(self, fd: int, direct: bool = True):
         self.fd = fd
-        self._can_direct = direct and _set_direct(fd, True) and not _set_direct(fd, False)
+        self._can_direct = direct and _set_direct(fd, True) and _set_direct(fd, False)
         self._direct_on = False  # the fd's O_DIRECT flag as last set
         self._end = 0  # bytes written so far
         self._carry = b""  # the bytes after the last block boundary before _end
@@ -144,8 +144,8 @@ class DirectAppender:
         return offset
 
     def _mode(self, direct: bool) -> None:
-        if direct != self._direct_on:
-            self._direct_on = _set_direct(self.fd, direct)
+        if direct != self._direct_on and _set_direct(self.fd, direct):
+            self._direct_on = direct
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:

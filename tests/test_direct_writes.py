@@ -185,3 +185,19 @@ def test_other_write_errors_are_raised(tmp_path, monkeypatch):
         assert caught.value.errno == errno.ENOSPC
     finally:
         os.close(fd)
+
+
+def test_a_file_system_that_refuses_o_direct_at_fcntl_gets_buffered_writes(tmp_path,
+                                                                           monkeypatch):
+    real_fcntl = fcntl.fcntl
+
+    def refusing(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(direct_writes.fcntl, "fcntl", refusing)
+    pieces = _pieces([STAGE_BYTES + 3, 5, DIRECT_MIN_BYTES], seed=4)
+    appender = _write(tmp_path / "f", pieces)
+    assert not appender.direct
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
