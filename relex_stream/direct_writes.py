@@ -49,10 +49,11 @@ def _set_direct(fd: int, on: bool) -> bool:
 class DirectAppender:
     """Sequential writes to `fd` (a new, empty file opened for writing) from its start.
 
-    Writes of at least DIRECT_MIN_BYTES go direct; smaller ones (compressed chunks) go through
-    the page cache, where they cost little, because a direct write waits for the device: one
-    per small frame made the realistic bench's store writer ~2 s slower. The last partial
-    block is kept in memory either way, so the next direct write can start on a boundary.
+    Writes of at least DIRECT_MIN_BYTES go direct, and so do the writes that follow one until
+    something makes the file readable (flush, finish); other small ones (compressed chunks) go
+    through the page cache, where they cost little, because a direct write waits for the
+    device: one per small frame made the realistic bench's store writer ~2 s slower. The last
+    partial block is kept in memory either way, so the next direct write starts on a boundary.
     """
 
     def __init__(self, fd: int, direct: bool = True):
@@ -72,7 +73,9 @@ class DirectAppender:
         view = memoryview(data).cast("B")
         if not view:
             return
-        if self._can_direct and len(view) >= DIRECT_MIN_BYTES:
+        # after a direct write its unaligned end is held in memory: what follows (a chunk's
+        # 4-byte trailer) joins it rather than forcing it out through the page cache
+        if self._can_direct and (len(view) >= DIRECT_MIN_BYTES or not self._carry_in_file):
             self._write_direct(view)
         else:
             self._write_buffered(view)

@@ -62,11 +62,11 @@ def test_every_size_around_blocks_and_stage_round_trips(tmp_path):
 def test_direct_io_is_used_where_the_file_system_takes_it(tmp_path, monkeypatch):
     if not _direct_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
-    real_write, direct_sizes = os.pwrite, []
+    real_write, direct_sizes, buffered_sizes = os.pwrite, [], []
 
     def watching(fd, data, offset):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
-            direct_sizes.append(len(data))
+        sizes = direct_sizes if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT else buffered_sizes
+        sizes.append(len(data))
         return real_write(fd, data, offset)
 
     monkeypatch.setattr(direct_writes.os, "pwrite", watching)
@@ -79,11 +79,15 @@ def test_direct_io_is_used_where_the_file_system_takes_it(tmp_path, monkeypatch)
         appender.write(large)
         assert direct_sizes and all(n % ALIGN_BYTES == 0 for n in direct_sizes)
         assert sum(direct_sizes) == (len(small) + len(large)) // ALIGN_BYTES * ALIGN_BYTES
+        assert buffered_sizes == [len(small)]
+        appender.write(b"tail")  # a chunk's trailer after a direct write: held, not written
+        assert buffered_sizes == [len(small)]
         appender.finish()
+        assert buffered_sizes == [len(small), (len(small) + len(large) + 4) % ALIGN_BYTES]
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT  # the end went through the cache
     finally:
         os.close(fd)
-    assert (tmp_path / "f").read_bytes() == small + large
+    assert (tmp_path / "f").read_bytes() == small + large + b"tail"
 
 
 def test_buffered_writes_give_the_same_bytes(tmp_path):
