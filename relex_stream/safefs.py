@@ -106,17 +106,26 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[done:]
 
 
-def write_atomic(dir_fd: int, name: str, data: bytes) -> None:
-    """Replace `name` in `dir_fd` with `data`: written under a temporary name, synced, renamed."""
+def write_atomic(dir_fd: int, name: str, data: bytes, sync: bool = True) -> None:
+    """Replace `name` in `dir_fd` with `data`: written under a temporary name (removed again if
+    that fails), synced when `sync`, renamed over it, so a link planted at `name` is replaced,
+    never written through."""
     tmp = f".{name}.tmp-{os.getpid()}"
-    fd = create_file(dir_fd, tmp)
     try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    os.fsync(dir_fd)
+        fd = create_file(dir_fd, tmp)
+        try:
+            write_all(fd, data)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    if sync:
+        os.fsync(dir_fd)
 
 
 def remove_tree(dir_fd: int, name: str) -> None:
@@ -149,25 +158,18 @@ def paths_overlap(a: os.PathLike | str, b: os.PathLike | str) -> bool:
 
 
 def replace_file(path: os.PathLike | str, data: bytes | str) -> Path:
-    """`data` as the file `path`, written under a new temporary name beside it and renamed over
-    it: a link (symbolic or hard) planted at `path` is replaced, never written through.
+    """`data` as the file `path` (write_atomic, unsynced: reports, plots, the progress board):
+    a link (symbolic or hard) planted at `path` is replaced, never written through.
     RelexError when the directory cannot be written."""
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            write_all(fd, raw)
+            write_atomic(dir_fd, path.name, raw, sync=False)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            os.close(dir_fd)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise RelexError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
