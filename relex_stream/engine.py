@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import torch
 
+from .block_pool import BlockPool
 from .distributed import Ranks, barrier, broadcast, device_for, gather, init_from_env, shutdown
 from .envvars import omp_num_threads_is_set
 from .errors import RelexError
@@ -62,6 +63,7 @@ class RunSummary:
     support_fraction: float | None = None
     wall_seconds: float = 0.0
     peak_rss_bytes: int = 0  # the largest of any rank
+    compute_threads: int = 1  # threads computing Gram blocks (per rank)
     rank: int = 0  # this process's torchrun rank
     ranks: int = 1
     ill_conditioned: list[tuple[str, float]] = field(default_factory=list)
@@ -88,7 +90,10 @@ class RunSummary:
             *([] if self.support_fraction is None else [
                 f"support: {100 * self.support_fraction:.1f}% of elements changed over the "
                 "observed steps"]),
-            f"wall time: {self.wall_seconds:.1f} s; peak RSS: {format_bytes(self.peak_rss_bytes)}"
+            f"wall time: {self.wall_seconds:.1f} s on {self.compute_threads} compute "
+            f"thread{'s' if self.compute_threads > 1 else ''}"
+            + (" per rank" if self.ranks > 1 else "")
+            + f"; peak RSS: {format_bytes(self.peak_rss_bytes)}"
             + (f" (largest of {self.ranks} ranks)" if self.ranks > 1 else ""),
             *(f"output: {path}" for path in self.outputs),
         ]
@@ -152,7 +157,8 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     _check_paths(request, outputs)
     gen = inputs.target
     dtypes = output_dtypes(gen.layout, request.output_dtype)
-    budget = _budget(request, gen, len(outputs))
+    budget = _budget(request, gen, len(outputs), _compute_threads_wanted(device, ranks))
+    _cpu_threads(device, budget.workspaces)
     gpu_bytes = device_budget(device, request.max_gpu_memory_bytes)
     device_jobs = None if gpu_bytes is None else max(0, (gpu_bytes - budget.fixed) // 2)
     plan = chunking(inputs, budget, device_jobs)
@@ -208,6 +214,7 @@ def _run_on_store(request: RunRequest, ranks: Ranks, inputs: RunInputs, store: T
     aux = inputs.aux if inputs.aux is not None else store.aux_files(gen)
     summary = RunSummary([o.directory for o in outputs], request.store_path, inputs.observed)
     summary.rank = ranks.rank
+    summary.compute_threads = budget.workspaces
     summary.appended_steps = inputs.new_steps if inputs.kind == "append" else []
     all_groups = gen.groups()
     summary.tensors = sum(len(g.tensors) for g in all_groups) + len(gen.aliases)
@@ -249,13 +256,13 @@ def _add_totals(summary: RunSummary, per_rank: list[tuple], ranks: Ranks) -> Non
     summary.ranks = ranks.world_size
 
 
-def _budget(request: RunRequest, gen: Generation, n_outputs: int) -> Budget:
+def _budget(request: RunRequest, gen: Generation, n_outputs: int, compute_threads: int) -> Budget:
     groups = gen.groups()
     widest = max((n for g in groups for n in g.numels), default=1)
     chunk_bytes = max(g.chunk_cols * DTYPES[g.row_dtype or g.base_dtype][1].itemsize
                       for g in groups)
     return Budget.split(request.max_memory_bytes, len(gen.steps), n_outputs,
-                        min(widest, GRAM_BLOCK_COLS), chunk_bytes)
+                        min(widest, GRAM_BLOCK_COLS), chunk_bytes, compute_threads)
 
 
 def _keep_budget(request: RunRequest, budget: Budget, gpu_bytes: int | None) -> int:
@@ -278,11 +285,30 @@ def _device(request: RunRequest, ranks: Ranks) -> torch.device:
     device = resolve_device(device_for(request.device, ranks))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif not omp_num_threads_is_set():
-        # Leave a core to the reader and store-writer threads: on 2 cores, 1 torch thread ran
-        # the 100M/K=30 bench in ~25 s against ~29 s with 2 (bench/RESULTS.md).
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     return device
+
+
+def _cores(ranks: Ranks) -> int:
+    """CPU cores this process may use: its affinity mask, shared by the ranks of a torchrun."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // ranks.world_size)
+
+
+def _compute_threads_wanted(device: torch.device, ranks: Ranks) -> int:
+    """Threads computing Gram blocks (block_pool.py): two on a CPU with two cores or more, one
+    on a GPU (it runs the kernels; a second thread would only queue them)."""
+    return 2 if device.type == "cpu" and _cores(ranks) >= 2 else 1
+
+
+def _cpu_threads(device: torch.device, compute_threads: int) -> None:
+    """torch's threads per compute thread, leaving a core to the reader and store writer: on 2
+    cores, 1 torch thread ran the 100M/K=30 bench in ~25 s against ~29 s with 2
+    (bench/RESULTS.md). OMP_NUM_THREADS, when set, decides instead."""
+    if device.type == "cpu" and not omp_num_threads_is_set():
+        torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // compute_threads))
 
 
 def _open_store(inputs: RunInputs, ranks: Ranks) -> TrajectoryStore:
@@ -421,7 +447,8 @@ def _write_outputs(
                 allow_nonfinite=request.allow_nonfinite,
                 keep_ring=Ring(keep_bytes, device=device) if outputs and keep_bytes > 0 else None,
                 materialise=bool(outputs),
-                workspace=Workspace(len(gen.steps), len(outputs), budget.block_cols, device),
+                pool=BlockPool([Workspace(len(gen.steps), len(outputs), budget.block_cols, device)
+                                for _ in range(budget.workspaces)]),
                 progress=progress,
                 stats=stats,
                 ill_conditioned=summary.ill_conditioned,

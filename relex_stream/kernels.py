@@ -99,6 +99,7 @@ class Workspace:
         self.base = buffer(torch.float64, block_cols)
         self.predicted = buffer(torch.float64, max(1, n_outputs * block_cols))
         self.out = buffer(torch.float64, max(1, n_outputs * block_cols))  # any output dtype
+        self.gram_block = torch.zeros((n_rows, n_rows), dtype=torch.float64, device=device)
 
     @staticmethod
     def view(flat: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -114,7 +115,7 @@ class Workspace:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
             self.changed, self.words, self.narrow, self.deltas, self.panel, self.base,
-            self.predicted, self.out))
+            self.predicted, self.out, self.gram_block))
 
 
 def changed_columns(rows: torch.Tensor, reference: torch.Tensor, ws: Workspace) -> torch.Tensor:
@@ -209,16 +210,26 @@ def add_gram_panels(
     gram: torch.Tensor, changed: torch.Tensor, block: BlockDeltas, first_row: int,
     ws: Workspace,
 ) -> None:
-    """Add one block's panels from row `first_row` (a multiple of PANEL_ROWS) to gram (K, K).
+    """Add one block's panels from row `first_row` (a multiple of PANEL_ROWS) to gram (K, K)."""
+    add_panels(gram, ws, gram_panels(changed, block, first_row, ws))
 
-    Panel [r0, r1) adds D_p[r0:r1] D_pᵀ to gram[r0:r1, :r1], with D_p the deltas of rows
+
+def gram_panels(
+    changed: torch.Tensor, block: BlockDeltas, first_row: int, ws: Workspace
+) -> list[tuple[int, int]]:
+    """One block's panel products, from row `first_row` (a multiple of PANEL_ROWS), into
+    ws.gram_block (K, K) float64; returns the panels [r0, r1) it computed (add_panels adds them).
+
+    Panel [r0, r1) gives D_p[r0:r1] D_pᵀ for gram[r0:r1, :r1], with D_p the deltas of rows
     0..r1 on the panel's columns: every column of the block when a row of the panel changed in
     at least PANEL_DENSE_FRACTION of them, else just those. Both follow from the panel's rows
     alone, so an appended store computes the same bits as one built at once. The upper
-    triangle is filled by symmetric() at the end.
+    triangle is filled by symmetric() at the end. Products are stored, not added to zeros, so
+    that adding them to the Gram matrix gives the bits of adding them directly (signed zeros).
     """
     exact_matmul()
     n_rows = changed.shape[0]
+    computed = []
     for r0 in range(first_row, n_rows, PANEL_ROWS):
         r1 = min(n_rows, r0 + PANEL_ROWS)
         panel = any_row(changed[r0:r1])  # (s,)
@@ -233,7 +244,15 @@ def add_gram_panels(
             picked = panel.nonzero().flatten()
             deltas = gather_columns(block.deltas[:r1], picked, Workspace.view(
                 ws.panel, (r1, picked.numel()), torch.float64))  # (r1, m_p)
-        gram[r0:r1, :r1] += deltas[r0:r1] @ deltas.T
+        ws.gram_block[r0:r1, :r1] = deltas[r0:r1] @ deltas.T
+        computed.append((r0, r1))
+    return computed
+
+
+def add_panels(gram: torch.Tensor, ws: Workspace, panels: list[tuple[int, int]]) -> None:
+    """gram[r0:r1, :r1] += the products gram_panels left in ws.gram_block, for each panel."""
+    for r0, r1 in panels:
+        gram[r0:r1, :r1] += ws.gram_block[r0:r1, :r1]
 
 
 def symmetric(gram: torch.Tensor) -> torch.Tensor:

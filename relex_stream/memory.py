@@ -2,9 +2,9 @@
 
 --max-memory covers every buffer the engine allocates on the host:
 
-    fixed scratch   one Gram block being computed: the rows' change mask, their float64 deltas
-                    on the support and one panel's copy of them; one block of outputs; the store
-                    codec's per-chunk buffers
+    fixed scratch   per compute thread, one Gram block being computed: the rows' change mask,
+                    their float64 deltas on the support and one panel's copy of them; one block
+                    of outputs; and the store codec's per-chunk buffers
     read ring       the reader's buffers: base and rows of the chunks in flight (read, computed
                     on, written to the store), pinned on CUDA
     kept deltas     float64 deltas on the support kept between the two passes when they fit, so
@@ -25,6 +25,10 @@ from .kernels import GRAM_BLOCK_COLS
 from .units import format_bytes
 
 RING_SHARE = 0.75
+# A second compute thread on the CPU (block_pool.py) costs a second block scratch; it is taken
+# only when that is at most this fraction of the budget, so small budgets keep their ring (at
+# K = 30 a block scratch is 59 MB: two compute threads from --max-memory 448M up).
+MAX_SCRATCH_SHARE = 0.125
 CODEC_BUFFERS = 6  # inner chunks the store writer and reader hold at once (codes, frames)
 CHUNKS_IN_FLIGHT = 3
 
@@ -32,8 +36,10 @@ CHUNKS_IN_FLIGHT = 3
 def block_scratch_bytes(n_rows: int, n_outputs: int, block_cols: int = GRAM_BLOCK_COLS) -> int:
     """Bytes of kernels.Workspace for one Gram block: per row the change mask (1), gathered
     words (8), the float32 step of widening (4), deltas and one panel's copy (8 + 8); per output
-    the float64 prediction and the output itself (8 + 8); the base in float64 (8)."""
-    return block_cols * (n_rows * (1 + 8 + 4 + 8 + 8) + n_outputs * (8 + 8) + 8)
+    the float64 prediction and the output itself (8 + 8); the base in float64 (8); one block's
+    panel products (K, K) float64."""
+    return (block_cols * (n_rows * (1 + 8 + 4 + 8 + 8) + n_outputs * (8 + 8) + 8)
+            + n_rows * n_rows * 8)
 
 
 @dataclass(frozen=True)
@@ -45,18 +51,23 @@ class Budget:
     ring: int
     keep: int
     block_cols: int  # the widest Gram block of the model
+    workspaces: int = 1  # compute threads, each with its own block scratch
 
     @staticmethod
     def split(
-        total: int, n_rows: int, n_outputs: int, block_cols: int, inner_chunk_bytes: int
+        total: int, n_rows: int, n_outputs: int, block_cols: int, inner_chunk_bytes: int,
+        max_workspaces: int = 1,
     ) -> Budget:
         """block_cols: the widest Gram block of the model (a tensor may be smaller than one);
-        inner_chunk_bytes: the store's largest inner chunk."""
-        fixed = block_scratch_bytes(n_rows, n_outputs, block_cols)
-        fixed += CODEC_BUFFERS * inner_chunk_bytes
+        inner_chunk_bytes: the store's largest inner chunk; max_workspaces: compute threads
+        wanted (each takes a block scratch when it is at most MAX_SCRATCH_SHARE of total)."""
+        scratch = block_scratch_bytes(n_rows, n_outputs, block_cols)
+        extra = int(total * MAX_SCRATCH_SHARE) // max(1, scratch)  # workspaces beyond the first
+        workspaces = 1 + max(0, min(max_workspaces - 1, extra))
+        fixed = workspaces * scratch + CODEC_BUFFERS * inner_chunk_bytes
         rest = max(0, total - fixed)
         ring = int(rest * RING_SHARE)
-        return Budget(total, fixed, ring, rest - ring, block_cols)
+        return Budget(total, fixed, ring, rest - ring, block_cols, workspaces)
 
 
 def budget_too_small(total: int, n_rows: int, needed: int) -> RelexError:

@@ -18,16 +18,18 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from .block_pool import BlockPool
 from .errors import RelexError
 from .fit import GAP_WARNING, fit_diagnostics
 from .kernels import (
     GRAM_BLOCK_COLS,
     BlockDeltas,
     Workspace,
-    add_gram_panels,
+    add_panels,
     block_deltas,
     changed_columns,
     combine_block,
+    gram_panels,
     randomized_gram,
     symmetric,
 )
@@ -133,7 +135,7 @@ class PassContext:
     materialise: bool  # False: only the store is written (no outputs)
     progress: Progress
     stats: PassStats
-    workspace: Workspace
+    pool: BlockPool  # computes Gram blocks, each thread in its own workspace
     ill_conditioned: list[tuple[str, float]]
     steps_tensor: torch.Tensor = field(init=False)
 
@@ -217,6 +219,7 @@ def run_passes(groups: list[GroupWork], ctx: PassContext, ring: Ring) -> None:
     finally:
         store_writer.close(raise_errors=False)
         reader.close()
+        ctx.pool.close()
         for gw in groups:
             if gw.writer is not None:
                 gw.writer.abort()
@@ -274,36 +277,62 @@ def _first_pass_chunk(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassConte
     if w.svd == "randomized":
         w.gram = randomized_gram(rows_t, base_t)
     else:
-        tokens: list[int] = []  # the current block's keep-ring allocation, if it got one
-
-        def keep_storage(n_bytes: int) -> torch.Tensor | None:
-            """Kept deltas go straight into the keep ring (no copy), when it has room."""
-            found = ctx.keep_ring.try_tensor(n_bytes) if ctx.keep_ring else None
-            if found is None:
-                return None
-            tokens.append(found[0])
-            return found[1]
-
-        for a in range(0, rows_t.shape[1], GRAM_BLOCK_COLS):
-            b = min(a + GRAM_BLOCK_COLS, rows_t.shape[1])
-            rows_b, base_b = rows_t[:, a:b], base_t[a:b]
-            changed = _changed(rows_b, base_b, w, ctx)
-            tokens.clear()
-            keeping = w.kept is not None
-            block = block_deltas(rows_b, base_b, changed, ctx.workspace,
-                                 keep_storage if keeping else None)
-            add_gram_panels(w.gram, changed, block, gw.first_panel_row, ctx.workspace)
-            w.support_stored += block.support
-            if keeping:
-                if not tokens:  # the budget for kept deltas is spent: read again
-                    _drop_kept(w, ctx)
-                else:
-                    w.kept.append((tokens[0], block))
+        _gram_blocks(rows_t, base_t, gw, w, ctx)
     if job.stop == w.numel:
         w.gram = symmetric(w.gram).cpu() if w.svd != "randomized" else w.gram.cpu()
         if ctx.materialise:
             _weights(w, ctx)
         _first_pass_done(gw, w, ctx, store_writer)
+
+
+@dataclass
+class _GramBlock:
+    """What a compute thread made of one Gram block: its deltas, the panels it computed (in its
+    workspace) and, when the deltas went to the keep ring, that allocation's token."""
+
+    block: BlockDeltas
+    panels: list[tuple[int, int]]
+    token: int | None
+
+
+def _gram_blocks(rows_t: torch.Tensor, base_t: torch.Tensor, gw: GroupWork, w: TensorWork,
+                 ctx: PassContext) -> None:
+    """Add a chunk's Gram blocks to w.gram, in block order, keeping their deltas when the keep
+    ring has room. rows_t: (K, c); base_t: (c,)."""
+
+    def task(a: int, b: int) -> Callable[[Workspace], _GramBlock]:
+        def compute(ws: Workspace) -> _GramBlock:
+            rows_b, base_b = rows_t[:, a:b], base_t[a:b]  # (K, s), (s,)
+            changed = _changed(rows_b, base_b, w, ws)
+            tokens: list[int] = []
+
+            def keep_storage(n_bytes: int) -> torch.Tensor | None:
+                """Kept deltas go straight into the keep ring (no copy), when it has room."""
+                found = ctx.keep_ring.try_tensor(n_bytes) if w.kept is not None else None
+                if found is None:
+                    return None
+                tokens.append(found[0])
+                return found[1]
+
+            keeping = w.kept is not None and ctx.keep_ring is not None
+            block = block_deltas(rows_b, base_b, changed, ws, keep_storage if keeping else None)
+            panels = gram_panels(changed, block, gw.first_panel_row, ws)
+            return _GramBlock(block, panels, tokens[0] if tokens else None)
+
+        return compute
+
+    width = rows_t.shape[1]
+    tasks = (task(a, min(a + GRAM_BLOCK_COLS, width)) for a in range(0, width, GRAM_BLOCK_COLS))
+    for result, ws in ctx.pool.in_order(tasks):
+        add_panels(w.gram, ws, result.panels)
+        w.support_stored += result.block.support
+        if w.kept is None:  # not kept, or the keep ring filled up at an earlier block
+            if result.token is not None:
+                ctx.keep_ring.free(result.token)
+        elif result.token is None:  # the budget for kept deltas is spent: read again
+            _drop_kept(w, ctx)
+        else:
+            w.kept.append((result.token, result.block))
 
 
 def _store(ctx: PassContext, n_bytes: int) -> None:
@@ -393,42 +422,63 @@ def _materialise_chunk(chunk: Chunk, w: TensorWork, ctx: PassContext,
     if job.stage == "both" and w.row_positions != list(range(rows_t.shape[0])):
         rows_t = rows_t[torch.tensor(w.row_positions, device=ctx.device)]
     weights = w.weights.to(ctx.device)
-    kept = w.kept  # the first pass's deltas, block by block in order (the chunk holds the base)
-    for a in range(0, base_t.shape[0], GRAM_BLOCK_COLS):
-        b = min(a + GRAM_BLOCK_COLS, base_t.shape[0])
-        base_b = base_t[a:b]
-        if kept:
-            token, block = kept.pop(0)
-            _emit_block(w, ctx, weights, block, base_b, job.start + a)
-            ctx.keep_ring.free(token)
-            continue
-        changed = _changed(rows_t[:, a:b], base_b, w, ctx)
-        block = block_deltas(rows_t[:, a:b], base_b, changed, ctx.workspace)
-        _emit_block(w, ctx, weights, block, base_b, job.start + a)
+    out_dtype = ctx.out_dtypes[w.name]
+    width = base_t.shape[0]
+    starts = range(0, width, GRAM_BLOCK_COLS)
+    # the first pass's deltas, block by block in order (the chunk holds the base)
+    kept = [w.kept.pop(0) if w.kept else None for _ in starts]
+
+    def task(a: int, entry: tuple[int, BlockDeltas] | None) -> Callable[[Workspace], _Emitted]:
+        def compute(ws: Workspace) -> _Emitted:
+            b = min(a + GRAM_BLOCK_COLS, width)
+            base_b = base_t[a:b]  # (s,)
+            if entry is not None:
+                block = entry[1]
+            else:
+                changed = _changed(rows_t[:, a:b], base_b, w, ws)
+                block = block_deltas(rows_t[:, a:b], base_b, changed, ws)
+            if w.keep_base:
+                out = base_b.to(out_dtype).expand(weights.shape[0], -1).cpu()
+                return _Emitted(out, True, block.support, block.width)
+            out = combine_block(weights, block, base_b, out_dtype, ws)  # (T, s) host
+            return _Emitted(out, bool(torch.isfinite(out).all()), block.support, block.width)
+
+        return compute
+
+    tasks = (task(a, entry) for a, entry in zip(starts, kept, strict=True))
+    for (emitted, _), a, entry in zip(ctx.pool.in_order(tasks), starts, kept, strict=True):
+        _emit_block(w, ctx, emitted, job.start + a)
+        if entry is not None:
+            ctx.keep_ring.free(entry[0])
     if job.stop == w.numel:
         _drop_kept(w, ctx)
 
 
-def _emit_block(w: TensorWork, ctx: PassContext, weights: torch.Tensor, block: BlockDeltas,
-                base_b: torch.Tensor, start: int) -> None:
-    out_dtype = ctx.out_dtypes[w.name]
-    if w.keep_base:
-        out = base_b.to(out_dtype).expand(weights.shape[0], -1).cpu()
-    else:
-        out = combine_block(weights, block, base_b, out_dtype, ctx.workspace)  # (T, s) host
-        if not bool(torch.isfinite(out).all()):
-            bad = int((~torch.isfinite(out)).any(1).nonzero()[0])
-            if not ctx.allow_nonfinite:
-                raise RelexError(
-                    f"the prediction of tensor {w.name!r} for {ctx.writers[bad].final_dir.name} "
-                    f"holds NaN or Inf (it overflows {_dtype_name(out_dtype)}, or the base holds "
-                    "them): pick a nearer --target, write --dtype float32, or pass "
-                    "--allow-nonfinite to write it anyway"
-                )
-    ctx.stats.support_observed += block.support
-    ctx.stats.elements_observed += block.width
+@dataclass
+class _Emitted:
+    """One block of outputs (T, s) host, in its compute thread's workspace, and its counts."""
+
+    out: torch.Tensor
+    finite: bool
+    support: int
+    width: int
+
+
+def _emit_block(w: TensorWork, ctx: PassContext, emitted: _Emitted, start: int) -> None:
+    if not emitted.finite:
+        out_dtype = ctx.out_dtypes[w.name]
+        bad = int((~torch.isfinite(emitted.out)).any(1).nonzero()[0])
+        if not ctx.allow_nonfinite:
+            raise RelexError(
+                f"the prediction of tensor {w.name!r} for {ctx.writers[bad].final_dir.name} "
+                f"holds NaN or Inf (it overflows {_dtype_name(out_dtype)}, or the base holds "
+                "them): pick a nearer --target, write --dtype float32, or pass "
+                "--allow-nonfinite to write it anyway"
+            )
+    ctx.stats.support_observed += emitted.support
+    ctx.stats.elements_observed += emitted.width
     for i in range(len(ctx.writers)):
-        _write(w, ctx, i, start, _as_bits(out[i]))
+        _write(w, ctx, i, start, _as_bits(emitted.out[i]))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -457,16 +507,16 @@ def _upload(rows: np.ndarray, base: np.ndarray, w: TensorWork,
 
 
 def _changed(rows: torch.Tensor, base: torch.Tensor, w: TensorWork,
-             ctx: PassContext) -> torch.Tensor:
+             ws: Workspace) -> torch.Tensor:
     """(K, s) bool: where a row's value differs from the base's, compared bit by bit in a dtype
     that holds both exactly (the rows' usually: a bf16 base with fp32 rows; the base's for an
     fp32 base with bf16 rows, since rounding the base would hide changes; fp32 for bf16 and
     fp16)."""
     if w.row_dtype == w.base_dtype:
-        return changed_columns(rows, base, ctx.workspace)
+        return changed_columns(rows, base, ws)
     common = DTYPES[widest([w.row_dtype, w.base_dtype])][0]
     rows = rows if rows.dtype == common else rows.to(common)
-    return changed_columns(rows, base.to(common), ctx.workspace)
+    return changed_columns(rows, base.to(common), ws)
 
 
 def _as_bits(tensor: torch.Tensor) -> np.ndarray:
