@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from numcodecs import Zstd
-from numcodecs.checksum32 import crc32c_checksum
 
+from .checksum import crc32c
 from .direct_writes import DirectAppender
 from .safefs import create_file, pread_exact
 
@@ -46,15 +46,6 @@ _RAW_BLOCK = 128 * 1024
 _SUMS_MAGIC = b"RLXS"
 _SUMS_VERSION = 1
 _ZSTD = Zstd(level=ZSTD_LEVEL)
-
-
-def crc32c(data: bytes | bytearray | memoryview | np.ndarray) -> int:
-    """crc32c of a buffer (zarr's checksum)."""
-    if isinstance(data, np.ndarray):
-        data = np.ascontiguousarray(data).view(np.uint8)
-    elif isinstance(data, (memoryview, bytearray)):  # google_crc32c takes bytes and arrays
-        data = np.frombuffer(data, dtype=np.uint8)
-    return int(crc32c_checksum(data))
 
 
 # --------------------------------------------------------------------------- chunk payloads
