@@ -205,3 +205,32 @@ def test_a_file_system_that_refuses_o_direct_at_fcntl_gets_buffered_writes(tmp_p
     appender = _write(tmp_path / "f", pieces)
     assert not appender.direct
     assert (tmp_path / "f").read_bytes() == b"".join(pieces)
+
+
+@settings(max_examples=30, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 2),
+                                st.one_of(st.integers(0, 2 * ALIGN_BYTES),
+                                          st.integers(DIRECT_MIN_BYTES, STAGE_BYTES + 3))),
+                      max_size=16),
+       seed=st.integers(0, 9))
+def test_files_written_in_turn_share_the_staging_buffers_and_keep_their_bytes(
+        tmp_path_factory, steps, seed):
+    """The store writer appends to many shards in turn through one staging buffer, each file
+    holding its unaligned end in memory meanwhile: each file ends with exactly its own bytes."""
+    folder = tmp_path_factory.mktemp("turns")
+    rng = random.Random(seed)
+    fds = [os.open(folder / str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL) for i in range(3)]
+    written = [b"", b"", b""]
+    try:
+        appenders = [DirectAppender(fd) for fd in fds]
+        for i, size in steps:
+            piece = rng.randbytes(size)
+            appenders[i].write(piece)
+            written[i] += piece
+        for appender in appenders:
+            appender.finish()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for i in range(3):
+        assert (folder / str(i)).read_bytes() == written[i]
