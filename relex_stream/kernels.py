@@ -139,8 +139,8 @@ def gather_columns(values: torch.Tensor, columns: torch.Tensor, out: torch.Tenso
     """values[:, columns] into `out` (K, m) of values' dtype (contiguous), any dtype."""
     if values.device.type == "cpu":  # numpy's take, row by row, is ~10x faster than torch's
         words, picked, target = as_words(values).numpy(), columns.numpy(), as_words(out).numpy()
-        for k in range(words.shape[0]):
-            words[k].take(picked, out=target[k])
+        for k in range(words.shape[0]):  # 'clip': the columns are in range; 'raise' buffers
+            words[k].take(picked, out=target[k], mode="clip")
         return out
     return torch.index_select(values, 1, columns, out=out)
 
@@ -238,6 +238,8 @@ def gram_panels(
             continue
         if count >= PANEL_DENSE_FRACTION * block.width:  # then the block's deltas are dense too
             deltas = block.deltas[:r1]  # (r1, s)
+        elif count == block.support:  # the panel changed every column of the block's support
+            deltas = block.deltas[:r1]  # (r1, m): what the gather would copy, in the same order
         else:
             if block.columns is not None:
                 panel = panel.index_select(0, block.columns)  # (m,)
