@@ -173,19 +173,23 @@ def deltas_into(rows: torch.Tensor, base64: torch.Tensor, out: torch.Tensor,
 
 
 def block_deltas(
-    rows: torch.Tensor, base: torch.Tensor, changed: torch.Tensor, ws: Workspace,
+    rows: torch.Tensor, base: torch.Tensor, changed: torch.Tensor | None, ws: Workspace,
     storage: Callable[[int], torch.Tensor | None] | None = None,
 ) -> BlockDeltas:
     """Deltas rows − base in float64 on the block's support, in the workspace or in storage.
 
-    rows: (K, s) row dtype; base: (s,) base dtype; changed: (K, s) bool from changed_columns.
+    rows: (K, s) row dtype; base: (s,) base dtype; changed: (K, s) bool from changed_columns,
+    or None for a block already found dense (every column: the first pass saw it).
     storage: called with the bytes the deltas (and their column indices) take; a uint8 tensor
     of that size on the block's device puts them there, to outlive the workspace (kept for the
     second pass, with no copy), None leaves them in the workspace.
     """
     n_rows, width = rows.shape
-    mask = any_row(changed)  # (s,)
-    count = int(mask.sum())
+    if changed is None:
+        mask, count = None, width
+    else:
+        mask = any_row(changed)  # (s,)
+        count = int(mask.sum())
     dense = count * 2 >= width  # dense enough: every column (no gather)
     m = width if dense else count
     delta_bytes = n_rows * m * 8

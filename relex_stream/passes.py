@@ -77,6 +77,9 @@ class TensorWork:
     weights: torch.Tensor | None = None  # (T, n_observed) float64
     kept: list[tuple[int, BlockDeltas]] | None = None  # (keep-ring token, deltas) per block
     keep_base: bool = False
+    # a chunk read once for both passes: per block, whether the first pass found it dense (the
+    # second then widens it without comparing its bits again)
+    dense_blocks: list[bool] | None = None
     support_stored: int = 0
     support_observed: int = 0
     first_pass_done: threading.Event = field(default_factory=threading.Event)
@@ -277,6 +280,7 @@ def _first_pass_chunk(chunk: Chunk, gw: GroupWork, w: TensorWork, ctx: PassConte
     if w.svd == "randomized":
         w.gram = randomized_gram(rows_t, base_t)
     else:
+        w.dense_blocks = [] if job.stage == "both" else None
         _gram_blocks(rows_t, base_t, gw, w, ctx)
     if job.stop == w.numel:
         w.gram = symmetric(w.gram).cpu() if w.svd != "randomized" else w.gram.cpu()
@@ -326,6 +330,8 @@ def _gram_blocks(rows_t: torch.Tensor, base_t: torch.Tensor, gw: GroupWork, w: T
     for result, ws in ctx.pool.in_order(tasks):
         add_panels(w.gram, ws, result.panels)
         w.support_stored += result.block.support
+        if w.dense_blocks is not None:
+            w.dense_blocks.append(result.block.columns is None)
         if w.kept is None:  # not kept, or the keep ring filled up at an earlier block
             if result.token is not None:
                 ctx.keep_ring.free(result.token)
@@ -419,8 +425,12 @@ def _materialise_chunk(chunk: Chunk, w: TensorWork, ctx: PassContext,
     if w.weights is None:  # a tensor the store already holds: its Gram matrix is stored
         _weights(w, ctx)
     rows_t, base_t = device_rows
+    # blocks the first pass found dense over the same rows need no second bit compare
+    dense_blocks = w.dense_blocks if job.stage == "both" else None
+    w.dense_blocks = None
     if job.stage == "both" and w.row_positions != list(range(rows_t.shape[0])):
         rows_t = rows_t[torch.tensor(w.row_positions, device=ctx.device)]
+        dense_blocks = None  # fewer rows: a block may be sparse over them
     weights = w.weights.to(ctx.device)
     out_dtype = ctx.out_dtypes[w.name]
     width = base_t.shape[0]
@@ -434,6 +444,8 @@ def _materialise_chunk(chunk: Chunk, w: TensorWork, ctx: PassContext,
             base_b = base_t[a:b]  # (s,)
             if entry is not None:
                 block = entry[1]
+            elif dense_blocks is not None and dense_blocks[a // GRAM_BLOCK_COLS]:
+                block = block_deltas(rows_t[:, a:b], base_b, None, ws)
             else:
                 changed = _changed(rows_t[:, a:b], base_b, w, ws)
                 block = block_deltas(rows_t[:, a:b], base_b, changed, ws)
