@@ -120,6 +120,26 @@ def matmul_rate(n_rows: int, device: str) -> float:
     return repeats * n_rows * n_rows * block / (time.perf_counter() - started)
 
 
+def add_small_model_args(parser: argparse.ArgumentParser, profile: str, max_memory: str) -> None:
+    """The flags that the scripts comparing two ways to run one ~100M trajectory share."""
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=12288)
+    parser.add_argument("--steps", default="1-30")
+    parser.add_argument("--profile", default=profile)
+    parser.add_argument("--max-memory", default=max_memory)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each")
+    parser.add_argument("--work", default=str(ROOT / "bench" / "out"))
+
+
+def small_model_trajectory(args: argparse.Namespace) -> Path:
+    """The trajectory add_small_model_args's flags name (generated once), other shapes default."""
+    for name in ("intermediate", "heads", "kv_heads", "head_dim", "base_dtype"):
+        setattr(args, name, None)
+    args.tied, args.save_dtype = False, "bfloat16"
+    return make_trajectory(args)
+
+
 def run_timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess, int | None]:
     """(wall seconds, the finished process, peak RSS bytes from /usr/bin/time -v or None) of
     `cmd` run in the repository; exits with its stderr when it fails."""

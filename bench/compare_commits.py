@@ -23,7 +23,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_run import ROOT, drop_caches, make_trajectory  # noqa: E402
+from bench_run import (  # noqa: E402
+    ROOT,
+    add_small_model_args,
+    drop_caches,
+    small_model_trajectory,
+)
 
 
 def export(commit: str, work: Path) -> Path:
@@ -56,21 +61,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("a", help="the first commit (git revision)")
     parser.add_argument("b", help="the second commit")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=12288)
-    parser.add_argument("--steps", default="1-30")
-    parser.add_argument("--profile", default="drift")
-    parser.add_argument("--max-memory", default="2G")
+    add_small_model_args(parser, profile="drift", max_memory="2G")
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--cold", action="store_true", help="drop the page cache before each")
-    parser.add_argument("--work", default=str(ROOT / "bench" / "out"))
     args = parser.parse_args()
-    for name in ("intermediate", "heads", "kv_heads", "head_dim", "base_dtype"):
-        setattr(args, name, None)
-    args.tied, args.save_dtype = False, "bfloat16"
     work = Path(args.work)
-    trajectory = make_trajectory(args)
+    trajectory = small_model_trajectory(args)
     # by their short hashes: a name such as HEAD means another commit tomorrow
     sources = {path.name.removeprefix("src-"): path
                for path in (export(args.a, work), export(args.b, work))}

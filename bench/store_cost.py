@@ -23,25 +23,21 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_run import ROOT, drop_caches, make_trajectory, run_timed  # noqa: E402
+from bench_run import (  # noqa: E402
+    ROOT,
+    add_small_model_args,
+    drop_caches,
+    run_timed,
+    small_model_trajectory,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=12288)
-    parser.add_argument("--steps", default="1-30")
-    parser.add_argument("--profile", default="planted")
-    parser.add_argument("--max-memory", default="4G")
+    add_small_model_args(parser, profile="planted", max_memory="4G")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cold", action="store_true", help="drop the page cache before each")
-    parser.add_argument("--work", default=str(ROOT / "bench" / "out"))
     args = parser.parse_args()
-    for name in ("intermediate", "heads", "kv_heads", "head_dim", "base_dtype"):
-        setattr(args, name, None)
-    args.tied, args.save_dtype = False, "bfloat16"
-    trajectory = make_trajectory(args)
+    trajectory = small_model_trajectory(args)
     out = Path(args.work) / "store-cost-out"
     flags = ["run", "--base", str(trajectory / "base"), "--runs", str(trajectory / "runs"),
              "--target", "300", "--out", str(out), "--overwrite", "--rebuild", "--device", "cpu",
