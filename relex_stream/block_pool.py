@@ -30,10 +30,6 @@ class BlockPool:
         self._executor = (ThreadPoolExecutor(len(workspaces), thread_name_prefix="relex-compute")
                           if len(workspaces) > 1 else None)
 
-    @property
-    def threads(self) -> int:
-        return len(self.workspaces)
-
     def in_order(
         self, tasks: Iterable[Callable[[Workspace], Result]]
     ) -> Iterator[tuple[Result, Workspace]]:

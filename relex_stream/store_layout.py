@@ -28,7 +28,7 @@ FORMAT_FAMILY = "relex_stream.trajectory/"
 GRAM_BLOCK_COLS = 1 << 16  # columns of one block of the fixed Gram grid (kernels.py)
 PANEL_ROWS = 16
 # A panel whose rows changed in at least this share of a block's columns is computed on all of
-# them (no gather); also part of the format (kernels.add_gram_panels).
+# them (no gather); also part of the format (kernels.gram_panels).
 PANEL_DENSE_FRACTION = 0.5
 GRAM_GRID = f"blocks={GRAM_BLOCK_COLS},panels={PANEL_ROWS},dense={PANEL_DENSE_FRACTION}"
 SMALL_NUMEL = 1 << 16  # tensors below one Gram block are packed with small inner chunks
