@@ -158,7 +158,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     gen = inputs.target
     dtypes = output_dtypes(gen.layout, request.output_dtype)
     budget = _budget(request, gen, len(outputs), _compute_threads_wanted(device, ranks))
-    _cpu_threads(device, budget.workspaces)
+    _cpu_threads(device, budget.workspaces, _cores(ranks))
     gpu_bytes = device_budget(device, request.max_gpu_memory_bytes)
     device_jobs = None if gpu_bytes is None else max(0, (gpu_bytes - budget.fixed) // 2)
     plan = chunking(inputs, budget, device_jobs)
@@ -303,12 +303,13 @@ def _compute_threads_wanted(device: torch.device, ranks: Ranks) -> int:
     return 2 if device.type == "cpu" and _cores(ranks) >= 2 else 1
 
 
-def _cpu_threads(device: torch.device, compute_threads: int) -> None:
-    """torch's threads per compute thread, leaving a core to the reader and store writer: on 2
-    cores, 1 torch thread ran the 100M/K=30 bench in ~25 s against ~29 s with 2
+def _cpu_threads(device: torch.device, compute_threads: int, cores: int) -> None:
+    """torch's threads per compute thread, out of the cores this process may use (its affinity
+    mask: a batch job's share, not the machine's count), leaving a core to the reader and store
+    writer: on 2 cores, 1 torch thread ran the 100M/K=30 bench in ~25 s against ~29 s with 2
     (bench/RESULTS.md). OMP_NUM_THREADS, when set, decides instead."""
     if device.type == "cpu" and not omp_num_threads_is_set():
-        torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // compute_threads))
+        torch.set_num_threads(max(1, (cores - 1) // compute_threads))
 
 
 def _open_store(inputs: RunInputs, ranks: Ranks) -> TrajectoryStore:

@@ -120,6 +120,31 @@ def test_the_workspace_is_what_the_budget_counts():
     assert Workspace(30, 2, 65536, torch.device("cpu")).nbytes == block_scratch_bytes(30, 2)
 
 
+@pytest.mark.parametrize(("cores", "ranks", "threads", "torch_threads"),
+                         [(1, 1, 1, 1), (2, 1, 2, 1), (8, 1, 2, 3), (64, 1, 2, 31), (4, 2, 2, 1),
+                          (4, 4, 1, 1)])
+def test_threads_follow_the_cores_the_process_may_use(monkeypatch, cores, ranks, threads,
+                                                      torch_threads):
+    """Compute threads and torch's threads come from the affinity mask (a batch job's share of a
+    larger machine), split among torchrun ranks, not from the machine's core count."""
+    from relex_stream import engine
+    from relex_stream.distributed import Ranks
+
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 256)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    chosen = []
+    monkeypatch.setattr(engine.torch, "set_num_threads", chosen.append)
+    rank = Ranks(rank=0, world_size=ranks)
+    wanted = engine._compute_threads_wanted(torch.device("cpu"), rank)
+    assert wanted == threads
+    engine._cpu_threads(torch.device("cpu"), wanted, engine._cores(rank))
+    assert chosen == [torch_threads]
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    engine._cpu_threads(torch.device("cpu"), wanted, engine._cores(rank))
+    assert chosen == [torch_threads], "OMP_NUM_THREADS set: torch's threads are left alone"
+
+
 def _run(traj, out: Path, *flags: str, cores: int | None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES="")
     env.pop("OMP_NUM_THREADS", None)
