@@ -157,8 +157,9 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     _check_paths(request, outputs)
     gen = inputs.target
     dtypes = output_dtypes(gen.layout, request.output_dtype)
-    budget = _budget(request, gen, len(outputs), _compute_threads_wanted(device, ranks))
-    _cpu_threads(device, budget.workspaces, _cores(ranks))
+    cores = _cores(ranks)
+    budget = _budget(request, gen, len(outputs), _compute_threads_wanted(device, cores))
+    _cpu_threads(device, budget.workspaces, cores)
     gpu_bytes = device_budget(device, request.max_gpu_memory_bytes)
     device_jobs = None if gpu_bytes is None else max(0, (gpu_bytes - budget.fixed) // 2)
     plan = chunking(inputs, budget, device_jobs)
@@ -297,10 +298,10 @@ def _cores(ranks: Ranks) -> int:
     return max(1, cores // ranks.world_size)
 
 
-def _compute_threads_wanted(device: torch.device, ranks: Ranks) -> int:
+def _compute_threads_wanted(device: torch.device, cores: int) -> int:
     """Threads computing Gram blocks (block_pool.py): two on a CPU with two cores or more, one
     on a GPU (it runs the kernels; a second thread would only queue them)."""
-    return 2 if device.type == "cpu" and _cores(ranks) >= 2 else 1
+    return 2 if device.type == "cpu" and cores >= 2 else 1
 
 
 def _cpu_threads(device: torch.device, compute_threads: int, cores: int) -> None:

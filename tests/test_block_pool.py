@@ -135,13 +135,13 @@ def test_threads_follow_the_cores_the_process_may_use(monkeypatch, cores, ranks,
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     chosen = []
     monkeypatch.setattr(engine.torch, "set_num_threads", chosen.append)
-    rank = Ranks(rank=0, world_size=ranks)
-    wanted = engine._compute_threads_wanted(torch.device("cpu"), rank)
+    usable = engine._cores(Ranks(rank=0, world_size=ranks))
+    wanted = engine._compute_threads_wanted(torch.device("cpu"), usable)
     assert wanted == threads
-    engine._cpu_threads(torch.device("cpu"), wanted, engine._cores(rank))
+    engine._cpu_threads(torch.device("cpu"), wanted, usable)
     assert chosen == [torch_threads]
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    engine._cpu_threads(torch.device("cpu"), wanted, engine._cores(rank))
+    engine._cpu_threads(torch.device("cpu"), wanted, usable)
     assert chosen == [torch_threads], "OMP_NUM_THREADS set: torch's threads are left alone"
 
 
