@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,17 +47,45 @@ _RAW_BLOCK = 128 * 1024
 _SUMS_MAGIC = b"RLXS"
 _SUMS_VERSION = 1
 _ZSTD = Zstd(level=ZSTD_LEVEL)
+_local = threading.local()
+
+
+def scratch(role: str, nbytes: int) -> np.ndarray:
+    """This thread's reusable (nbytes,) uint8 buffer for `role` (codes, frame): one per role
+    and size, so encoding a chunk allocates nothing. A fresh 1 MiB buffer per chunk cost the
+    store writer a page fault per 4 KiB and a memset (bench/RESULTS.md). The memory budget
+    counts these among CODEC_BUFFERS."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    key = (role, nbytes)
+    if key not in buffers:
+        if len(buffers) >= 8:  # chunk sizes come from a handful of layouts: keep the newest
+            buffers.clear()
+        buffers[key] = np.empty(nbytes, dtype=np.uint8)
+    return buffers[key]
 
 
 # --------------------------------------------------------------------------- chunk payloads
 
 
-def raw_frame(data: memoryview) -> bytearray:
-    """A zstd frame that stores `data` as raw blocks (decoding it is a copy). Returned as the
-    bytearray it was built in: a bytes() of it would copy every byte once more."""
+def raw_frame_bytes(n: int) -> int:
+    """Bytes of the raw-blocks frame of an n-byte chunk."""
+    return 4 + 1 + 8 + 3 * max(1, -(-n // _RAW_BLOCK)) + n
+
+
+def raw_frame(data: memoryview, out: np.ndarray | None = None) -> bytearray | memoryview:
+    """A zstd frame that stores `data` as raw blocks (decoding it is a copy): the bytearray it
+    was built in (a bytes() of it would copy every byte once more), or a view of `out`
+    ((raw_frame_bytes(len(data)),) uint8) when given."""
     n = len(data)
     n_blocks = max(1, -(-n // _RAW_BLOCK))
-    frame = bytearray(4 + 1 + 8 + 3 * n_blocks + n)
+    if out is None:
+        frame = bytearray(raw_frame_bytes(n))
+    else:
+        frame = memoryview(out).cast("B")
+        if len(frame) != raw_frame_bytes(n):
+            raise ValueError(f"out must be {raw_frame_bytes(n)} bytes, got {len(frame)}")
     struct.pack_into("<IBQ", frame, 0, _MAGIC, 0xE0, n)  # single segment, 8-byte content size
     pos = 13
     for i in range(n_blocks):
@@ -84,39 +113,47 @@ def frame_content_size(frame: memoryview | bytes) -> int | None:
     return value + 256 if width == 2 else value
 
 
-def encode_chunk(data: np.ndarray, compress: bool,
-                 cutoff: float = 1.0) -> tuple[bytes | bytearray, int, float]:
+def encode_chunk(data: np.ndarray, compress: bool, cutoff: float = 1.0,
+                 reuse: bool = False) -> tuple[bytes | bytearray | memoryview, int, float]:
     """(zstd frame, its crc32c, compressed ÷ raw) of one chunk's bytes: raw blocks when not
     asked to compress or when zstd leaves more than `cutoff` of the bytes (the ratio is then
-    what zstd reached, or 1.0 when it was not tried)."""
+    what zstd reached, or 1.0 when it was not tried). With `reuse`, a raw frame is built in
+    this thread's scratch: valid until the thread's next encode."""
     view = memoryview(np.ascontiguousarray(data).view(np.uint8)).cast("B")
     frame = _ZSTD.encode(view) if compress else None
     ratio = len(frame) / max(1, len(view)) if frame is not None else 1.0
     if frame is None or ratio > cutoff:
-        frame = raw_frame(view)
+        out = scratch("frame", raw_frame_bytes(len(view))) if reuse else None
+        frame = raw_frame(view, out)
     return frame, crc32c(frame), ratio
 
 
 class ChunkEncoder:
-    """Encodes one shard's chunks, deciding from every PROBE_EVERY-th whether zstd pays."""
+    """Encodes one shard's chunks, deciding from every PROBE_EVERY-th whether zstd pays.
 
-    def __init__(self, compress: bool, transform: str):
+    With `reuse`, a raw frame lives in the thread's scratch until the thread's next encode:
+    for a caller that writes each frame out before it encodes the next (the store writer).
+    """
+
+    def __init__(self, compress: bool, transform: str, reuse: bool = False):
+        self._reuse = reuse
         self._compress = compress
         self._cutoff = KEEP_ZSTD_BELOW[transform]
         self._gap = PROBE_EVERY  # chunks from one probe to the next
         self._since_probe = PROBE_EVERY
         self._worth_it = True
 
-    def encode(self, data: np.ndarray) -> tuple[bytes, int]:
+    def encode(self, data: np.ndarray) -> tuple[bytes | bytearray | memoryview, int]:
         probe = self._compress and self._since_probe >= self._gap
         if probe:
-            frame, crc, ratio = encode_chunk(data, True, self._cutoff)
+            frame, crc, ratio = encode_chunk(data, True, self._cutoff, self._reuse)
             self._worth_it = ratio <= self._cutoff
             self._gap = PROBE_EVERY if self._worth_it else min(2 * self._gap, PROBE_MAX_GAP)
             self._since_probe = 1
             return frame, crc
         self._since_probe += 1
-        frame, crc, _ = encode_chunk(data, self._compress and self._worth_it, self._cutoff)
+        frame, crc, _ = encode_chunk(data, self._compress and self._worth_it, self._cutoff,
+                                     self._reuse)
         return frame, crc
 
 

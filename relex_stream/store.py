@@ -709,11 +709,18 @@ def read_small_path(path: Path, max_bytes: int) -> bytes:
 # --------------------------------------------------------------------------- row transforms
 
 
-def encode_codes(row: np.ndarray, previous: np.ndarray, transform: str) -> np.ndarray:
+def encode_codes(row: np.ndarray, previous: np.ndarray, transform: str,
+                 reuse: bool = False) -> np.ndarray:
     """(C·itemsize,) uint8 for the compressor: one row's chunk coded against the previous row
-    (or the base), then byte-shuffled when the transform says so."""
-    codes = encode_rows(row[None, :], previous, transform)[0]
-    return chunk_to_bytes(np.ascontiguousarray(codes), transform)
+    (or the base), then byte-shuffled when the transform says so. With `reuse`, in this
+    thread's scratch (valid until its next encode)."""
+    codes_out = shuffled = None
+    if reuse:
+        codes_out = shards.scratch("codes", row.nbytes).view(row.dtype)[None, :]
+        if transform_spec(transform).shuffle:
+            shuffled = shards.scratch("shuffled", row.nbytes)
+    codes = encode_rows(row[None, :], previous, transform, out=codes_out)[0]
+    return chunk_to_bytes(np.ascontiguousarray(codes), transform, shuffled)
 
 
 def decode_chunk_codes(payload: memoryview, crc: int, transform: str, codes: np.ndarray,
@@ -1039,9 +1046,9 @@ class GroupWriter:
                 if b - a < chunk:
                     reference = np.concatenate(
                         [reference, np.zeros(chunk - (b - a), dtype=reference.dtype)])
-                payload = encode_codes(data, reference, self._transform)
+                payload = encode_codes(data, reference, self._transform, reuse=True)
             encoder = self._encoders.setdefault(row, shards.ChunkEncoder(
-                self._compress, "none" if row is None else self._transform))
+                self._compress, "none" if row is None else self._transform, reuse=True))
             frame, crc = encoder.encode(payload)
             shard.write_chunk(j, frame, crc, shards.crc32c(raw[a - start : b - start]))
             written += len(frame) + 4
