@@ -17,6 +17,7 @@ import fcntl
 import mmap
 import os
 import threading
+from collections.abc import Callable
 
 ALIGN_BYTES = 4096  # the largest logical block size in use; a multiple of the smaller ones
 STAGE_BYTES = 4 << 20  # one staging buffer per writing thread (fixed cost, not the budget)
@@ -80,6 +81,28 @@ class DirectAppender:
         else:
             self._write_buffered(view)
 
+    def write_filled(self, n: int, fill: Callable[[memoryview], None]) -> None:
+        """Append n bytes that `fill` writes into the (n,) view it is given: straight into the
+        staging buffer when they go direct, so a chunk built there is not copied once more."""
+        if n <= 0:
+            return
+        stage = _stage()
+        held = len(self._carry)
+        direct = self._can_direct and (n >= DIRECT_MIN_BYTES or not self._carry_in_file)
+        if direct and held + n <= STAGE_BYTES:
+            offset = self._end - held  # a block boundary
+            self._end += n
+            stage[:held] = self._carry
+            fill(stage[held : held + n])
+            self._send_stage(stage, held + n, offset, memoryview(b""))
+        elif not direct and n <= STAGE_BYTES:  # the staging buffer is free between writes
+            fill(stage[:n])
+            self._write_buffered(stage[:n])
+        else:  # (a direct write would stage the carry over the bytes: build them apart)
+            buffer = memoryview(bytearray(n))
+            fill(buffer)
+            self.write(buffer)
+
     def flush(self) -> None:
         """Make every byte written so far readable from the file."""
         if self._carry and not self._carry_in_file:
@@ -114,17 +137,27 @@ class DirectAppender:
             stage[:held] = self._carry
             stage[held : held + take] = view[:take]
             view = view[take:]
-            filled = held + take
-            whole = filled - filled % ALIGN_BYTES
-            self._carry, self._carry_in_file = bytes(stage[whole:filled]), False
-            if whole:
-                offset = self._write_blocks(stage[:whole], offset)
-            if not self._can_direct:  # refused: what is left goes through the page cache
-                rest = self._carry + bytes(view)  # from a block boundary to _end
-                _pwrite_all(self.fd, memoryview(rest), offset)
-                tail = self._end % ALIGN_BYTES
-                self._carry, self._carry_in_file = rest[len(rest) - tail :], True
+            next_offset = self._send_stage(stage, held + take, offset, view)
+            if next_offset is None:
                 return
+            offset = next_offset
+
+    def _send_stage(self, stage: memoryview, filled: int, offset: int,
+                    rest: memoryview) -> int | None:
+        """Write the whole blocks of stage[:filled] (from `offset`, a block boundary) direct and
+        keep their unaligned end; the offset after them, or None when the file system refused
+        and what was left (with `rest`, the bytes not yet staged) went through the page cache."""
+        whole = filled - filled % ALIGN_BYTES
+        self._carry, self._carry_in_file = bytes(stage[whole:filled]), False
+        if whole:
+            offset = self._write_blocks(stage[:whole], offset)
+        if not self._can_direct:  # refused: what is left goes through the page cache
+            left = self._carry + bytes(rest)  # from a block boundary to _end
+            _pwrite_all(self.fd, memoryview(left), offset)
+            tail = self._end % ALIGN_BYTES
+            self._carry, self._carry_in_file = left[len(left) - tail :], True
+            return None
+        return offset
 
     def _write_blocks(self, blocks: memoryview, offset: int) -> int:
         """Write whole blocks at offset direct; on a refusal (EINVAL) or an unaligned short

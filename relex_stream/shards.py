@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,7 @@ _RAW_BLOCK = 128 * 1024
 _SUMS_MAGIC = b"RLXS"
 _SUMS_VERSION = 1
 _ZSTD = Zstd(level=ZSTD_LEVEL)
+_block_header = np.zeros(4, dtype=np.uint8)  # a raw block's 3-byte header (+ 1 spare byte)
 _local = threading.local()
 
 
@@ -79,22 +81,34 @@ def raw_frame(data: memoryview, out: np.ndarray | None = None) -> bytearray | me
     was built in (a bytes() of it would copy every byte once more), or a view of `out`
     ((raw_frame_bytes(len(data)),) uint8) when given."""
     n = len(data)
-    n_blocks = max(1, -(-n // _RAW_BLOCK))
     if out is None:
         frame = bytearray(raw_frame_bytes(n))
+    elif out.shape != (raw_frame_bytes(n),) or out.dtype != np.uint8:
+        raise ValueError(f"out must be ({raw_frame_bytes(n)},) uint8, got {out.shape} {out.dtype}")
     else:
-        frame = memoryview(out).cast("B")
-        if len(frame) != raw_frame_bytes(n):
-            raise ValueError(f"out must be {raw_frame_bytes(n)} bytes, got {len(frame)}")
+        frame = memoryview(out)
+    source = np.frombuffer(data, dtype=np.uint8)
+    fill_raw_frame(np.frombuffer(frame, dtype=np.uint8), n,
+                   lambda lo, hi, into: np.copyto(into, source[lo:hi]))
+    return frame
+
+
+def fill_raw_frame(frame: np.ndarray, n: int,
+                   fill_payload: Callable[[int, int, np.ndarray], None]) -> None:
+    """Lay out the raw-blocks frame of an n-byte chunk in `frame` (raw_frame_bytes(n),) uint8:
+    the frame and block headers here, the chunk's bytes [lo, hi) of each block by
+    fill_payload(lo, hi, into) into `into` (hi − lo,) uint8, so that a caller can compute
+    them in place (XOR codes) instead of copying them in."""
+    n_blocks = max(1, -(-n // _RAW_BLOCK))
     struct.pack_into("<IBQ", frame, 0, _MAGIC, 0xE0, n)  # single segment, 8-byte content size
     pos = 13
     for i in range(n_blocks):
-        part = data[i * _RAW_BLOCK : (i + 1) * _RAW_BLOCK]
+        lo, hi = i * _RAW_BLOCK, min(n, (i + 1) * _RAW_BLOCK)
         last = 1 if i == n_blocks - 1 else 0
-        frame[pos : pos + 3] = (last | (len(part) << 3)).to_bytes(3, "little")
-        frame[pos + 3 : pos + 3 + len(part)] = part
-        pos += 3 + len(part)
-    return frame
+        struct.pack_into("<I", _block_header, 0, last | ((hi - lo) << 3))
+        frame[pos : pos + 3] = _block_header[:3]
+        fill_payload(lo, hi, frame[pos + 3 : pos + 3 + hi - lo])
+        pos += 3 + hi - lo
 
 
 def frame_content_size(frame: memoryview | bytes) -> int | None:
@@ -142,6 +156,14 @@ class ChunkEncoder:
         self._gap = PROBE_EVERY  # chunks from one probe to the next
         self._since_probe = PROBE_EVERY
         self._worth_it = True
+
+    def tries_zstd(self) -> bool:
+        """Whether the next chunk goes to zstd (a probe, or zstd paid at the last one)."""
+        return self._compress and (self._since_probe >= self._gap or self._worth_it)
+
+    def skip(self) -> None:
+        """Count a chunk the caller kept as raw blocks itself (when tries_zstd() was False)."""
+        self._since_probe += 1
 
     def encode(self, data: np.ndarray) -> tuple[bytes | bytearray | memoryview, int]:
         probe = self._compress and self._since_probe >= self._gap
@@ -233,15 +255,37 @@ class ShardWriter:
     def fd(self) -> int:
         return self._fd
 
-    def write_chunk(self, j: int, frame: bytes, frame_crc: int, raw_crc: int) -> None:
+    def write_chunk(self, j: int, frame: bytes | bytearray | memoryview, frame_crc: int,
+                    raw_crc: int) -> None:
         """Append chunk j (its frame and crc32c trailer) at the end of the file."""
         self._file.write(frame)
         self._file.write(struct.pack("<I", frame_crc))
+        self._record(j, len(frame), frame_crc, raw_crc)
+
+    def write_raw_chunk(self, j: int, n: int,
+                        fill_payload: Callable[[int, int, np.ndarray], None],
+                        raw_crc: int) -> None:
+        """Append chunk j of n bytes as a raw-blocks frame that fill_payload (see
+        fill_raw_frame) writes in the file's staging buffer: no frame is built elsewhere and
+        copied in."""
+        size = raw_frame_bytes(n)
+        frame_crc = []
+
+        def fill(view: memoryview) -> None:
+            buffer = np.frombuffer(view, dtype=np.uint8)  # (size + 4,)
+            fill_raw_frame(buffer[:size], n, fill_payload)
+            frame_crc.append(crc32c(buffer[:size]))
+            struct.pack_into("<I", buffer, size, frame_crc[0])
+
+        self._file.write_filled(size + 4, fill)
+        self._record(j, size, frame_crc[0], raw_crc)
+
+    def _record(self, j: int, frame_bytes: int, frame_crc: int, raw_crc: int) -> None:
         self.index.offsets[j] = self._pos
-        self.index.sizes[j] = len(frame) + 4
+        self.index.sizes[j] = frame_bytes + 4
         self.index.encoded_crcs[j] = frame_crc
         self.index.raw_crcs[j] = raw_crc
-        self._pos += len(frame) + 4
+        self._pos += frame_bytes + 4
 
     def flush(self) -> None:
         """Make the chunks written so far readable from the file (reads of this run)."""

@@ -36,6 +36,7 @@ import logging
 import os
 import stat
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -723,6 +724,20 @@ def encode_codes(row: np.ndarray, previous: np.ndarray, transform: str,
     return chunk_to_bytes(np.ascontiguousarray(codes), transform, shuffled)
 
 
+def _raw_payload(data: np.ndarray, reference: np.ndarray | None,
+                 transform: str) -> Callable[[int, int, np.ndarray], None]:
+    """fill_payload (shards.fill_raw_frame) of one chunk's codes: data and reference (C,)
+    words; bytes [lo, hi) of the codes go into `into` (hi − lo,) uint8."""
+    if reference is None or transform_spec(transform).mode == "none":
+        source = data.view(np.uint8)
+        return lambda lo, hi, into: np.copyto(into, source[lo:hi])
+    if transform == "xor-prev":  # XOR works byte by byte: any byte range is its own codes
+        words, against = data.view(np.uint8), reference.view(np.uint8)
+        return lambda lo, hi, into: np.bitwise_xor(words[lo:hi], against[lo:hi], out=into)
+    codes = encode_codes(data, reference, transform, reuse=True)
+    return lambda lo, hi, into: np.copyto(into, codes[lo:hi])
+
+
 def decode_chunk_codes(payload: memoryview, crc: int, transform: str, codes: np.ndarray,
                        scratch: np.ndarray) -> None:
     """Decode one stored chunk into `codes` (C,) words (scratch: C·itemsize bytes)."""
@@ -1029,28 +1044,37 @@ class GroupWriter:
         offset, numel = group.position(name)
         chunk = group.chunk_cols
         stop = start + raw.shape[0]
+        transform = "none" if row is None else self._transform
+        encoder = self._encoders.setdefault(
+            row, shards.ChunkEncoder(self._compress, transform, reuse=True))
         written = 0
         for j in group.chunk_range(name, start, stop):
             lo = j * chunk - offset
             a, b = max(lo, start), min(lo + chunk, stop, numel)
             data = raw[a - start : b - start]
-            if b - a < chunk:  # the tensor's last chunk: zarr pads with the fill value
-                data = np.concatenate([data, np.zeros(chunk - (b - a), dtype=data.dtype)])
-            if row is None:
-                payload = data
-            else:
+            raw_crc = shards.crc32c(data)
+            reference = None
+            if row is not None:
                 reference = (
                     previous[a - start : b - start] if previous is not None
                     else _reference_row(base[a - start : b - start], group, raw.dtype)
                 )
-                if b - a < chunk:
+            if b - a == chunk and not encoder.tries_zstd():
+                # kept as raw blocks: the codes are computed where the file's bytes are staged
+                encoder.skip()
+                shard.write_raw_chunk(j, data.nbytes, _raw_payload(data, reference, transform),
+                                      raw_crc)
+                written += shards.raw_frame_bytes(data.nbytes) + 4
+                continue
+            if b - a < chunk:  # the tensor's last chunk: zarr pads with the fill value
+                data = np.concatenate([data, np.zeros(chunk - (b - a), dtype=data.dtype)])
+                if reference is not None:
                     reference = np.concatenate(
                         [reference, np.zeros(chunk - (b - a), dtype=reference.dtype)])
-                payload = encode_codes(data, reference, self._transform, reuse=True)
-            encoder = self._encoders.setdefault(row, shards.ChunkEncoder(
-                self._compress, "none" if row is None else self._transform, reuse=True))
+            payload = data if row is None else encode_codes(data, reference, transform,
+                                                             reuse=True)
             frame, crc = encoder.encode(payload)
-            shard.write_chunk(j, frame, crc, shards.crc32c(raw[a - start : b - start]))
+            shard.write_chunk(j, frame, crc, raw_crc)
             written += len(frame) + 4
         return written
 

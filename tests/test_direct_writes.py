@@ -24,12 +24,29 @@ SIZES = [0, 1, 3, ALIGN_BYTES - 1, ALIGN_BYTES, ALIGN_BYTES + 1, 5 * ALIGN_BYTES
          STAGE_BYTES - 5, STAGE_BYTES, STAGE_BYTES + ALIGN_BYTES + 3, 2 * STAGE_BYTES + 11]
 
 
-def _write(path, pieces: list[bytes], direct: bool = True) -> DirectAppender:
+def _append(appender: DirectAppender, piece: bytes, filled: bool) -> None:
+    """write(piece), or write_filled with a fill that builds the piece in the view it is given
+    (as the store builds a raw frame in the staging buffer)."""
+    if not filled:
+        appender.write(piece)
+        return
+
+    def fill(view: memoryview) -> None:
+        assert len(view) == len(piece)
+        view[:] = b"\xee" * len(view)  # whatever was there must not matter
+        view[:] = piece
+
+    appender.write_filled(len(piece), fill)
+
+
+def _write(path, pieces: list[bytes], direct: bool = True,
+           filled: str = "none") -> DirectAppender:
+    """filled: 'none' (every piece by write), 'all' (by write_filled) or 'odd' (alternating)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         appender = DirectAppender(fd, direct=direct)
-        for piece in pieces:
-            appender.write(piece)
+        for i, piece in enumerate(pieces):
+            _append(appender, piece, filled == "all" or (filled == "odd" and i % 2 == 1))
         appender.finish()
         os.fsync(fd)
     finally:
@@ -53,9 +70,10 @@ def _direct_supported(tmp_path) -> bool:
     return True
 
 
-def test_every_size_around_blocks_and_stage_round_trips(tmp_path):
+@pytest.mark.parametrize("filled", ["none", "all", "odd"])
+def test_every_size_around_blocks_and_stage_round_trips(tmp_path, filled):
     pieces = _pieces(SIZES + SIZES[::-1])
-    _write(tmp_path / "f", pieces)
+    _write(tmp_path / "f", pieces, filled=filled)
     assert (tmp_path / "f").read_bytes() == b"".join(pieces)
 
 
@@ -102,11 +120,11 @@ def test_buffered_writes_give_the_same_bytes(tmp_path):
 @given(sizes=st.lists(st.one_of(st.integers(0, 3 * ALIGN_BYTES),
                                 st.integers(DIRECT_MIN_BYTES, DIRECT_MIN_BYTES + 3 * ALIGN_BYTES)),
                       max_size=12),
-       seed=st.integers(0, 9))
-def test_any_sequence_of_writes_round_trips(tmp_path_factory, sizes, seed):
+       seed=st.integers(0, 9), filled=st.sampled_from(["none", "all", "odd"]))
+def test_any_sequence_of_writes_round_trips(tmp_path_factory, sizes, seed, filled):
     path = tmp_path_factory.mktemp("seq") / "f"
     pieces = _pieces(sizes, seed)
-    _write(path, pieces)
+    _write(path, pieces, filled=filled)
     assert path.read_bytes() == b"".join(pieces)
 
 
@@ -139,8 +157,9 @@ def test_flushed_bytes_are_readable_at_once_and_the_file_ends_right(tmp_path_fac
     assert path.read_bytes() == written
 
 
+@pytest.mark.parametrize("filled", ["none", "all", "odd"])
 @pytest.mark.parametrize("fail_at", [0, 1, 3])
-def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch, fail_at):
+def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch, fail_at, filled):
     """A file system that opens O_DIRECT but refuses the writes (EINVAL) loses nothing."""
     real_write, calls = os.pwrite, []
 
@@ -155,7 +174,7 @@ def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch, fa
     sizes = [ALIGN_BYTES + 3, STAGE_BYTES + 9, DIRECT_MIN_BYTES + 5, 17, DIRECT_MIN_BYTES,
              2 * ALIGN_BYTES, 3 * DIRECT_MIN_BYTES + 1, 5]
     pieces = _pieces(sizes, seed=fail_at)
-    appender = _write(tmp_path / "f", pieces)
+    appender = _write(tmp_path / "f", pieces, filled=filled)
     if O_DIRECT and _direct_supported(tmp_path):
         assert len(calls) == fail_at + 1, "the refusal should end direct writes for the file"
         assert not appender.direct
@@ -201,8 +220,8 @@ def test_a_file_system_that_refuses_o_direct_at_fcntl_gets_buffered_writes(tmp_p
         return real_fcntl(fd, cmd, arg)
 
     monkeypatch.setattr(direct_writes.fcntl, "fcntl", refusing)
-    pieces = _pieces([STAGE_BYTES + 3, 5, DIRECT_MIN_BYTES], seed=4)
-    appender = _write(tmp_path / "f", pieces)
+    pieces = _pieces([STAGE_BYTES + 3, 5, DIRECT_MIN_BYTES, DIRECT_MIN_BYTES + 1], seed=4)
+    appender = _write(tmp_path / "f", pieces, filled="odd")
     assert not appender.direct
     assert (tmp_path / "f").read_bytes() == b"".join(pieces)
 
@@ -210,7 +229,8 @@ def test_a_file_system_that_refuses_o_direct_at_fcntl_gets_buffered_writes(tmp_p
 @settings(max_examples=30, deadline=None)
 @given(steps=st.lists(st.tuples(st.integers(0, 2),
                                 st.one_of(st.integers(0, 2 * ALIGN_BYTES),
-                                          st.integers(DIRECT_MIN_BYTES, STAGE_BYTES + 3))),
+                                          st.integers(DIRECT_MIN_BYTES, STAGE_BYTES + 3)),
+                                st.booleans()),
                       max_size=16),
        seed=st.integers(0, 9))
 def test_files_written_in_turn_share_the_staging_buffers_and_keep_their_bytes(
@@ -223,9 +243,9 @@ def test_files_written_in_turn_share_the_staging_buffers_and_keep_their_bytes(
     written = [b"", b"", b""]
     try:
         appenders = [DirectAppender(fd) for fd in fds]
-        for i, size in steps:
+        for i, size, filled in steps:
             piece = rng.randbytes(size)
-            appenders[i].write(piece)
+            _append(appenders[i], piece, filled)
             written[i] += piece
         for appender in appenders:
             appender.finish()
