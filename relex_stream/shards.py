@@ -25,13 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from numcodecs import Zstd
 
+from . import zstd_frames
 from .checksum import crc32c
 from .direct_writes import DirectAppender
 from .safefs import create_file, pread_exact
 
-ZSTD_LEVEL = 1
+ZSTD_LEVEL = zstd_frames.LEVEL
 # zstd is kept for a chunk only when it leaves at most this fraction of the bytes: below that the
 # store saves its cost back in disk and reads; above it (noise in every element, bench/RESULTS.md
 # "store cut-off") a chunk is kept as raw blocks, which cost a copy to write and to read.
@@ -47,7 +47,6 @@ _MAGIC = 0xFD2FB528
 _RAW_BLOCK = 128 * 1024
 _SUMS_MAGIC = b"RLXS"
 _SUMS_VERSION = 1
-_ZSTD = Zstd(level=ZSTD_LEVEL)
 _block_header = np.zeros(4, dtype=np.uint8)  # a raw block's 3-byte header (+ 1 spare byte)
 _local = threading.local()
 
@@ -131,10 +130,10 @@ def encode_chunk(data: np.ndarray, compress: bool, cutoff: float = 1.0,
                  reuse: bool = False) -> tuple[bytes | bytearray | memoryview, int, float]:
     """(zstd frame, its crc32c, compressed ÷ raw) of one chunk's bytes: raw blocks when not
     asked to compress or when zstd leaves more than `cutoff` of the bytes (the ratio is then
-    what zstd reached, or 1.0 when it was not tried). With `reuse`, a raw frame is built in
+    what zstd reached, or 1.0 when it was not tried). With `reuse`, the frame is built in
     this thread's scratch: valid until the thread's next encode."""
     view = memoryview(np.ascontiguousarray(data).view(np.uint8)).cast("B")
-    frame = _ZSTD.encode(view) if compress else None
+    frame = zstd_frames.compress(view, reuse) if compress else None
     ratio = len(frame) / max(1, len(view)) if frame is not None else 1.0
     if frame is None or ratio > cutoff:
         out = scratch("frame", raw_frame_bytes(len(view))) if reuse else None
@@ -145,7 +144,7 @@ def encode_chunk(data: np.ndarray, compress: bool, cutoff: float = 1.0,
 class ChunkEncoder:
     """Encodes one shard's chunks, deciding from every PROBE_EVERY-th whether zstd pays.
 
-    With `reuse`, a raw frame lives in the thread's scratch until the thread's next encode:
+    With `reuse`, a frame lives in the thread's scratch until the thread's next encode:
     for a caller that writes each frame out before it encodes the next (the store writer).
     """
 
@@ -191,7 +190,7 @@ def decode_chunk(payload: memoryview, expected_crc: int, out: np.ndarray) -> Non
     target = out.view(np.uint8).reshape(-1)
     if frame_content_size(frame) != target.nbytes:
         raise ValueError("chunk decodes to the wrong size")
-    _ZSTD.decode(frame, out=target)
+    zstd_frames.decompress(frame, target)
 
 
 # --------------------------------------------------------------------------- shard files
