@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from . import zstd_frames
 from .checksum import crc32c
@@ -47,7 +48,6 @@ _MAGIC = 0xFD2FB528
 _RAW_BLOCK = 128 * 1024
 _SUMS_MAGIC = b"RLXS"
 _SUMS_VERSION = 1
-_block_header = np.zeros(4, dtype=np.uint8)  # a raw block's 3-byte header (+ 1 spare byte)
 _local = threading.local()
 
 
@@ -88,26 +88,44 @@ def raw_frame(data: memoryview, out: np.ndarray | None = None) -> bytearray | me
         frame = memoryview(out)
     source = np.frombuffer(data, dtype=np.uint8)
     fill_raw_frame(np.frombuffer(frame, dtype=np.uint8), n,
-                   lambda lo, hi, into: np.copyto(into, source[lo:hi]))
+                   lambda lo, hi, into: np.copyto(into, source[lo:hi].reshape(into.shape)))
     return frame
 
 
 def fill_raw_frame(frame: np.ndarray, n: int,
                    fill_payload: Callable[[int, int, np.ndarray], None]) -> None:
     """Lay out the raw-blocks frame of an n-byte chunk in `frame` (raw_frame_bytes(n),) uint8:
-    the frame and block headers here, the chunk's bytes [lo, hi) of each block by
-    fill_payload(lo, hi, into) into `into` (hi − lo,) uint8, so that a caller can compute
-    them in place (XOR codes) instead of copying them in."""
-    n_blocks = max(1, -(-n // _RAW_BLOCK))
-    struct.pack_into("<IBQ", frame, 0, _MAGIC, 0xE0, n)  # single segment, 8-byte content size
-    pos = 13
-    for i in range(n_blocks):
-        lo, hi = i * _RAW_BLOCK, min(n, (i + 1) * _RAW_BLOCK)
-        last = 1 if i == n_blocks - 1 else 0
-        struct.pack_into("<I", _block_header, 0, last | ((hi - lo) << 3))
-        frame[pos : pos + 3] = _block_header[:3]
-        fill_payload(lo, hi, frame[pos + 3 : pos + 3 + hi - lo])
-        pos += 3 + hi - lo
+    the frame and block headers here, the chunk's bytes by fill_payload(lo, hi, into), which
+    writes bytes [lo, hi) of the chunk into `into`: (m, B) for m whole blocks of B bytes (rows
+    strided over the block headers), or (hi − lo,) for a last, partial block. A caller can so
+    compute them in place (XOR codes) in at most two calls instead of copying them in."""
+    whole, rest = divmod(n, _RAW_BLOCK)
+    frame[:13] = _frame_header(n)
+    if whole:
+        headers = as_strided(frame[13:], shape=(whole, 3), strides=(_RAW_BLOCK + 3, 1))
+        headers[...] = _WHOLE_BLOCK_HEADER
+        if not rest:
+            headers[-1] = _LAST_WHOLE_BLOCK_HEADER
+        payload = as_strided(frame[16:], shape=(whole, _RAW_BLOCK), strides=(_RAW_BLOCK + 3, 1))
+        fill_payload(0, whole * _RAW_BLOCK, payload)
+    if rest or not whole:  # a last, partial block (an empty chunk has one of 0 bytes)
+        pos = 13 + whole * (_RAW_BLOCK + 3)
+        frame[pos : pos + 3] = _block_header(rest, last=True)
+        fill_payload(whole * _RAW_BLOCK, n, frame[pos + 3 : pos + 3 + rest])
+
+
+def _frame_header(n: int) -> np.ndarray:
+    """A raw frame's 13 header bytes: magic, single segment, 8-byte content size n."""
+    return np.frombuffer(struct.pack("<IBQ", _MAGIC, 0xE0, n), dtype=np.uint8)
+
+
+def _block_header(size: int, last: bool) -> np.ndarray:
+    """A raw block's 3 header bytes."""
+    return np.frombuffer((int(last) | (size << 3)).to_bytes(3, "little"), dtype=np.uint8)
+
+
+_WHOLE_BLOCK_HEADER = _block_header(_RAW_BLOCK, last=False)
+_LAST_WHOLE_BLOCK_HEADER = _block_header(_RAW_BLOCK, last=True)
 
 
 def frame_content_size(frame: memoryview | bytes) -> int | None:

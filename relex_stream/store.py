@@ -727,15 +727,16 @@ def encode_codes(row: np.ndarray, previous: np.ndarray, transform: str,
 def _raw_payload(data: np.ndarray, reference: np.ndarray | None,
                  transform: str) -> Callable[[int, int, np.ndarray], None]:
     """fill_payload (shards.fill_raw_frame) of one chunk's codes: data and reference (C,)
-    words; bytes [lo, hi) of the codes go into `into` (hi − lo,) uint8."""
+    words; bytes [lo, hi) of the codes go into `into` (uint8, hi − lo bytes in any shape)."""
     if reference is None or transform_spec(transform).mode == "none":
         source = data.view(np.uint8)
-        return lambda lo, hi, into: np.copyto(into, source[lo:hi])
+        return lambda lo, hi, into: np.copyto(into, source[lo:hi].reshape(into.shape))
     if transform == "xor-prev":  # XOR works byte by byte: any byte range is its own codes
         words, against = data.view(np.uint8), reference.view(np.uint8)
-        return lambda lo, hi, into: np.bitwise_xor(words[lo:hi], against[lo:hi], out=into)
+        return lambda lo, hi, into: np.bitwise_xor(words[lo:hi].reshape(into.shape),
+                                                   against[lo:hi].reshape(into.shape), out=into)
     codes = encode_codes(data, reference, transform, reuse=True)
-    return lambda lo, hi, into: np.copyto(into, codes[lo:hi])
+    return lambda lo, hi, into: np.copyto(into, codes[lo:hi].reshape(into.shape))
 
 
 def decode_chunk_codes(payload: memoryview, crc: int, transform: str, codes: np.ndarray,
