@@ -4,10 +4,18 @@ Writing the store through the page cache costs about as much CPU as reading the 
 on this project's bench machine 6.3 GB took 6.9 s of system time written buffered and 0.55 s
 written direct (bench/RESULTS.md), and buffered writes also evict the checkpoint pages a run is
 reading. Direct writes need the buffer address, the file offset and the length aligned, so the
-bytes are staged in one aligned buffer per thread and written a whole number of blocks at a
-time; the unaligned end is written through the page cache by `flush` or `finish`. A file
-system that refuses direct I/O (at open or at the first write) gets ordinary writes: the bytes
-in the file are the same either way.
+bytes are staged in aligned buffers and written a whole number of blocks at a time; the
+unaligned end is written through the page cache by `flush` or `finish`. A file system that
+refuses direct I/O (at open or at any write) gets ordinary writes: the bytes in the file are
+the same either way.
+
+A direct write waits for the device. So that the writing thread can build the next chunk
+meanwhile, each writing thread has STAGES staging buffers and a helper thread that writes the
+full ones: one is filled while the others are being written (on the dense bench ~5% of the
+run's wall time, bench/RESULTS.md). Everything else happens on the writing thread: a file's
+writes in flight are waited for before anything goes through the page cache, before `flush`
+and `finish` return, and before its descriptor may be closed (`settle`); a refusal the helper
+met is then written buffered, and any other error is raised there.
 """
 
 from __future__ import annotations
@@ -16,23 +24,104 @@ import errno
 import fcntl
 import mmap
 import os
+import queue
 import threading
+import weakref
 from collections.abc import Callable
 
 ALIGN_BYTES = 4096  # the largest logical block size in use; a multiple of the smaller ones
-STAGE_BYTES = 4 << 20  # one staging buffer per writing thread (fixed cost, not the budget)
+STAGE_BYTES = 4 << 20  # one staging buffer (fixed cost, not the budget)
+STAGES = 3  # staging buffers per writing thread: one being filled, the others being written
 DIRECT_MIN_BYTES = 256 << 10  # smaller writes go through the page cache (see DirectAppender)
 O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: always buffered
 
 _local = threading.local()
 
 
+class _InFlight:
+    """What a writing thread and its helper share: which staging buffers are free, and a lock
+    and condition for the appenders' counts of writes in flight."""
+
+    def __init__(self) -> None:
+        self.free = [threading.Event() for _ in range(STAGES)]
+        for event in self.free:
+            event.set()
+        self.changed = threading.Condition()
+
+
+class _Stages:
+    """A writing thread's staging buffers and the helper thread that writes them direct; the
+    helper ends when the writing thread does (this object is then collected)."""
+
+    def __init__(self) -> None:
+        self.buffers = [memoryview(mmap.mmap(-1, STAGE_BYTES)) for _ in range(STAGES)]
+        self.current = 0
+        self.shared = _InFlight()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=_write_jobs, args=(self.jobs, self.shared), daemon=True,
+                         name="relex-direct-writes").start()
+        weakref.finalize(self, self.jobs.put, None)
+
+    def filling(self) -> memoryview:
+        """The buffer to fill next (waits until it is written, when it was in flight)."""
+        self.shared.free[self.current].wait()
+        return self.buffers[self.current]
+
+    def send(self, appender: DirectAppender, blocks: memoryview, offset: int) -> None:
+        """Hand blocks (the start of the buffer being filled) to the helper; fill the next."""
+        with self.shared.changed:
+            appender._in_flight += 1
+        self.shared.free[self.current].clear()
+        self.jobs.put((appender, blocks, offset, self.current))
+        self.current = (self.current + 1) % STAGES
+
+
+def _stages() -> _Stages:
+    stages = getattr(_local, "stages", None)
+    if stages is None:
+        stages = _local.stages = _Stages()
+    return stages
+
+
 def _stage() -> memoryview:
-    """This thread's aligned staging buffer (an anonymous mapping is page aligned)."""
-    stage = getattr(_local, "stage", None)
-    if stage is None:
-        stage = _local.stage = memoryview(mmap.mmap(-1, STAGE_BYTES))
-    return stage
+    """This thread's aligned staging buffer to fill (an anonymous mapping is page aligned)."""
+    return _stages().filling()
+
+
+def _write_jobs(jobs: queue.SimpleQueue, shared: _InFlight) -> None:
+    """The helper: write each job's blocks direct at its offset. What the file system refuses
+    (EINVAL, or a short write not on a block boundary), and every later job of the same file,
+    is kept as bytes for the writing thread to write buffered; another error is kept to be
+    raised there."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        appender, blocks, offset, index = job
+        try:
+            while blocks and not appender._refused and appender._error is None:
+                try:
+                    done = os.pwrite(appender.fd, blocks, offset)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    done = 0
+                offset += done
+                blocks = blocks[done:]
+                if blocks and (done == 0 or done % ALIGN_BYTES):
+                    break
+            if blocks and appender._error is None:
+                appender._refused.append((offset, bytes(blocks)))
+        except BaseException as exc:  # raised on the writing thread
+            appender._error = exc
+        finally:
+            shared.free[index].set()
+            with shared.changed:
+                appender._in_flight -= 1
+                shared.changed.notify_all()
+            # hold nothing while waiting: the appender keeps the stages alive, and they must be
+            # collected for this thread to be told to end
+            del job, appender, blocks
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -64,13 +153,44 @@ class DirectAppender:
         self._end = 0  # bytes written so far
         self._carry = b""  # the bytes after the last block boundary before _end
         self._carry_in_file = True  # whether _carry has been written (else only in memory)
+        self._stages: _Stages | None = None  # where this file's writes in flight went
+        self._in_flight = 0  # blocks handed to the helper and not yet written
+        self._refused: list[tuple[int, bytes]] = []  # (offset, bytes) the helper could not write
+        self._error: BaseException | None = None  # what the helper met, raised by settle()
 
     @property
     def direct(self) -> bool:
         """Whether large writes still go direct (False once the file system refused)."""
         return self._can_direct
 
+    def wait(self) -> None:
+        """Wait for this file's writes in flight (from any thread): then its descriptor may be
+        closed without a late write landing in whatever file reuses the number."""
+        if self._stages is None:
+            return
+        shared = self._stages.shared
+        with shared.changed:
+            while self._in_flight:
+                shared.changed.wait()
+
+    def settle(self) -> None:
+        """Wait for this file's writes in flight; write buffered what the file system refused
+        (no more direct writes then); raise an error the helper met. After it, the file's
+        descriptor may be closed."""
+        self.wait()
+        error, self._error = self._error, None
+        if error is not None:
+            self._refused.clear()
+            raise error
+        if self._refused:
+            self._can_direct = False
+            self._mode(direct=False)
+            for offset, data in self._refused:
+                _pwrite_all(self.fd, memoryview(data), offset)
+            self._refused.clear()
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._check()
         view = memoryview(data).cast("B")
         if not view:
             return
@@ -84,6 +204,7 @@ class DirectAppender:
     def write_filled(self, n: int, fill: Callable[[memoryview], None]) -> None:
         """Append n bytes that `fill` writes into the (n,) view it is given: straight into the
         staging buffer when they go direct, so a chunk built there is not copied once more."""
+        self._check()
         if n <= 0:
             return
         stage = _stage()
@@ -105,6 +226,7 @@ class DirectAppender:
 
     def flush(self) -> None:
         """Make every byte written so far readable from the file."""
+        self.settle()
         if self._carry and not self._carry_in_file:
             self._mode(direct=False)
             _pwrite_all(self.fd, memoryview(self._carry), self._end - len(self._carry))
@@ -128,10 +250,10 @@ class DirectAppender:
 
     def _write_direct(self, view: memoryview) -> None:
         """Stage the carry and view, write the whole blocks direct, keep the rest in memory."""
-        stage = _stage()
         offset = self._end - len(self._carry)  # a block boundary
         self._end += len(view)
         while view:
+            stage = _stage()  # the last one filled may still be in flight
             held = len(self._carry)
             take = min(len(view), STAGE_BYTES - held)
             stage[:held] = self._carry
@@ -160,10 +282,15 @@ class DirectAppender:
         return offset
 
     def _write_blocks(self, blocks: memoryview, offset: int) -> int:
-        """Write whole blocks at offset direct; on a refusal (EINVAL) or an unaligned short
-        write, stop using direct I/O for this file and write the rest buffered. Returns the
-        offset after them."""
+        """Write whole blocks (the start of the staging buffer being filled) at offset direct,
+        through the helper; when O_DIRECT cannot be set, or (helper disabled) on a refusal
+        (EINVAL) or an unaligned short write, stop using direct I/O for this file and write the
+        rest buffered. Returns the offset after them."""
         self._mode(direct=True)
+        if self._direct_on:
+            self._stages = _stages()
+            self._stages.send(self, blocks, offset)
+            return offset + len(blocks)
         while blocks:
             try:
                 done = os.pwrite(self.fd, blocks, offset) if self._direct_on else 0
@@ -179,7 +306,14 @@ class DirectAppender:
                 return _pwrite_all(self.fd, blocks, offset)
         return offset
 
+    def _check(self) -> None:
+        """Act on what the helper met (a refusal, an error) before writing on."""
+        if self._refused or self._error is not None:
+            self.settle()
+
     def _mode(self, direct: bool) -> None:
+        if not direct and self._in_flight:  # buffered bytes must not race direct ones
+            self.settle()
         if direct != self._direct_on and _set_direct(self.fd, direct):
             self._direct_on = direct
 

@@ -323,6 +323,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self._fd >= 0:
+            self._file.wait()  # no direct write of it may land after the number is reused
             os.close(self._fd)
             self._fd = -1
 

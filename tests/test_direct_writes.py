@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import os
 import random
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -95,6 +98,7 @@ def test_direct_io_is_used_where_the_file_system_takes_it(tmp_path, monkeypatch)
         appender.write(small)
         assert direct_sizes == [], "a small write should go through the page cache"
         appender.write(large)
+        appender.wait()  # direct writes are made by the helper thread
         assert direct_sizes and all(n % ALIGN_BYTES == 0 for n in direct_sizes)
         assert sum(direct_sizes) == (len(small) + len(large)) // ALIGN_BYTES * ALIGN_BYTES
         assert buffered_sizes == [len(small)]
@@ -254,3 +258,72 @@ def test_files_written_in_turn_share_the_staging_buffers_and_keep_their_bytes(
             os.close(fd)
     for i in range(3):
         assert (folder / str(i)).read_bytes() == written[i]
+
+
+def test_an_error_of_a_direct_write_is_raised_on_the_writing_thread(tmp_path, monkeypatch):
+    """Direct writes are made by a helper thread: an error it meets (a full disk) is raised by
+    the appender's next call, not lost."""
+    if not _direct_supported(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    real_write = os.pwrite
+
+    def full_when_direct(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(direct_writes.os, "pwrite", full_when_direct)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        appender = DirectAppender(fd)
+        appender.write(b"x" * (2 * DIRECT_MIN_BYTES))
+        with pytest.raises(OSError) as caught:
+            appender.finish()
+        assert caught.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def test_wait_returns_once_the_helper_has_written(tmp_path, monkeypatch):
+    """After wait() the whole blocks are in the file, so the descriptor may be closed (a late
+    write would otherwise land in whatever file reuses its number)."""
+    if not _direct_supported(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    real_write = os.pwrite
+
+    def slow(fd, data, offset):
+        time.sleep(0.2)
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(direct_writes.os, "pwrite", slow)
+    data = random.Random(5).randbytes(3 * STAGE_BYTES + 100)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        appender = DirectAppender(fd)
+        appender.write(data)
+        appender.wait()
+        whole = len(data) // ALIGN_BYTES * ALIGN_BYTES
+        with open(tmp_path / "f", "rb") as reader:  # fd itself is O_DIRECT: unaligned reads fail
+            assert reader.read(whole) == data[:whole]
+    finally:
+        os.close(fd)
+
+
+def test_the_helper_thread_ends_with_its_writing_thread(tmp_path):
+    def helpers() -> int:
+        return sum(t.name == "relex-direct-writes" for t in threading.enumerate())
+
+    before = helpers()
+
+    def write_one() -> None:
+        _write(tmp_path / "f", [b"z" * (DIRECT_MIN_BYTES + 7)])
+
+    thread = threading.Thread(target=write_one)
+    thread.start()
+    thread.join()
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while helpers() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert helpers() == before
+    assert (tmp_path / "f").read_bytes() == b"z" * (DIRECT_MIN_BYTES + 7)
