@@ -1,12 +1,13 @@
-"""zstd frames of the store's chunks, with one compression context per thread.
+"""zstd frames of the store's chunks, with one (de)compression context per thread.
 
-numcodecs' Zstd creates and frees a compression context for every chunk it encodes: with the
+numcodecs' Zstd creates and frees a context for every chunk it encodes or decodes: with the
 1 MiB chunks of the store, each context's tables are fresh memory (page faults and zeroing), a
-few percent of the store writer's CPU on the drift bench (bench/RESULTS.md). Its extension
-module exports the zstd library it is built with, so the same library is called here through
-ctypes with a context kept per thread (the GIL is let go during the call, as numcodecs does).
-The frames are the bytes numcodecs writes (same library, same level; checked at import on a
-known input, else numcodecs is used).
+few percent of the store writer's CPU on the drift bench, and half the time of decoding a raw
+chunk (bench/RESULTS.md). Its extension module exports the zstd library it is built with, so
+the same library is called here through ctypes with contexts kept per thread (the GIL is let go
+during the call, as numcodecs does). The frames are the bytes numcodecs writes (same library,
+same level; checked at import on a known input, else numcodecs is used), and decoding writes at
+most the bytes of `out`, whatever a frame claims.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class _Context:
     def __init__(self, library: ctypes.CDLL):
         self._library = library
         self.cctx = library.ZSTD_createCCtx()
-        if not self.cctx:
-            raise MemoryError("ZSTD_createCCtx failed")
+        self.dctx = library.ZSTD_createDCtx()
+        if not self.cctx or not self.dctx:
+            raise MemoryError("ZSTD_createCCtx or ZSTD_createDCtx failed")
         self.out = np.empty(0, dtype=np.uint8)
 
     def buffer(self, nbytes: int) -> np.ndarray:
@@ -44,6 +46,9 @@ class _Context:
         if getattr(self, "cctx", None):
             self._library.ZSTD_freeCCtx(self.cctx)
             self.cctx = None
+        if getattr(self, "dctx", None):
+            self._library.ZSTD_freeDCtx(self.dctx)
+            self.dctx = None
 
 
 def _load() -> ctypes.CDLL | None:
@@ -62,10 +67,23 @@ def _load() -> ctypes.CDLL | None:
         library.ZSTD_compressCCtx.restype = ctypes.c_size_t
         library.ZSTD_compressCCtx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
                                               ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        library.ZSTD_createDCtx.restype = ctypes.c_void_p
+        library.ZSTD_createDCtx.argtypes = []
+        library.ZSTD_freeDCtx.restype = ctypes.c_size_t
+        library.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+        library.ZSTD_decompressDCtx.restype = ctypes.c_size_t
+        library.ZSTD_decompressDCtx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                                ctypes.c_void_p, ctypes.c_size_t]
         probe = np.frombuffer(bytes(range(256)) * 64 + bytes(5000), dtype=np.uint8)
-        frame = _compress_with(_Context(library), library, probe)
+        context = _Context(library)
+        frame = _compress_with(context, library, probe)
         if bytes(frame) != bytes(_numcodecs.encode(probe)):
             log.debug("zstd through ctypes gives other bytes than numcodecs: not used")
+            return None
+        decoded = np.empty_like(probe)
+        _decompress_with(context, library, np.frombuffer(bytes(frame), dtype=np.uint8), decoded)
+        if not np.array_equal(decoded, probe):
+            log.debug("zstd through ctypes does not decode its own frame: not used")
             return None
         return library
     except (ImportError, OSError, AttributeError, MemoryError, ValueError) as exc:
@@ -83,7 +101,24 @@ def _compress_with(context: _Context, library: ctypes.CDLL, data: np.ndarray) ->
     return memoryview(out)[:size]
 
 
+def _decompress_with(context: _Context, library: ctypes.CDLL, frame: np.ndarray,
+                     out: np.ndarray) -> None:
+    size = library.ZSTD_decompressDCtx(context.dctx, out.ctypes.data, out.size, frame.ctypes.data,
+                                       frame.size)
+    if library.ZSTD_isError(size):
+        raise ValueError(f"zstd could not decode a {frame.size}-byte frame (code {size})")
+    if size != out.size:
+        raise ValueError(f"a zstd frame decoded to {size} bytes, expected {out.size}")
+
+
 _library = _load()
+
+
+def _context() -> _Context:
+    context = getattr(_local, "context", None)
+    if context is None:
+        context = _local.context = _Context(_library)
+    return context
 
 
 def compress(data: memoryview | np.ndarray, reuse: bool = False) -> bytes | memoryview:
@@ -92,13 +127,17 @@ def compress(data: memoryview | np.ndarray, reuse: bool = False) -> bytes | memo
     if _library is None:
         return _numcodecs.encode(data)
     array = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-    context = getattr(_local, "context", None)
-    if context is None:
-        context = _local.context = _Context(_library)
-    frame = _compress_with(context, _library, array)
+    frame = _compress_with(_context(), _library, array)
     return frame if reuse else bytes(frame)
 
 
 def decompress(frame: bytes | memoryview, out: np.ndarray) -> None:
-    """Decode one frame into `out` (contiguous; its size is the frame's content size)."""
-    _numcodecs.decode(frame, out=out)
+    """Decode one frame into `out` ((n,) uint8, contiguous): exactly n bytes, else ValueError
+    (or numcodecs' RuntimeError where the library is not used)."""
+    if _library is None:
+        _numcodecs.decode(frame, out=out)
+        return
+    if out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be contiguous (n,) uint8, got {out.shape} {out.dtype}")
+    source = np.frombuffer(memoryview(frame).cast("B"), dtype=np.uint8)
+    _decompress_with(_context(), _library, source, out)
