@@ -288,8 +288,11 @@ class DirectAppender:
         rest buffered. Returns the offset after them."""
         self._mode(direct=True)
         if self._direct_on:
-            self._stages = _stages()
-            self._stages.send(self, blocks, offset)
+            stages = _stages()
+            if self._stages is not stages:  # written from another thread before: its helper's
+                self.wait()  # writes must land first (and wait() watches one helper at a time)
+                self._stages = stages
+            stages.send(self, blocks, offset)
             return offset + len(blocks)
         while blocks:
             try:

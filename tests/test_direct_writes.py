@@ -327,3 +327,32 @@ def test_the_helper_thread_ends_with_its_writing_thread(tmp_path):
         time.sleep(0.01)
     assert helpers() == before
     assert (tmp_path / "f").read_bytes() == b"z" * (DIRECT_MIN_BYTES + 7)
+
+
+def test_a_file_written_from_one_thread_then_another_keeps_its_bytes(tmp_path, monkeypatch):
+    """Each writing thread has its own helper: a file handed from one thread to the next waits
+    for the first helper's writes before the second takes over, and finishes."""
+    real_write = os.pwrite
+
+    def slow_start(fd, data, offset):  # the first thread's first write is still in flight
+        if offset == 0:  # when the next thread's writes are done
+            time.sleep(1.0)
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(direct_writes.os, "pwrite", slow_start)
+    pieces = _pieces([STAGE_BYTES + 5, 2 * STAGE_BYTES + 3, 7, 2 * STAGE_BYTES + 1], seed=8)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        appender = DirectAppender(fd)
+        for piece in pieces:
+            thread = threading.Thread(target=appender.write, args=(piece,), daemon=True)
+            thread.start()
+            thread.join(timeout=10)
+            assert not thread.is_alive(), "a write hung"
+        finisher = threading.Thread(target=appender.finish, daemon=True)
+        finisher.start()
+        finisher.join(timeout=10)
+        assert not finisher.is_alive(), "finish hung"
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
