@@ -99,17 +99,8 @@ def _write_jobs(jobs: queue.SimpleQueue, shared: _InFlight) -> None:
             return
         appender, blocks, offset, index = job
         try:
-            while blocks and not appender._refused and appender._error is None:
-                try:
-                    done = os.pwrite(appender.fd, blocks, offset)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    done = 0
-                offset += done
-                blocks = blocks[done:]
-                if blocks and (done == 0 or done % ALIGN_BYTES):
-                    break
+            if not appender._refused and appender._error is None:
+                offset, blocks = _pwrite_direct(appender.fd, blocks, offset)
             if blocks and appender._error is None:
                 appender._refused.append((offset, bytes(blocks)))
         except BaseException as exc:  # raised on the writing thread
@@ -122,6 +113,23 @@ def _write_jobs(jobs: queue.SimpleQueue, shared: _InFlight) -> None:
             # hold nothing while waiting: the appender keeps the stages alive, and they must be
             # collected for this thread to be told to end
             del job, appender, blocks
+
+
+def _pwrite_direct(fd: int, blocks: memoryview, offset: int) -> tuple[int, memoryview]:
+    """Write whole blocks direct at offset until all are written or the file system refuses
+    (EINVAL, or a short write off a block boundary): the offset reached and what is left."""
+    while blocks:
+        try:
+            done = os.pwrite(fd, blocks, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            break
+        offset += done
+        blocks = blocks[done:]
+        if blocks and (done == 0 or done % ALIGN_BYTES):
+            break
+    return offset, blocks
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -283,31 +291,19 @@ class DirectAppender:
 
     def _write_blocks(self, blocks: memoryview, offset: int) -> int:
         """Write whole blocks (the start of the staging buffer being filled) at offset direct,
-        through the helper; when O_DIRECT cannot be set, or (helper disabled) on a refusal
-        (EINVAL) or an unaligned short write, stop using direct I/O for this file and write the
-        rest buffered. Returns the offset after them."""
+        through this thread's helper; when O_DIRECT cannot be set, stop using direct I/O for
+        this file and write them buffered. Returns the offset after them."""
         self._mode(direct=True)
-        if self._direct_on:
-            stages = _stages()
-            if self._stages is not stages:  # written from another thread before: its helper's
-                self.wait()  # writes must land first (and wait() watches one helper at a time)
-                self._stages = stages
-            stages.send(self, blocks, offset)
-            return offset + len(blocks)
-        while blocks:
-            try:
-                done = os.pwrite(self.fd, blocks, offset) if self._direct_on else 0
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                done = 0
-            offset += done
-            blocks = blocks[done:]
-            if blocks and (done == 0 or done % ALIGN_BYTES):
-                self._can_direct = False
-                self._mode(direct=False)
-                return _pwrite_all(self.fd, blocks, offset)
-        return offset
+        if not self._direct_on:
+            self._can_direct = False
+            self._mode(direct=False)  # (waits for this file's writes in flight, if any)
+            return _pwrite_all(self.fd, blocks, offset)
+        stages = _stages()
+        if self._stages is not stages:  # written from another thread before: its helper's
+            self.wait()  # writes must land first (and wait() watches one helper at a time)
+            self._stages = stages
+        stages.send(self, blocks, offset)
+        return offset + len(blocks)
 
     def _check(self) -> None:
         """Act on what the helper met (a refusal, an error) before writing on."""
