@@ -27,7 +27,8 @@ _local = threading.local()
 
 
 class _Context:
-    """A thread's compression context and output buffer; freed with the thread."""
+    """A thread's zstd contexts (compression, decompression) and output buffer; freed with
+    the thread."""
 
     def __init__(self, library: ctypes.CDLL):
         self._library = library
