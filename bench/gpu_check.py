@@ -6,7 +6,7 @@ under its own time limit; each prints one JSON line with "section" and "status" 
 ends, and some print "part" lines before that. Sections, in order:
 
   env          card, memory, driver, CUDA, torch and package versions, CPU count, RAM, disk
-  kernels      the engine's Gram kernel (changed_columns, block_deltas, add_gram_panels) and
+  kernels      the engine's Gram kernel (changed_columns, block_deltas, gram_panels) and
                combine_block on one (K, 65536) block, K = 30 and 100, dense and ~7% support,
                against the raw float64 matmul; host→device copy rates (pageable, torch's pinned
                memory, and the read ring's cudaHostRegister); a probe of what a failed
@@ -452,7 +452,7 @@ def _synthetic_rows(n_rows: int, n_cols: int, support: float):
 
 
 def _block_rates(ctx: Ctx, device, n_rows: int, support: float) -> dict:
-    """The first pass (changed_columns, block_deltas, add_gram_panels) and the second
+    """The first pass (changed_columns, block_deltas, gram_panels) and the second
     (combine_block) on one (K, 65536) block already on the device, and the raw float64
     (K, 65536) @ (65536, K) matmul the Gram panels are made of."""
     import torch
@@ -460,11 +460,12 @@ def _block_rates(ctx: Ctx, device, n_rows: int, support: float) -> dict:
     from relex_stream.kernels import (
         GRAM_BLOCK_COLS,
         Workspace,
-        add_gram_panels,
+        add_panels,
         any_row,
         block_deltas,
         changed_columns,
         combine_block,
+        gram_panels,
     )
     from relex_stream.store_layout import PANEL_DENSE_FRACTION, PANEL_ROWS
 
@@ -479,13 +480,13 @@ def _block_rates(ctx: Ctx, device, n_rows: int, support: float) -> dict:
     def first_pass() -> None:
         changed = changed_columns(rows, base, ws)
         holder["block"] = block_deltas(rows, base, changed, ws)
-        add_gram_panels(gram, changed, holder["block"], 0, ws)
+        add_panels(gram, ws, gram_panels(changed, holder["block"], 0, ws))
 
     per_block = _timed(first_pass, device, at_least)
     combine = _timed(lambda: combine_block(weights, holder["block"], base, torch.bfloat16, ws),
                      device, at_least)
     changed = changed_columns(rows, base, ws)
-    macs = 0  # multiply-adds of the panels, as add_gram_panels forms them
+    macs = 0  # multiply-adds of the panels, as gram_panels forms them
     for r0 in range(0, n_rows, PANEL_ROWS):
         r1 = min(n_rows, r0 + PANEL_ROWS)
         count = int(any_row(changed[r0:r1]).sum())
@@ -514,9 +515,10 @@ def _chunk_rate(ctx: Ctx, device, n_rows: int, n_blocks: int, support: float) ->
     from relex_stream.kernels import (
         GRAM_BLOCK_COLS,
         Workspace,
-        add_gram_panels,
+        add_panels,
         block_deltas,
         changed_columns,
+        gram_panels,
     )
     from relex_stream.reader import Ring
 
@@ -540,7 +542,7 @@ def _chunk_rate(ctx: Ctx, device, n_rows: int, n_blocks: int, support: float) ->
             b = a + GRAM_BLOCK_COLS
             changed = changed_columns(rows_t[:, a:b], base_t[a:b], ws)
             block = block_deltas(rows_t[:, a:b], base_t[a:b], changed, ws)
-            add_gram_panels(gram, changed, block, 0, ws)
+            add_panels(gram, ws, gram_panels(changed, block, 0, ws))
 
     try:
         per_chunk = _timed(chunk, device, 0.05 if ctx.dry else 1.0)

@@ -210,14 +210,6 @@ def block_deltas(
     return BlockDeltas(columns, deltas_into(picked, base64[:m], out, ws), width)
 
 
-def add_gram_panels(
-    gram: torch.Tensor, changed: torch.Tensor, block: BlockDeltas, first_row: int,
-    ws: Workspace,
-) -> None:
-    """Add one block's panels from row `first_row` (a multiple of PANEL_ROWS) to gram (K, K)."""
-    add_panels(gram, ws, gram_panels(changed, block, first_row, ws))
-
-
 def gram_panels(
     changed: torch.Tensor, block: BlockDeltas, first_row: int, ws: Workspace
 ) -> list[tuple[int, int]]:
@@ -240,10 +232,10 @@ def gram_panels(
         count = int(panel.sum())
         if count == 0:
             continue
-        if count >= PANEL_DENSE_FRACTION * block.width:  # then the block's deltas are dense too
-            deltas = block.deltas[:r1]  # (r1, s)
-        elif count == block.support:  # the panel changed every column of the block's support
-            deltas = block.deltas[:r1]  # (r1, m): what the gather would copy, in the same order
+        # a dense panel (then the block's deltas are dense too), or one that changed every
+        # column of the block's support: its deltas are the block's, in the same order
+        if count >= PANEL_DENSE_FRACTION * block.width or count == block.support:
+            deltas = block.deltas[:r1]  # (r1, m)
         else:
             if block.columns is not None:
                 panel = panel.index_select(0, block.columns)  # (m,)
