@@ -3,7 +3,8 @@
 A tensor is a sequence of pieces: one for a safetensors file, one per rank for verl FSDP shards
 (dim-0 slices in rank order, which concatenate to the tensor flattened in C order). Reads go
 through os.preadv into the engine's own buffers rather than mmap, so checkpoint pages never
-count against the process's resident memory.
+count against the process's resident memory; bytes the page cache does not hold are read
+past it (direct_reads.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .direct_reads import read_uncached
 from .errors import RelexError
 from .safetensors_io import DTYPES, FLOAT_CODES
 
@@ -91,7 +93,7 @@ def _pread_all(path: Path, view: memoryview, offset: int, name: str) -> None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise RelexError(f"{path} is no longer a regular file; it changed during the run")
-        done = 0
+        done = read_uncached(fd, np.frombuffer(view, dtype=np.uint8), offset)
         while done < len(view):
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
