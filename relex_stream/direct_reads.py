@@ -76,7 +76,7 @@ def resident_fraction(fd: int, offset: int, length: int) -> float:
 def _stage() -> np.ndarray:
     """This thread's aligned (STAGE_BYTES,) staging buffer (an anonymous mapping is aligned)."""
     stage = getattr(_local, "stage", None)
-    if stage is None:
+    if stage is None or stage.shape[0] != STAGE_BYTES:
         stage = _local.stage = np.frombuffer(mmap.mmap(-1, STAGE_BYTES), dtype=np.uint8)
     return stage
 
