@@ -232,9 +232,9 @@ def main() -> None:
     result: dict = {"trajectory": str(trajectory), "K": n_rows, "cold_drops": drop_caches()}
     if not args.skip_floors:
         buffered_s, io_bytes = read_floor_seconds(files, cold=True)
+        warm_s, _ = read_floor_seconds(files, cold=False)
         direct_s = read_floor_direct_seconds(files)
         cold_s = min(buffered_s, direct_s or buffered_s)  # the stricter floor
-        warm_s, _ = read_floor_seconds(files, cold=False)
         n = float_elements(trajectory)
         rate = matmul_rate(n_rows, args.device)
         result |= {
