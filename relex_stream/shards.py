@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import direct_reads, zstd_frames
+from . import zstd_frames
 from .checksum import crc32c
 from .direct_writes import DirectAppender
 from .safefs import create_file, pread_exact
@@ -355,20 +355,9 @@ def read_index(fd: int, n_chunks: int, record: ShardRecord) -> ShardIndex:
     return ShardIndex(offsets, sizes, sums[:, 0].copy(), sums[:, 1].copy())
 
 
-def read_chunk_payload(fd: int, index: ShardIndex, j: int) -> bytes | memoryview:
-    """The encoded bytes (frame and trailer) of chunk j. A large one the page cache does not
-    hold is read past it into this thread's buffer (valid until its next read)."""
-    size, offset = int(index.sizes[j]), int(index.offsets[j])
-    if size < direct_reads.DIRECT_MIN_BYTES:
-        return pread_exact(fd, size, offset)
-    buffer = getattr(_local, "payload", None)
-    if buffer is None or buffer.shape[0] < size:
-        buffer = _local.payload = np.empty(size, dtype=np.uint8)
-    out = buffer[:size]
-    done = direct_reads.read_uncached(fd, out, offset)
-    if done < size:
-        out[done:] = np.frombuffer(pread_exact(fd, size - done, offset + done), dtype=np.uint8)
-    return memoryview(out)
+def read_chunk_payload(fd: int, index: ShardIndex, j: int) -> bytes:
+    """The encoded bytes (frame and trailer) of chunk j."""
+    return pread_exact(fd, int(index.sizes[j]), int(index.offsets[j]))
 
 
 # --------------------------------------------------------------------------- zarr metadata

@@ -159,8 +159,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 def test_a_run_reading_direct_gives_the_bytes_of_one_reading_through_the_cache(
         tmp_path, monkeypatch):
     """Every checkpoint read direct, rows read by the reader's threads: the outputs are those
-    of a run reading through the page cache, and match the float64 reference; so do those of
-    a rerun that reads the store's chunks direct."""
+    of a run reading through the page cache, and match the float64 reference."""
     traj = build_trajectory(tmp_path / "traj", Spec(vocab=4096, steps=(10, 20, 30, 40)))
     if not direct_reads.O_DIRECT or direct_reads._LIBC is None:
         pytest.skip("no O_DIRECT or mincore on this platform")
@@ -183,7 +182,6 @@ def test_a_run_reading_direct_gives_the_bytes_of_one_reading_through_the_cache(
         return done
 
     monkeypatch.setattr("relex_stream.tensor_files.read_uncached", counting)
-    monkeypatch.setattr(direct_reads, "read_uncached", counting)  # the store's reads
     assert cli_main([str(a) for a in [*args, "--out", tmp_path / "direct"]]) == 0
     if not any(direct):
         pytest.skip("this file system takes no direct reads")
@@ -192,18 +190,3 @@ def test_a_run_reading_direct_gives_the_bytes_of_one_reading_through_the_cache(
     assert cached.keys() == read_direct.keys() and cached
     assert cached == read_direct
     check_against_reference(traj, tmp_path / "direct", [80])
-
-    # a rerun from the store reads its chunks direct too (evicted, whatever their size)
-    direct.clear()
-    store = tmp_path / "direct" / "trajectory.zarr"
-    for path in store.rglob("*"):
-        if path.is_file():
-            _evict(path)
-    rerun = ["run", "--cache", store, "--target", "80", "--device", "cpu", "--quiet"]
-    assert cli_main([str(a) for a in [*rerun, "--out", tmp_path / "rerun-direct"]]) == 0
-    assert direct and all(direct), "the store's chunks were not read direct"
-    monkeypatch.setattr(direct_reads, "O_DIRECT", 0)
-    assert cli_main([str(a) for a in [*rerun, "--out", tmp_path / "rerun-cached"]]) == 0
-    rerun_direct = _outputs(tmp_path / "rerun-direct")
-    assert rerun_direct == _outputs(tmp_path / "rerun-cached") and rerun_direct
-    check_against_reference(traj, tmp_path / "rerun-direct", [80])
