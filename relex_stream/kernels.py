@@ -139,8 +139,7 @@ def gather_columns(values: torch.Tensor, columns: torch.Tensor, out: torch.Tenso
     """values[:, columns] into `out` (K, m) of values' dtype (contiguous), any dtype."""
     if values.device.type == "cpu":  # numpy's take, row by row, is ~10x faster than torch's
         words, picked, target = as_words(values).numpy(), columns.numpy(), as_words(out).numpy()
-        for k in range(words.shape[0]):  # 'clip': the columns are in range; 'raise' buffers
-            words[k].take(picked, out=target[k], mode="clip")
+        words.take(picked, axis=1, out=target, mode="clip")
         return out
     return torch.index_select(values, 1, columns, out=out)
 
