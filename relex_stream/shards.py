@@ -18,7 +18,6 @@ zstd decoder reads.
 
 from __future__ import annotations
 
-import functools
 import os
 import struct
 import threading
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import crc_algebra, zstd_frames
+from . import zstd_frames
 from .checksum import crc32c
 from .direct_writes import DirectAppender
 from .safefs import create_file, pread_exact
@@ -113,27 +112,6 @@ def fill_raw_frame(frame: np.ndarray, n: int,
         pos = 13 + whole * (_RAW_BLOCK + 3)
         frame[pos : pos + 3] = _block_header(rest, last=True)
         fill_payload(whole * _RAW_BLOCK, n, frame[pos + 3 : pos + 3 + rest])
-
-
-def raw_blocks(n: int) -> list[tuple[int, int]]:
-    """[start, stop) of the payload bytes of each raw block of an n-byte chunk's frame."""
-    return [(lo, min(lo + _RAW_BLOCK, n)) for lo in range(0, max(n, 1), _RAW_BLOCK)]
-
-
-def raw_frame_crc(n: int, block_crcs: list[int]) -> int:
-    """crc32c of the raw-blocks frame of an n-byte chunk from the crc32c of its payload's raw
-    blocks (raw_blocks(n)), without reading the payload again (crc_algebra.py)."""
-    blocks = raw_blocks(n)
-    parts = [(_header_crc(_frame_header(n).tobytes()), 13)]
-    for i, ((lo, hi), crc) in enumerate(zip(blocks, block_crcs, strict=True)):
-        last = i == len(blocks) - 1
-        parts += [(_header_crc(_block_header(hi - lo, last).tobytes()), 3), (crc, hi - lo)]
-    return crc_algebra.concat(parts)
-
-
-@functools.lru_cache(maxsize=64)
-def _header_crc(header: bytes) -> int:
-    return crc32c(header)
 
 
 def _frame_header(n: int) -> np.ndarray:
@@ -303,23 +281,21 @@ class ShardWriter:
 
     def write_raw_chunk(self, j: int, n: int,
                         fill_payload: Callable[[int, int, np.ndarray], None],
-                        raw_crc: int, frame_crc: int | None = None) -> None:
+                        raw_crc: int) -> None:
         """Append chunk j of n bytes as a raw-blocks frame that fill_payload (see
         fill_raw_frame) writes in the file's staging buffer: no frame is built elsewhere and
-        copied in. frame_crc: the frame's crc32c when the caller knows it (raw_frame_crc),
-        else it is computed over the frame."""
+        copied in."""
         size = raw_frame_bytes(n)
-        frame_crcs = [] if frame_crc is None else [frame_crc]
+        frame_crc = []
 
         def fill(view: memoryview) -> None:
             buffer = np.frombuffer(view, dtype=np.uint8)  # (size + 4,)
             fill_raw_frame(buffer[:size], n, fill_payload)
-            if not frame_crcs:
-                frame_crcs.append(crc32c(buffer[:size]))
-            struct.pack_into("<I", buffer, size, frame_crcs[0])
+            frame_crc.append(crc32c(buffer[:size]))
+            struct.pack_into("<I", buffer, size, frame_crc[0])
 
         self._file.write_filled(size + 4, fill)
-        self._record(j, size, frame_crcs[0], raw_crc)
+        self._record(j, size, frame_crc[0], raw_crc)
 
     def _record(self, j: int, frame_bytes: int, frame_crc: int, raw_crc: int) -> None:
         self.index.offsets[j] = self._pos

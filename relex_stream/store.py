@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import crc_algebra, shards
+from . import shards
 from .checkpoints import JSON_AUX
 from .errors import RelexError
 from .jsonfile import JsonProblem, loads_strict
@@ -983,8 +983,6 @@ class GroupWriter:
         self._transform = pending.transform(group.row_dtype)
         self._compress = pending.codec != "none"
         self._encoders: dict[int | None, shards.ChunkEncoder] = {}
-        # (row, chunk) -> crc32c of the chunk's raw blocks, within one write() call
-        self._block_crcs: dict[tuple[int | None, int], list[int]] = {}
         gen_dir = f"gen{pending.generation}"
         try:
             if write_base:
@@ -1030,19 +1028,14 @@ class GroupWriter:
         Returns the bytes written.
         """
         written = 0
-        try:
-            if None in self._shards:
-                written += self._write_shard(None, name, start, base, None)
-            if rows is None or not self.group.has_rows:
-                return written
-            for k in range(self.first_row, rows.shape[0]):
-                previous = None if k == 0 else rows[k - 1]
-                written += self._write_shard(k, name, start, rows[k], previous, base)
-                self._block_crcs = {key: v for key, v in self._block_crcs.items()
-                                    if key[0] == k}  # only the last row's are needed next
+        if None in self._shards:
+            written += self._write_shard(None, name, start, base, None)
+        if rows is None or not self.group.has_rows:
             return written
-        finally:
-            self._block_crcs = {}
+        for k in range(self.first_row, rows.shape[0]):
+            previous = None if k == 0 else rows[k - 1]
+            written += self._write_shard(k, name, start, rows[k], previous, base)
+        return written
 
     def _write_shard(self, row: int | None, name: str, start: int, raw: np.ndarray,
                      previous: np.ndarray | None, base: np.ndarray | None = None) -> int:
@@ -1060,21 +1053,18 @@ class GroupWriter:
             lo = j * chunk - offset
             a, b = max(lo, start), min(lo + chunk, stop, numel)
             data = raw[a - start : b - start]
-            raw_frame = b - a == chunk and not encoder.tries_zstd()
-            raw_crc = self._raw_crc(row, j, data, transform) if raw_frame else (
-                shards.crc32c(data))
+            raw_crc = shards.crc32c(data)
             reference = None
             if row is not None:
                 reference = (
                     previous[a - start : b - start] if previous is not None
                     else _reference_row(base[a - start : b - start], group, raw.dtype)
                 )
-            if raw_frame:
+            if b - a == chunk and not encoder.tries_zstd():
                 # kept as raw blocks: the codes are computed where the file's bytes are staged
                 encoder.skip()
-                frame_crc = self._frame_crc(row, j, data, reference, transform)
                 shard.write_raw_chunk(j, data.nbytes, _raw_payload(data, reference, transform),
-                                      raw_crc, frame_crc)
+                                      raw_crc)
                 written += shards.raw_frame_bytes(data.nbytes) + 4
                 continue
             if b - a < chunk:  # the tensor's last chunk: zarr pads with the fill value
@@ -1088,39 +1078,6 @@ class GroupWriter:
             shard.write_chunk(j, frame, crc, raw_crc)
             written += len(frame) + 4
         return written
-
-    def _raw_crc(self, row: int | None, j: int, data: np.ndarray, transform: str) -> int:
-        """crc32c of the raw bits of a chunk kept as raw blocks. Where its frame's crc32c can
-        follow from them (XOR codes, or none), taken from the crc32c of its raw blocks, kept
-        for _frame_crc (and the next row's): the frame is then not read again; on dense rows
-        that pass was ~0.8 s of the store writer's CPU per 6 GB (crc_algebra.py)."""
-        if transform not in ("xor-prev", "none"):
-            return shards.crc32c(data)
-        n = data.nbytes
-        blocks = shards.raw_blocks(n)
-        bits = data.view(np.uint8)
-        block_crcs = [shards.crc32c(bits[lo:hi]) for lo, hi in blocks]
-        self._block_crcs[(row, j)] = block_crcs
-        return crc_algebra.concat([(crc, hi - lo) for crc, (lo, hi) in
-                                   zip(block_crcs, blocks, strict=True)])
-
-    def _frame_crc(self, row: int | None, j: int, data: np.ndarray, reference: np.ndarray | None,
-                   transform: str) -> int | None:
-        """The crc32c of chunk j's raw-blocks frame from the crc32c of its raw blocks and the
-        previous row's (codes are their XOR); None where it must be computed over the frame."""
-        own = self._block_crcs.get((row, j))
-        if own is None:
-            return None
-        n = data.nbytes
-        if reference is None or transform == "none":
-            return shards.raw_frame_crc(n, own)
-        previous = self._block_crcs.get((row - 1, j)) if row else None
-        if previous is None:  # the first row written here, or one whose chunk was compressed
-            bits = reference.view(np.uint8)
-            previous = [shards.crc32c(bits[lo:hi]) for lo, hi in shards.raw_blocks(n)]
-        codes = [crc_algebra.xor(mine, theirs, hi - lo) for mine, theirs, (lo, hi) in
-                 zip(own, previous, shards.raw_blocks(n), strict=True)]
-        return shards.raw_frame_crc(n, codes)
 
     def finish(self, grams: dict[str, np.ndarray], kinds: dict[str, str],
                support: dict[str, int], old: GroupRecord | None) -> None:
