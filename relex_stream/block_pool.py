@@ -22,15 +22,12 @@ Result = TypeVar("Result")
 class BlockPool:
     """Runs tasks `task(workspace) -> result` on one thread per workspace."""
 
-    def __init__(self, workspaces: list[Workspace], threads: int | None = None):
-        """threads: at most one per workspace (default: one per workspace); a workspace
-        beyond the threads holds a finished block while its thread computes the next."""
+    def __init__(self, workspaces: list[Workspace]):
         if not workspaces:
             raise ValueError("a BlockPool needs at least one workspace")
         self.workspaces = workspaces
-        threads = len(workspaces) if threads is None else max(1, min(threads, len(workspaces)))
         # one workspace: run inline (a GPU, or a budget too small for two), no thread hand-off
-        self._executor = (ThreadPoolExecutor(threads, thread_name_prefix="relex-compute")
+        self._executor = (ThreadPoolExecutor(len(workspaces), thread_name_prefix="relex-compute")
                           if len(workspaces) > 1 else None)
 
     def in_order(

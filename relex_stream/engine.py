@@ -159,7 +159,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     dtypes = output_dtypes(gen.layout, request.output_dtype)
     cores = _cores(ranks)
     budget = _budget(request, gen, len(outputs), _compute_threads_wanted(device, cores))
-    _cpu_threads(device, budget.threads, cores)
+    _cpu_threads(device, budget.workspaces, cores)
     gpu_bytes = device_budget(device, request.max_gpu_memory_bytes)
     device_jobs = None if gpu_bytes is None else max(0, (gpu_bytes - budget.fixed) // 2)
     plan = chunking(inputs, budget, device_jobs)
@@ -215,7 +215,7 @@ def _run_on_store(request: RunRequest, ranks: Ranks, inputs: RunInputs, store: T
     aux = inputs.aux if inputs.aux is not None else store.aux_files(gen)
     summary = RunSummary([o.directory for o in outputs], request.store_path, inputs.observed)
     summary.rank = ranks.rank
-    summary.compute_threads = budget.threads
+    summary.compute_threads = budget.workspaces
     summary.appended_steps = inputs.new_steps if inputs.kind == "append" else []
     all_groups = gen.groups()
     summary.tensors = sum(len(g.tensors) for g in all_groups) + len(gen.aliases)
@@ -450,7 +450,7 @@ def _write_outputs(
                 keep_ring=Ring(keep_bytes, device=device) if outputs and keep_bytes > 0 else None,
                 materialise=bool(outputs),
                 pool=BlockPool([Workspace(len(gen.steps), len(outputs), budget.block_cols, device)
-                                for _ in range(budget.workspaces)], budget.threads),
+                                for _ in range(budget.workspaces)]),
                 progress=progress,
                 stats=stats,
                 ill_conditioned=summary.ill_conditioned,

@@ -29,10 +29,6 @@ RING_SHARE = 0.75
 # only when that is at most this fraction of the budget, so small budgets keep their ring (at
 # K = 30 a block scratch is 59 MB: two compute threads from --max-memory 448M up).
 MAX_SCRATCH_SHARE = 0.125
-# A compute thread's block stays in its workspace until the main thread has taken it (Gram sum,
-# output write); with a second workspace the thread starts the next block meanwhile: compute
-# threads were idle ~60% of a dense run waiting for the main thread (bench/RESULTS.md).
-WORKSPACES_PER_THREAD = 2
 CODEC_BUFFERS = 6  # inner chunks the store writer and reader hold at once (codes, frames)
 CHUNKS_IN_FLIGHT = 3
 
@@ -55,8 +51,7 @@ class Budget:
     ring: int
     keep: int
     block_cols: int  # the widest Gram block of the model
-    workspaces: int = 1  # block scratches: blocks computed or waiting to be taken, at once
-    threads: int = 1  # compute threads
+    workspaces: int = 1  # compute threads, each with its own block scratch
 
     @staticmethod
     def split(
@@ -65,17 +60,14 @@ class Budget:
     ) -> Budget:
         """block_cols: the widest Gram block of the model (a tensor may be smaller than one);
         inner_chunk_bytes: the store's largest inner chunk; max_workspaces: compute threads
-        wanted. With two threads or more each may get WORKSPACES_PER_THREAD block scratches,
-        taken while they are at most MAX_SCRATCH_SHARE of total together (beyond the first)."""
+        wanted (each takes a block scratch when it is at most MAX_SCRATCH_SHARE of total)."""
         scratch = block_scratch_bytes(n_rows, n_outputs, block_cols)
         extra = int(total * MAX_SCRATCH_SHARE) // max(1, scratch)  # workspaces beyond the first
-        wanted = max_workspaces * WORKSPACES_PER_THREAD if max_workspaces > 1 else 1
-        workspaces = 1 + max(0, min(wanted - 1, extra))
+        workspaces = 1 + max(0, min(max_workspaces - 1, extra))
         fixed = workspaces * scratch + CODEC_BUFFERS * inner_chunk_bytes
         rest = max(0, total - fixed)
         ring = int(rest * RING_SHARE)
-        return Budget(total, fixed, ring, rest - ring, block_cols, workspaces,
-                      min(max(1, max_workspaces), workspaces))
+        return Budget(total, fixed, ring, rest - ring, block_cols, workspaces)
 
 
 def budget_too_small(total: int, n_rows: int, needed: int) -> RelexError:
