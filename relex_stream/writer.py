@@ -10,6 +10,7 @@ directory of the user's that happens to look like one is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -78,12 +79,23 @@ class ModelWriter:
         self.final_dir, self.layout, self.dtypes = final_dir, layout, dtypes
         self.tmp_dir = tmp_dir(final_dir, run_id)
         self.owner = owner
-        if owner:
-            self.tmp_dir.mkdir()
-            _write_synced(self.tmp_dir / MARKER, f"{os.getpid()}\n".encode())
         self.slots: dict[str, OutputSlot] = {}
         self._fds: dict[str, int] = {}
         self.total_bytes = 0
+        self._made_tmp_dir = False  # abort() removes only a directory this writer made
+        try:
+            with self._errors():
+                self._lay_out()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _lay_out(self) -> None:
+        layout, dtypes, owner = self.layout, self.dtypes, self.owner
+        if owner:
+            self.tmp_dir.mkdir()
+            self._made_tmp_dir = True
+            _write_synced(self.tmp_dir / MARKER, f"{os.getpid()}\n".encode())
         for shard, names in layout.shard_tensors.items():
             header, info = _header(names, layout, dtypes)
             path = self.tmp_dir / shard
@@ -117,18 +129,37 @@ class ModelWriter:
         view = memoryview(np.ascontiguousarray(data)).cast("B")
         offset = slot.offset + start_element * DTYPES[slot.dtype][1].itemsize
         done = 0
-        while done < len(view):
-            done += os.pwrite(self._fds[slot.shard], view[done:], offset + done)
+        with self._errors():
+            while done < len(view):
+                done += os.pwrite(self._fds[slot.shard], view[done:], offset + done)
 
     def close(self) -> None:
         """fsync and close the shard files (every rank, before the finalising barrier)."""
-        for fd in self._fds.values():
-            os.fsync(fd)
-            os.close(fd)
-        self._fds.clear()
+        with self._errors():
+            while self._fds:
+                _, fd = self._fds.popitem()
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    @contextlib.contextmanager
+    def _errors(self):
+        """A failed write of the output (a full disk, an I/O error) is the user's to fix."""
+        try:
+            yield
+        except OSError as exc:
+            raise RelexError(
+                f"cannot write {self.final_dir.name} in {self.final_dir.parent}: "
+                f"{exc.strerror or exc}; free space (or choose another --out) and rerun"
+            ) from None
 
     def finalize(self, aux_files: dict[str, bytes], overwrite: bool) -> None:
         """Write index and aux files, fsync everything, then rename into place."""
+        with self._errors():
+            self._finalize(aux_files, overwrite)
+
+    def _finalize(self, aux_files: dict[str, bytes], overwrite: bool) -> None:
         self.close()
         if self.layout.sharded:
             index = {
@@ -166,7 +197,7 @@ class ModelWriter:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        if self.owner:
+        if self._made_tmp_dir:
             _remove_marked(self.tmp_dir)
 
     def _config_with_dtype(self, content: bytes) -> bytes:

@@ -1,0 +1,60 @@
+"""A failing output disk (full, or an I/O error) is one user error, not a traceback, and the
+run leaves no partial output behind: at laying out the shards, at writing a block, at the
+fsync before the rename."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from relex_stream import writer
+from relex_stream.cli import main as cli_main
+
+from .fixtures import Spec, build_trajectory
+
+
+class _FailingOs:
+    """The os module, except that `name` fails with `error` (from its `after`-th call on)."""
+
+    def __init__(self, name: str, error: int, after: int = 0):
+        self._name, self._error, self._after, self.calls = name, error, after, 0
+
+    def __getattr__(self, attribute: str):
+        real = getattr(os, attribute)
+        if attribute != self._name:
+            return real
+
+        def failing(*args, **kwargs):
+            self.calls += 1
+            if self.calls > self._after:
+                raise OSError(self._error, os.strerror(self._error))
+            return real(*args, **kwargs)
+
+        return failing
+
+
+@pytest.mark.parametrize(("call", "error", "after"), [
+    ("pwrite", errno.ENOSPC, 0),  # the shard's header, while laying out
+    ("pwrite", errno.ENOSPC, 3),  # a block of predictions
+    ("fsync", errno.EIO, 0),  # delayed allocation reported at the fsync before the rename
+    ("ftruncate", errno.EFBIG, 0),
+])
+def test_a_failing_output_disk_is_one_error_and_leaves_nothing(tmp_path, monkeypatch, capsys,
+                                                              call, error, after):
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    out = tmp_path / "out"
+    failing = _FailingOs(call, error, after)
+    monkeypatch.setattr(writer, "os", failing)
+    code = cli_main([str(a) for a in ["run", "--base", traj.base, "--runs", traj.runs,
+                                      "--target", 80, "--out", out, "--device", "cpu",
+                                      "--quiet"]])
+    err = capsys.readouterr().err
+    assert failing.calls > after, "the failure was never reached"
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and os.strerror(error) in lines[0] and "--out" in lines[0], err
+    assert not list(out.glob("step-*")), "a partial output was left"
+    assert not list(out.glob(".step-*")), "the temporary output was not removed"
