@@ -356,6 +356,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {'' if rank == 0 else f'[rank {rank}] '}{one_line(str(exc))}",
               file=sys.stderr)
         return 2
+    except OSError as exc:
+        # a failure of the system the code did not foresee (a full disk, an I/O error): the
+        # user's to fix, said in one line; the traceback stays available with --verbose
+        logging.getLogger(__name__).debug("unexpected system error", exc_info=True)
+        where = f" ({exc.filename})" if exc.filename else ""
+        rank = message_rank()
+        print(f"error: {'' if rank == 0 else f'[rank {rank}] '}"
+              f"{one_line(f'{exc.strerror or exc}{where}')}: check the disk and the paths, "
+              "then rerun (--verbose shows where it happened)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             "error: interrupted; finished tensors are kept in the store, so the same command "

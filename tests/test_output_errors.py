@@ -5,6 +5,7 @@ fsync before the rename."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 
 import pytest
@@ -58,3 +59,22 @@ def test_a_failing_output_disk_is_one_error_and_leaves_nothing(tmp_path, monkeyp
     assert len(lines) == 1 and os.strerror(error) in lines[0] and "--out" in lines[0], err
     assert not list(out.glob("step-*")), "a partial output was left"
     assert not list(out.glob(".step-*")), "the temporary output was not removed"
+
+
+def test_an_unforeseen_system_error_is_one_line_naming_the_file(monkeypatch, capsys, caplog):
+    """An OSError no code path turned into a message (say a full disk under `synth`) still
+    ends as one `error:` line and exit 2; --verbose logs where it happened."""
+    from relex_stream import cli
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/x\nfake")
+
+    monkeypatch.setattr(cli, "_synth", full_disk)
+    assert cli.main(["synth", "--out", "/tmp/unused-relex-synth"]) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: No space left on device"), err
+    assert "/data/x\\nfake" in lines[0]  # the name shown escaped, on the one line
+    caplog.set_level(logging.DEBUG, logger="relex_stream.cli")
+    assert cli.main(["--verbose", "synth", "--out", "/tmp/unused-relex-synth"]) == 2
+    assert any(record.exc_info for record in caplog.records), "no traceback logged"
