@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 # the store costs ratio/R + 1/D against 1/R, so it wins below 1 − R/D. With R = 1.3 GB/s (a cold
 # disk here) and D = 3 GB/s (the store's decoder on one core, bench/RESULTS.md): 0.57.
 STORE_READ_CUTOFF = 0.55
-OUTPUT_WRITES_QUEUED = 8  # output blocks copied and waiting for the output writer, at most
 
 
 @dataclass
@@ -141,9 +140,6 @@ class PassContext:
     stats: PassStats
     pool: BlockPool  # computes Gram blocks, each thread in its own workspace
     ill_conditioned: list[tuple[str, float]]
-    # output writes on a thread of their own while the passes run: on a dense run the main
-    # thread spent ~10% of its time in them, and compute threads wait for the main thread
-    output_writes: StoreWriter | None = None
     steps_tensor: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -208,7 +204,6 @@ def run_passes(groups: list[GroupWork], ctx: PassContext, ring: Ring) -> None:
     row_dtypes = {w.name: _words(w.row_dtype or w.base_dtype) for gw in groups
                   for w in gw.tensors}
     store_writer = StoreWriter()
-    ctx.output_writes = StoreWriter(OUTPUT_WRITES_QUEUED, name="relex-output-writer")
     reader = ChunkReader(jobs, ring, fill, wait, base_dtypes, row_dtypes)
     try:
         for gw in groups:
@@ -218,7 +213,6 @@ def run_passes(groups: list[GroupWork], ctx: PassContext, ring: Ring) -> None:
             gw, w = by_name[chunk.job.tensor]
             _process(chunk, gw, w, ctx, store_writer)
         store_writer.close()
-        ctx.output_writes.close()
     except BaseException:
         aborted.set()
         for gw in groups:
@@ -227,8 +221,6 @@ def run_passes(groups: list[GroupWork], ctx: PassContext, ring: Ring) -> None:
         raise
     finally:
         store_writer.close(raise_errors=False)
-        ctx.output_writes.close(raise_errors=False)
-        ctx.output_writes = None
         reader.close()
         ctx.pool.close()
         for gw in groups:
@@ -506,16 +498,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _write(w: TensorWork, ctx: PassContext, i: int, start: int, values: np.ndarray) -> None:
-    """Write values (c,) output bits at element `start` of every output name of the tensor;
-    on the output writer's thread when there is one (from a copy: the buffer is reused)."""
-    writer, names = ctx.writers[i], list(w.out_names)
-    if ctx.output_writes is None:
-        for out_name in names:
-            writer.write(out_name, start, values)
-    else:
-        data = values.copy()
-        ctx.output_writes.submit(lambda: [writer.write(n, start, data) for n in names])
-    ctx.stats.bytes_written += values.nbytes * len(names)
+    for out_name in w.out_names:
+        ctx.writers[i].write(out_name, start, values)
+        ctx.stats.bytes_written += values.nbytes
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,5 +1,4 @@
-"""Writes on a background thread: the store's (compressing rows overlaps the Gram computation)
-and the outputs' (the main thread hands out Gram blocks meanwhile)."""
+"""Store writes on a background thread, so compressing rows overlaps the Gram computation."""
 
 from __future__ import annotations
 
@@ -17,10 +16,10 @@ class StoreWriter:
     a write fails, so the reader never waits for a buffer that will not come back.
     """
 
-    def __init__(self, depth: int = 2, name: str = "relex-store-writer"):
+    def __init__(self, depth: int = 2):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name="relex-store-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
