@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,11 @@ def read_floor_seconds(files: list[Path], cold: bool) -> tuple[float, int]:
             while got := f.readinto(view):
                 total += got
     return time.perf_counter() - started, total
+
+
+def system_seconds() -> float:
+    """System CPU time of this process so far (the kernel's share of reading)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def read_floor_direct_seconds(files: list[Path]) -> float | None:
@@ -231,9 +237,13 @@ def main() -> None:
     n_rows = len(list((trajectory / "runs").iterdir()))
     result: dict = {"trajectory": str(trajectory), "K": n_rows, "cold_drops": drop_caches()}
     if not args.skip_floors:
+        system_before = system_seconds()
         buffered_s, io_bytes = read_floor_seconds(files, cold=True)
+        buffered_system_s = system_seconds() - system_before
         warm_s, _ = read_floor_seconds(files, cold=False)
+        system_before = system_seconds()
         direct_s = read_floor_direct_seconds(files)
+        direct_system_s = system_seconds() - system_before
         cold_s = min(buffered_s, direct_s or buffered_s)  # the stricter floor
         n = float_elements(trajectory)
         rate = matmul_rate(n_rows, args.device)
@@ -243,6 +253,8 @@ def main() -> None:
             "read_floor_cold_s": cold_s,
             "read_floor_cold_buffered_s": buffered_s,
             "read_floor_cold_direct_s": direct_s,
+            "read_floor_cold_buffered_system_s": buffered_system_s,
+            "read_floor_cold_direct_system_s": direct_system_s,
             "read_floor_warm_s": warm_s,
             "read_cold_GBps": io_bytes / cold_s / 1e9,
             "matmul_GMACps": rate / 1e9,
