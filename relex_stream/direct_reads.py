@@ -2,13 +2,13 @@
 
 A run reads every checkpoint byte once or twice, and a trajectory is usually far larger than
 RAM. Read through the page cache, those bytes cost the kernel a page allocation and a copy each,
-plus reclaiming older pages once the cache is full: on this project's bench machine 6.2 GB read
-cold took 2.7-4.8 s of system time at 0.93-1.26 GB/s, against 0.17 s at 1.6-1.8 GB/s read direct
-in 4 MiB pieces (bench/RESULTS.md). A run on two cores pays that CPU time out of its Gram
-product. So a read whose pages are mostly not in the page cache (mincore) is read direct: whole
-aligned blocks into this thread's staging buffer, then copied into place. A read the cache
-holds (a warm rerun, a small model) is left to it, and so is anything the file system or
-platform will not do direct: the bytes are the same either way.
+plus reclaiming older pages once the cache is full: on this project's bench machine reading 6.2
+GB cold took 8.0-11.8 s through the cache (11.0 s of system time where it was recorded) and
+2.8-4.1 s direct in 4 MiB pieces (0.21 s), bench/RESULTS.md. A run on two cores pays that CPU
+time out of its Gram product. So a read whose pages are mostly not in the page cache (mincore)
+is read direct: whole aligned blocks into this thread's staging buffer, then copied into place.
+A read the cache holds (a warm rerun, a small model) is left to it, and so is anything the file
+system or platform will not do direct: the bytes are the same either way.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,9 +216,11 @@ class RowReader:
         if len(infos) > 1 and width * infos[0].itemsize >= PARALLEL_READ_BYTES:
             if self._io is None:
                 self._io = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="relex-read-io")
-            list(self._io.map(lambda info, target: _read_converted(info, start, target,
-                                                                   group.row_dtype),
-                              infos, targets))
+            reads = [self._io.submit(_read_converted, info, start, target, group.row_dtype)
+                     for info, target in zip(infos, targets, strict=True)]
+            wait(reads)  # all of them, also after a failure: none may write into a freed buffer
+            for read in reads:
+                read.result()
         else:
             for info, target in zip(infos, targets, strict=True):
                 _read_converted(info, start, target, group.row_dtype)
