@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import threading
 
 import numpy as np
+
+from .direct_writes import set_direct
 
 ALIGN_BYTES = 4096  # the largest logical block size in use; a multiple of the smaller ones
 STAGE_BYTES = 4 << 20  # one direct read (fixed cost per reading thread, not the budget)
@@ -81,15 +82,6 @@ def _stage() -> np.ndarray:
     return stage
 
 
-def _set_direct(fd: int, on: bool) -> bool:
-    try:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | O_DIRECT) if on else (flags & ~O_DIRECT))
-    except OSError:
-        return False
-    return True
-
-
 def read_uncached(fd: int, out: np.ndarray, offset: int) -> int:
     """Read bytes [offset, offset + len(out)) of fd into `out` ((n,) uint8) direct when the page
     cache holds few of them; returns how many leading bytes of `out` it filled (0: none, read
@@ -100,7 +92,7 @@ def read_uncached(fd: int, out: np.ndarray, offset: int) -> int:
         return 0
     if resident_fraction(fd, offset, n) >= RESIDENT_ENOUGH:
         return 0
-    if not _set_direct(fd, True):
+    if not set_direct(fd, True):
         return 0
     stage = _stage()
     done = 0
@@ -123,5 +115,5 @@ def read_uncached(fd: int, out: np.ndarray, offset: int) -> int:
             if got < want:  # the end of the file
                 break
     finally:
-        _set_direct(fd, False)
+        set_direct(fd, False)
     return done

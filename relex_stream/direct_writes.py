@@ -132,7 +132,7 @@ def _pwrite_direct(fd: int, blocks: memoryview, offset: int) -> tuple[int, memor
     return offset, blocks
 
 
-def _set_direct(fd: int, on: bool) -> bool:
+def set_direct(fd: int, on: bool) -> bool:
     """Set (on) or clear O_DIRECT on fd; False when that fails (or the platform has none)."""
     if not O_DIRECT:
         return False
@@ -156,7 +156,7 @@ class DirectAppender:
 
     def __init__(self, fd: int, direct: bool = True):
         self.fd = fd
-        self._can_direct = direct and _set_direct(fd, True) and _set_direct(fd, False)
+        self._can_direct = direct and set_direct(fd, True) and set_direct(fd, False)
         self._direct_on = False  # the fd's O_DIRECT flag as last set
         self._end = 0  # bytes written so far
         self._carry = b""  # the bytes after the last block boundary before _end
@@ -313,7 +313,7 @@ class DirectAppender:
     def _mode(self, direct: bool) -> None:
         if not direct and self._in_flight:  # buffered bytes must not race direct ones
             self.settle()
-        if direct != self._direct_on and _set_direct(self.fd, direct):
+        if direct != self._direct_on and set_direct(self.fd, direct):
             self._direct_on = direct
 
 

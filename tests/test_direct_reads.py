@@ -60,7 +60,7 @@ def data_file(tmp_path_factory, monkeypatch) -> tuple[Path, bytes]:
         pytest.skip("the page cache keeps this file's pages after POSIX_FADV_DONTNEED")
     fd = os.open(path, os.O_RDONLY)
     try:
-        if not direct_reads._set_direct(fd, True):
+        if not direct_reads.set_direct(fd, True):
             pytest.skip("this file system takes no direct reads")
     finally:
         os.close(fd)
