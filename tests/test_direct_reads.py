@@ -190,3 +190,46 @@ def test_a_run_reading_direct_gives_the_bytes_of_one_reading_through_the_cache(
     assert cached.keys() == read_direct.keys() and cached
     assert cached == read_direct
     check_against_reference(traj, tmp_path / "direct", [80])
+
+
+def test_a_failed_row_read_is_raised_once_the_chunks_other_reads_are_done(tmp_path, monkeypatch,
+                                                                         capsys):
+    """The rows of a chunk are read by two threads: when one read fails, the error leaves the
+    reader only after the other reads have finished (none may still write into the buffer the
+    ring then hands out again), and the run ends with that one error."""
+    import time
+
+    from relex_stream.errors import RelexError as Error
+
+    traj = build_trajectory(tmp_path / "traj", Spec(steps=(10, 20, 30, 40, 50, 60)))
+    monkeypatch.setattr(sources, "PARALLEL_READ_BYTES", 1)
+    started, finished, when_raised = [], [], []
+    real_read = sources._read_converted
+
+    def slow_or_failing(info, start, target, row_dtype):
+        started.append(info.name)
+        if len(started) == 1:
+            raise Error("the first read fails")
+        time.sleep(0.05)
+        real_read(info, start, target, row_dtype)
+        finished.append(info.name)
+
+    real_fill = sources.RowReader.fill
+
+    def fill(self, *args, **kwargs):
+        try:
+            return real_fill(self, *args, **kwargs)
+        except Error:
+            when_raised.append((len(started), len(finished)))
+            raise
+
+    monkeypatch.setattr(sources, "_read_converted", slow_or_failing)
+    monkeypatch.setattr(sources.RowReader, "fill", fill)
+    code = cli_main([str(a) for a in ["run", "--base", traj.base, "--runs", traj.runs,
+                                      "--target", 80, "--out", tmp_path / "out", "--device",
+                                      "cpu", "--quiet"]])
+    assert code == 2 and "the first read fails" in capsys.readouterr().err
+    assert when_raised, "the failing read was not in a parallel fill"
+    n_started, n_finished = when_raised[0]
+    assert n_started > 2, "the chunk had too few rows to test this"
+    assert n_finished == n_started - 1, "the error left while other reads were still running"
