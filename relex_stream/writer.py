@@ -5,7 +5,8 @@ computed, so each shard is preallocated and every chunk of every tensor is writt
 offset as soon as it exists: output memory is one chunk, never one shard. Everything goes to a
 temporary directory that only `finalize` turns into a loadable model. Temporary directories
 carry a marker file, and only directories with that marker are ever removed as leftovers: a
-directory of the user's that happens to look like one is left alone.
+directory of the user's that happens to look like one is left alone. The marker is removed
+only after the rename into place, so that a run stopped at any point leaves nothing unmarked.
 """
 
 from __future__ import annotations
@@ -175,7 +176,6 @@ class ModelWriter:
             if file_name == "config.json":
                 content = self._config_with_dtype(content)
             _write_synced(self.tmp_dir / file_name, content)
-        (self.tmp_dir / MARKER).unlink()
         _fsync_dir(self.tmp_dir)
         replaced = None
         if os.path.lexists(self.final_dir):
@@ -187,7 +187,12 @@ class ModelWriter:
             replaced.mkdir()
             _write_synced(replaced / MARKER, f"{os.getpid()}\n".encode())
             os.rename(self.final_dir, replaced / "previous")
+        # The marker goes only once the directory has its final name: removed before the
+        # rename, a run killed in between (or refused above) left a temporary directory no
+        # later run may remove. Killed between these two lines, a complete output keeps it.
         os.rename(self.tmp_dir, self.final_dir)
+        (self.final_dir / MARKER).unlink()
+        _fsync_dir(self.final_dir)
         _fsync_dir(self.final_dir.parent)
         if replaced is not None:
             _remove_marked(replaced)

@@ -78,3 +78,29 @@ def test_an_unforeseen_system_error_is_one_line_naming_the_file(monkeypatch, cap
     caplog.set_level(logging.DEBUG, logger="relex_stream.cli")
     assert cli.main(["--verbose", "synth", "--out", "/tmp/unused-relex-synth"]) == 2
     assert any(record.exc_info for record in caplog.records), "no traceback logged"
+
+
+def test_a_failed_rename_into_place_leaves_no_temporary_directory(tmp_path, monkeypatch, capsys):
+    """The temporary output keeps its marker until it has its final name: a run stopped at the
+    rename (here an error; a kill is the same) leaves a directory the run itself, or the next
+    one, removes, never an unmarked one that nothing may remove."""
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    out = tmp_path / "out"
+    failing = _FailingOs("rename", errno.EXDEV)
+    monkeypatch.setattr(writer, "os", failing)
+    code = cli_main([str(a) for a in ["run", "--base", traj.base, "--runs", traj.runs,
+                                      "--target", 80, "--out", out, "--device", "cpu",
+                                      "--quiet"]])
+    err = capsys.readouterr().err
+    assert failing.calls and code == 2, err
+    assert not list(out.glob(".step-*")) and not list(out.glob("step-*")), list(out.iterdir())
+
+
+def test_a_finished_output_holds_no_marker(tmp_path):
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    out = tmp_path / "out"
+    assert cli_main([str(a) for a in ["run", "--base", traj.base, "--runs", traj.runs,
+                                      "--target", 80, "--out", out, "--device", "cpu",
+                                      "--quiet"]]) == 0
+    assert not (out / "step-80" / writer.MARKER).exists()
+    assert not list(out.glob(".step-*"))
