@@ -104,3 +104,27 @@ def test_a_finished_output_holds_no_marker(tmp_path):
                                       "--quiet"]]) == 0
     assert not (out / "step-80" / writer.MARKER).exists()
     assert not list(out.glob(".step-*"))
+
+
+def test_an_output_that_appears_during_the_run_is_left_alone_and_nothing_is_left(
+        tmp_path, monkeypatch, capsys):
+    """Someone else's step-T created while the run writes its own: refused without --overwrite,
+    their directory untouched, and the run's temporary output removed (it is still marked)."""
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    out = tmp_path / "out"
+    real_fsync_dir = writer._fsync_dir
+
+    def someone_else_writes(path):
+        if path.name.startswith(".step-80.tmp-") and not (out / "step-80").exists():
+            (out / "step-80").mkdir()
+            (out / "step-80" / "theirs.txt").write_text("keep me")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(writer, "_fsync_dir", someone_else_writes)
+    code = cli_main([str(a) for a in ["run", "--base", traj.base, "--runs", traj.runs,
+                                      "--target", 80, "--out", out, "--device", "cpu",
+                                      "--quiet"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "appeared during the run" in err, err
+    assert sorted(p.name for p in (out / "step-80").iterdir()) == ["theirs.txt"]
+    assert not list(out.glob(".step-*")), list(out.iterdir())
