@@ -340,6 +340,12 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _print_error(message: str) -> None:
+    """The one `error:` line on stderr (with the rank under torchrun, other than rank 0)."""
+    rank = message_rank()
+    print(f"error: {'' if rank == 0 else f'[rank {rank}] '}{one_line(message)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
@@ -352,19 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handlers[args.command](args)
     except RelexError as exc:
-        rank = message_rank()
-        print(f"error: {'' if rank == 0 else f'[rank {rank}] '}{one_line(str(exc))}",
-              file=sys.stderr)
+        _print_error(str(exc))
         return 2
     except OSError as exc:
         # a failure of the system the code did not foresee (a full disk, an I/O error): the
         # user's to fix, said in one line; the traceback stays available with --verbose
         logging.getLogger(__name__).debug("unexpected system error", exc_info=True)
         where = f" ({exc.filename})" if exc.filename else ""
-        rank = message_rank()
-        print(f"error: {'' if rank == 0 else f'[rank {rank}] '}"
-              f"{one_line(f'{exc.strerror or exc}{where}')}: check the disk and the paths, "
-              "then rerun (--verbose shows where it happened)", file=sys.stderr)
+        _print_error(f"{exc.strerror or exc}{where}: check the disk and the paths, then rerun "
+                     "(--verbose shows where it happened)")
         return 2
     except KeyboardInterrupt:
         print(
