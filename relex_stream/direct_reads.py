@@ -21,13 +21,11 @@ import threading
 
 import numpy as np
 
-from .direct_writes import set_direct
+from .direct_writes import ALIGN_BYTES, O_DIRECT, set_direct
 
-ALIGN_BYTES = 4096  # the largest logical block size in use; a multiple of the smaller ones
 STAGE_BYTES = 4 << 20  # one direct read (fixed cost per reading thread, not the budget)
 DIRECT_MIN_BYTES = 256 << 10  # smaller reads go through the page cache
 RESIDENT_ENOUGH = 0.5  # a read with at least this fraction of its pages cached uses the cache
-O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: always buffered
 
 _local = threading.local()
 
