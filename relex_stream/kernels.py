@@ -137,9 +137,15 @@ def any_row(changed: torch.Tensor) -> torch.Tensor:
 
 def gather_columns(values: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """values[:, columns] into `out` (K, m) of values' dtype (contiguous), any dtype."""
-    if values.device.type == "cpu":  # numpy's take, row by row, is ~10x faster than torch's
+    if values.device.type == "cpu":  # numpy's take is ~10x faster than torch's index_select
         words, picked, target = as_words(values).numpy(), columns.numpy(), as_words(out).numpy()
-        words.take(picked, axis=1, out=target, mode="clip")
+        if words.flags.c_contiguous:
+            words.take(picked, axis=1, out=target, mode="clip")
+        else:
+            # a block of a wider chunk: take would first copy all of it (5.7x slower here);
+            # each row alone is contiguous and only the picked columns are read
+            for row, into in zip(words, target, strict=True):
+                row.take(picked, out=into, mode="clip")
         return out
     return torch.index_select(values, 1, columns, out=out)
 
