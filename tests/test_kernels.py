@@ -12,6 +12,7 @@ from relex_stream.kernels import (
     add_panels,
     block_deltas,
     changed_columns,
+    gather_columns,
     gram_panels,
     symmetric,
 )
@@ -67,3 +68,21 @@ def test_sparse_panels_match_a_dense_float64_reference(late_from, dtype):
     reference = deltas @ deltas.T  # every column, float64
     got = _gram(base, rows).numpy()
     np.testing.assert_allclose(got, reference, rtol=1e-12, atol=1e-12 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_gather_columns_of_a_block_of_a_wider_chunk(dtype):
+    """A block is a strided view of its chunk (rows far apart): gathered row by row, it picks
+    the same words as a contiguous copy does, and the block's Gram keeps its bits."""
+    rng = np.random.default_rng(3)
+    chunk = torch.from_numpy(rng.standard_normal((6, 3 * 1000))).to(dtype)  # (K, c)
+    block = chunk[:, 1000:2000]  # (K, s), not contiguous
+    assert not block.is_contiguous()
+    columns = torch.from_numpy(np.sort(rng.choice(1000, 137, replace=False)))
+    out = torch.empty((6, 137), dtype=dtype)
+    gather_columns(block, columns, out)
+    assert torch.equal(out.view(torch.uint8), block.contiguous()[:, columns].view(torch.uint8))
+    base, rows = _rows(20, 5, dtype if dtype != torch.float64 else torch.float32)
+    wide = torch.cat([rows, rows, rows], dim=1)  # the block again in the middle of a chunk
+    strided = wide[:, WIDTH : 2 * WIDTH]
+    assert torch.equal(_gram(base, strided), _gram(base, rows))
