@@ -135,6 +135,21 @@ def any_row(changed: torch.Tensor) -> torch.Tensor:
     return changed.view(torch.uint8).amax(0).view(torch.bool)
 
 
+def count_true(mask: torch.Tensor) -> int:
+    """Set entries of a bool tensor (numpy counts ~4x faster than torch's sum on the CPU)."""
+    if mask.device.type == "cpu":
+        return int(np.count_nonzero(mask.numpy()))
+    return int(mask.sum())
+
+
+def true_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(m,) int64 positions of the set entries of a 1-D bool tensor, in order (numpy's
+    flatnonzero ~1.5x faster than torch's nonzero on the CPU)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()).astype(np.int64, copy=False))
+    return mask.nonzero().flatten()
+
+
 def gather_columns(values: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """values[:, columns] into `out` (K, m) of values' dtype (contiguous), any dtype."""
     if values.device.type == "cpu":  # numpy's take is ~10x faster than torch's index_select
@@ -194,7 +209,7 @@ def block_deltas(
         mask, count = None, width
     else:
         mask = any_row(changed)  # (s,)
-        count = int(mask.sum())
+        count = count_true(mask)
     dense = count * 2 >= width  # dense enough: every column (no gather)
     m = width if dense else count
     delta_bytes = n_rows * m * 8
@@ -207,7 +222,7 @@ def block_deltas(
     if dense:
         widen_into(base, base64, ws)
         return BlockDeltas(None, deltas_into(rows, base64, out, ws), width)
-    columns = mask.nonzero().flatten()  # (m,)
+    columns = true_positions(mask)  # (m,)
     if place is not None:
         columns = place[delta_bytes:].view(torch.int64).copy_(columns)
     picked = gather_columns(rows, columns, Workspace.view(ws.words, (n_rows, m), rows.dtype))
@@ -234,7 +249,7 @@ def gram_panels(
     for r0 in range(first_row, n_rows, PANEL_ROWS):
         r1 = min(n_rows, r0 + PANEL_ROWS)
         panel = any_row(changed[r0:r1])  # (s,)
-        count = int(panel.sum())
+        count = count_true(panel)
         if count == 0:
             continue
         # a dense panel (then the block's deltas are dense too), or one that changed every
@@ -244,7 +259,7 @@ def gram_panels(
         else:
             if block.columns is not None:
                 panel = panel.index_select(0, block.columns)  # (m,)
-            picked = panel.nonzero().flatten()
+            picked = true_positions(panel)
             deltas = gather_columns(block.deltas[:r1], picked, Workspace.view(
                 ws.panel, (r1, picked.numel()), torch.float64))  # (r1, m_p)
         ws.gram_block[r0:r1, :r1] = deltas[r0:r1] @ deltas.T
