@@ -135,6 +135,17 @@ def any_row(changed: torch.Tensor) -> torch.Tensor:
     return changed.view(torch.uint8).amax(0).view(torch.bool)
 
 
+def panel_masks(changed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per panel of PANEL_ROWS rows, the (s,) bool columns where one of its rows changed, and
+    their union (the block's support): one pass over changed (K, s) instead of two."""
+    n_rows = changed.shape[0]
+    masks = [any_row(changed[r0 : r0 + PANEL_ROWS]) for r0 in range(0, n_rows, PANEL_ROWS)]
+    union = masks[0]
+    for mask in masks[1:]:
+        union = union | mask
+    return masks, union
+
+
 def count_true(mask: torch.Tensor) -> int:
     """Set entries of a bool tensor (numpy counts ~4x faster than torch's sum on the CPU)."""
     if mask.device.type == "cpu":
@@ -195,6 +206,7 @@ def deltas_into(rows: torch.Tensor, base64: torch.Tensor, out: torch.Tensor,
 def block_deltas(
     rows: torch.Tensor, base: torch.Tensor, changed: torch.Tensor | None, ws: Workspace,
     storage: Callable[[int], torch.Tensor | None] | None = None,
+    support: torch.Tensor | None = None,
 ) -> BlockDeltas:
     """Deltas rows − base in float64 on the block's support, in the workspace or in storage.
 
@@ -203,12 +215,13 @@ def block_deltas(
     storage: called with the bytes the deltas (and their column indices) take; a uint8 tensor
     of that size on the block's device puts them there, to outlive the workspace (kept for the
     second pass, with no copy), None leaves them in the workspace.
+    support: (s,) bool, any_row(changed) when the caller has it already (panel_masks).
     """
     n_rows, width = rows.shape
     if changed is None:
         mask, count = None, width
     else:
-        mask = any_row(changed)  # (s,)
+        mask = any_row(changed) if support is None else support  # (s,)
         count = count_true(mask)
     dense = count * 2 >= width  # dense enough: every column (no gather)
     m = width if dense else count
@@ -231,7 +244,8 @@ def block_deltas(
 
 
 def gram_panels(
-    changed: torch.Tensor, block: BlockDeltas, first_row: int, ws: Workspace
+    changed: torch.Tensor, block: BlockDeltas, first_row: int, ws: Workspace,
+    masks: list[torch.Tensor] | None = None,
 ) -> list[tuple[int, int]]:
     """One block's panel products, from row `first_row` (a multiple of PANEL_ROWS), into
     ws.gram_block (K, K) float64; returns the panels [r0, r1) it computed (add_panels adds them).
@@ -242,13 +256,14 @@ def gram_panels(
     alone, so an appended store computes the same bits as one built at once. The upper
     triangle is filled by symmetric() at the end. Products are stored, not added to zeros, so
     that adding them to the Gram matrix gives the bits of adding them directly (signed zeros).
+    masks: the panels' column masks from panel_masks(changed), when the caller has them.
     """
     exact_matmul()
     n_rows = changed.shape[0]
     computed = []
     for r0 in range(first_row, n_rows, PANEL_ROWS):
         r1 = min(n_rows, r0 + PANEL_ROWS)
-        panel = any_row(changed[r0:r1])  # (s,)
+        panel = any_row(changed[r0:r1]) if masks is None else masks[r0 // PANEL_ROWS]  # (s,)
         count = count_true(panel)
         if count == 0:
             continue

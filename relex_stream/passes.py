@@ -30,6 +30,7 @@ from .kernels import (
     changed_columns,
     combine_block,
     gram_panels,
+    panel_masks,
     randomized_gram,
     symmetric,
 )
@@ -319,8 +320,10 @@ def _gram_blocks(rows_t: torch.Tensor, base_t: torch.Tensor, gw: GroupWork, w: T
                 return found[1]
 
             keeping = w.kept is not None and ctx.keep_ring is not None
-            block = block_deltas(rows_b, base_b, changed, ws, keep_storage if keeping else None)
-            panels = gram_panels(changed, block, gw.first_panel_row, ws)
+            masks, support = panel_masks(changed)
+            block = block_deltas(rows_b, base_b, changed, ws, keep_storage if keeping else None,
+                                 support)
+            panels = gram_panels(changed, block, gw.first_panel_row, ws, masks)
             return _GramBlock(block, panels, tokens[0] if tokens else None)
 
         return compute
