@@ -13,7 +13,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import RelexError
@@ -128,22 +128,32 @@ def write_atomic(dir_fd: int, name: str, data: bytes, sync: bool = True) -> None
         os.fsync(dir_fd)
 
 
-def remove_tree(dir_fd: int, name: str) -> None:
-    """Delete `name` in `dir_fd` and everything below it; links are removed, never followed."""
+def remove_tree(dir_fd: int, name: str, owned: Callable[[str], bool] | None = None) -> int:
+    """Delete `name` in `dir_fd` and everything below it; links are removed, never followed.
+
+    owned: when given, only entries whose names it accepts are removed (with what lies below
+    them); others are left, and so are the directories holding them. Returns how many entries
+    were left.
+    """
+    if owned is not None and not owned(name):
+        return 1
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return
+        return 0
     if not stat.S_ISDIR(info.st_mode):
         os.unlink(name, dir_fd=dir_fd)
-        return
+        return 0
     child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    left = 0
     try:
         for entry in os.scandir(child):
-            remove_tree(child, entry.name)
+            left += remove_tree(child, entry.name, owned)
     finally:
         os.close(child)
-    os.rmdir(name, dir_fd=dir_fd)
+    if left == 0:
+        os.rmdir(name, dir_fd=dir_fd)
+    return left
 
 
 def entries(dir_fd: int) -> list[str]:

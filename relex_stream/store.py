@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import uuid
 from collections.abc import Callable
@@ -46,7 +47,7 @@ import torch
 from . import shards
 from .checkpoints import JSON_AUX
 from .errors import RelexError
-from .jsonfile import JsonProblem, loads_strict
+from .jsonfile import JsonProblem, loads_strict, show
 from .row_codec import (
     bytes_to_chunk,
     chunk_to_bytes,
@@ -81,6 +82,15 @@ LOCK_NAME = "lock"
 MAX_ROOT_BYTES = 256 * 2**20
 MAX_META_BYTES = 64 * 2**20
 _V2_DIRS = ("base", "rows", "gram", "files")
+# No Gram entry of real checkpoints comes near: deltas of float32 values are below 7e38, so
+# squares summed over 1e15 elements stay below 1e93 (and fp64 rows that large overflow the
+# model anyway). eigh fails to converge on entries near float64's limit.
+MAX_GRAM_VALUE = 1e250
+# Every name relex_stream writes below a store's root (directories and files, temporary ones of
+# write_atomic included): what it removes, when it removes, is only ever these.
+_STORE_NAME = re.compile(
+    r"zarr\.json|\d+|gen\d+|base|rows|gram|files|c|g\d+|g\d+-k\d+|\.(zarr\.json|\d+)\.tmp-\d+",
+    re.ASCII)
 
 
 def _write_error(path: Path, where: str, exc: OSError) -> RelexError:
@@ -451,7 +461,13 @@ class TrajectoryStore:
         except (OSError, ValueError) as exc:
             raise _store_error(self.path, f"has a damaged or missing Gram matrix of "
                                           f"{_tensors_of(group)} ({exc})") from None
-        self._grams[key] = data.reshape(t, k, k)
+        stack = data.reshape(t, k, k)
+        for name, gram in zip(group.tensors, stack, strict=True):
+            problem = gram_problem(gram)
+            if problem is not None:
+                raise _store_error(self.path, f"has a damaged Gram matrix of tensor "
+                                              f"{show(name)} ({problem})")
+        self._grams[key] = stack
         return self._grams[key]
 
     def gram(self, name: str) -> torch.Tensor:
@@ -553,16 +569,17 @@ class TrajectoryStore:
         """Remove files no committed state refers to: old generations, Gram versions, rows."""
         gen = self.current
         keep = f"gen{gen.generation}"
+        left = 0
         for name in entries(self._root_fd):
             if (name.startswith("gen") and name[3:].isdigit() and name != keep) or (
                     name in _V2_DIRS):
-                remove_tree(self._root_fd, name)
+                left += self._remove(self._root_fd, name)
         k = len(gen.steps)
         with self._dir((keep, "gram")) as fd:
             wanted = {f"g{g.index}-k{k}" for g in gen.groups()}
             for name in entries(fd):
                 if name != ROOT_META and name not in wanted:
-                    remove_tree(fd, name)
+                    left += self._remove(fd, name)
         for group in gen.groups():
             if not group.has_rows:
                 continue
@@ -570,19 +587,34 @@ class TrajectoryStore:
                     (keep, "rows", f"g{group.index}", "c")) as fd:
                 for name in entries(fd):
                     if not (name.isdigit() and int(name) < k):
-                        remove_tree(fd, name)
+                        left += self._remove(fd, name)
+        self._report_left(left)
 
     def _discard_pending(self, pending: Generation, kind: str | None) -> None:
         """Remove what an interrupted change to other steps wrote (relex_stream's own files)."""
         if kind == "build":
-            remove_tree(self._root_fd, f"gen{pending.generation}")
+            self._report_left(self._remove(self._root_fd, f"gen{pending.generation}"))
             return
         current = self.current
         k = len(current.steps)
+        left = 0
         with self._dir((f"gen{current.generation}", "gram")) as fd:
             for name in entries(fd):
                 if name != ROOT_META and not name.endswith(f"-k{k}"):
-                    remove_tree(fd, name)
+                    left += self._remove(fd, name)
+        self._report_left(left)
+
+    @staticmethod
+    def _remove(dir_fd: int, name: str) -> int:
+        """remove_tree of the store's own names only: files someone else put in the store
+        (and the directories holding them) stay. Returns how many entries stayed."""
+        return remove_tree(dir_fd, name, owned=_STORE_NAME.fullmatch)
+
+    def _report_left(self, left: int) -> None:
+        if left:
+            log.warning("left %d file(s) in %s that relex_stream did not write (and the "
+                        "directories holding them); remove them by hand if they are not needed",
+                        left, self.path)
 
     def _write_manifest(self, manifest: Manifest) -> None:
         body = manifest.to_json()
@@ -683,6 +715,33 @@ def _read_manifest(path: Path, root_fd: int) -> Manifest:
     if _sha256(body) != attributes.get("relex_stream_sha256"):
         raise _store_error(path, "has metadata that does not match its checksum")
     return parse_manifest(body)
+
+
+def gram_problem(gram: np.ndarray) -> str | None:
+    """Why a stored (K, K) float64 matrix cannot be a Gram matrix D Dᵀ, or None.
+
+    Every Gram matrix is finite and symmetric, with a non-negative diagonal and
+    |G_ij| <= sqrt(G_ii G_jj) (Cauchy-Schwarz); the checks allow rounding-sized slack (a
+    randomized one is Q S Qᵀ, symmetric only to rounding). The checksums catch damage; these
+    catch a matrix forged with its checksums recomputed, before eigh meets it.
+    """
+    if not np.isfinite(gram).all():
+        return "values that are not finite"
+    if gram.size and float(np.abs(gram).max()) > MAX_GRAM_VALUE:
+        return "values larger than any checkpoint can give"
+    diagonal = np.diagonal(gram)  # (K,)
+    # rounding-sized, relative to the largest entry (a PSD matrix's is on its diagonal)
+    tolerance = 1e-9 * max(float(diagonal.max(initial=0.0)), 0.0) + 1e-300
+    if (diagonal < -tolerance).any():
+        return "a negative diagonal"
+    clipped = np.clip(diagonal, 0.0, None)
+    bound = np.sqrt(clipped[:, None] * clipped[None, :])  # (K, K)
+    slack = 1e-6 * bound + tolerance
+    if (np.abs(gram - gram.T) > slack).any():
+        return "it is not symmetric"
+    if (np.abs(gram) > bound + slack).any():
+        return "entries larger than its diagonal allows"
+    return None
 
 
 def is_replaceable(path: Path) -> bool:
@@ -935,7 +994,7 @@ class StoreReader:
             yield
         except (OSError, ValueError, RuntimeError) as exc:
             raise _store_error(
-                self._store.path, f"has a damaged chunk of tensor {name!r} ({exc})") from None
+                self._store.path, f"has a damaged chunk of tensor {show(name)} ({exc})") from None
 
 
 def _check_raw(group: Group, name: str, j: int, bits: np.ndarray,

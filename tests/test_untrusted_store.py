@@ -293,6 +293,8 @@ MANIFEST_EDITS: dict[str, tuple[Callable[[dict], object], bool]] = {
     "transform-shuffle": (_set(("current", "transforms", "BF16"), "sub-prev+zigzag+shuffle"),
                           True),
     "codec-unknown": (_set(("current", "codec"), "pickle"), True),
+    "codec-huge": (_set(("current", "codec"), "x" * 5_000_000), True),
+    "transform-huge": (_set(("current", "transforms", "BF16"), ["x" * 100_000] * 50), True),
     # generations, ids, format
     "generation-zero": (_set(("current", "generation"), 0), True),
     "generation-negative": (_set(("current", "generation"), -1), True),
@@ -654,6 +656,42 @@ def test_damaged_gram_is_detected_by_every_reader(case: Case, damage: str) -> No
         case.assert_untouched()
 
 
+GRAM_FORGERIES: dict[str, Callable[[np.ndarray], None]] = {
+    "nan": lambda g: g.__setitem__((1, 2), np.nan),
+    "inf-diagonal": lambda g: g.__setitem__((0, 0), np.inf),
+    "near-float64-max": lambda g: g.__imul__(1.7e308 / np.abs(g).max()),
+    "negated": lambda g: g.__imul__(-1.0),
+    "asymmetric": lambda g: g.__setitem__((0, 3), g[0, 3] + 0.5 * abs(g[0, 3]) + 1.0),
+    "larger-than-its-diagonal": lambda g: (g.__setitem__((1, 2), 3 * g[1, 1] + 3 * g[2, 2]),
+                                           g.__setitem__((2, 1), 3 * g[1, 1] + 3 * g[2, 2])),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(GRAM_FORGERIES))
+def test_forged_gram_values_are_refused_by_every_reader(case: Case, forgery: str) -> None:
+    """c. Gram values no matrix D Dᵀ has (not finite, too large for eigh, a negative diagonal,
+    asymmetric, an entry beyond Cauchy-Schwarz), written with the chunk's crc32c, the record's
+    gram_crc and its sha256 recomputed: report, backtest and a run from the store stop with
+    one line naming the tensor and --rebuild (not a traceback, NaN errors or other weights)."""
+    record = _record_of(case.store, Q_PROJ)
+    chunk = record.parent / "c" / "0" / "0" / "0"
+    with TrajectoryStore.open(case.store) as opened:
+        group = opened.group_of(Q_PROJ)
+    k = len(STEPS)
+    stack = np.frombuffer(chunk.read_bytes()[:-4], dtype="<f8").reshape(-1, k, k).copy()
+    GRAM_FORGERIES[forgery](stack[group.tensors.index(Q_PROJ)])
+    data = np.ascontiguousarray(stack, dtype="<f8").tobytes()
+    crc = shards.crc32c(data)
+    chunk.write_bytes(data + crc.to_bytes(4, "little"))
+    edit_record(record, lambda r: r.__setitem__("gram_crc", crc))
+    case.freeze()
+    for result in (call("report", case.store, "--no-plots"),
+                   call("backtest", case.store, "--holdout", "2", "--no-plots"),
+                   case.from_store()):
+        assert_error(result, Q_PROJ, "--rebuild")
+        case.assert_untouched()
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "swap"])
 def test_damaged_model_file_in_store_is_detected(case: Case, damage: str) -> None:
     """c. A damaged config/tokenizer file kept in the store: the run from the store stops
@@ -728,6 +766,31 @@ def test_rebuild_keeps_the_old_store_readable_until_it_commits(case: Case, tmp_p
     assert_ok(case.from_store())
     assert tree_files(case.out) == {k: v for k, v in case.built.reference.items()
                                     if k.startswith("step-")}
+
+
+def test_rebuild_removes_only_what_relex_stream_wrote(case: Case) -> None:
+    """d. Files someone else put in the store (in the generation a rebuild supersedes, in a
+    directory named like the store's own, at the root) survive the rebuild's clean-up, with
+    the directories holding them; the store's own files there are removed, and the rebuilt
+    store gives the reference output, now and on the next run."""
+    planted = ["notes.txt", "gen1/notes.txt", "gen1/gram/notes.txt", "gen1/rows/g0/c/notes.txt",
+               "gen7/notes.txt", "files/notes.txt", "gen1/base/g0/c/.hidden"]
+    for name in planted:
+        (case.store / name).parent.mkdir(parents=True, exist_ok=True)
+        (case.store / name).write_bytes(b"not the tool's\n")
+    own = sorted(p.relative_to(case.store).as_posix() for p in (case.store / "gen1").rglob("*")
+                 if p.is_file() and p.name != "notes.txt" and p.name != ".hidden")
+    assert own, "the store's first generation holds its files"
+    assert_ok(call(*case.built.source_args(case.store, case.out, "--rebuild", "--overwrite")))
+    for name in planted:
+        assert (case.store / name).read_bytes() == b"not the tool's\n", name
+    assert [name for name in own if (case.store / name).exists()] == []
+    assert tree_files(case.out) == case.built.reference
+    again = case.root / "again"
+    assert_ok(call("run", "--cache", case.store, "--target", "100", "--out", again,
+                   "--device", "cpu", "--quiet"))
+    assert tree_files(again) == {k: v for k, v in case.built.reference.items()
+                                 if k.startswith("step-")}
 
 
 @pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo", "directory"])
