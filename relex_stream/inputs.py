@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .checkpoints import ModelLayout, config_of, select_steps
 from .errors import RelexError
+from .jsonfile import show
 from .sources import Sources, find_checkpoints, open_sources
 from .store import TrajectoryStore, is_replaceable
 from .store_layout import MAX_GENERATION, AuxFile, Generation, transforms_for
@@ -194,8 +195,8 @@ def _append(sources: Sources, store_path: Path, state: str, current: Generation,
         kept = current.row_dtypes.get(name)
         if new_steps and kept is not None and widest([kept, code]) != kept:
             raise RelexError(
-                f"tensor {name!r} is {code} in the new checkpoints but the store keeps its rows "
-                f"as {kept}, which cannot hold them exactly; rebuild the store with --rebuild"
+                f"tensor {show(name)} is {code} in the new checkpoints but the store keeps its "
+                f"rows as {kept}, which cannot hold them exactly; rebuild the store with --rebuild"
             )
     observed_rows = stored + new_steps
     target = current

@@ -13,6 +13,7 @@ import torch
 
 from .errors import RelexError
 from .inputs import RunInputs
+from .jsonfile import show
 from .memory import Budget, budget_too_small, chunk_cols, smallest_unit
 from .passes import GroupWork, TensorWork
 from .safetensors_io import DTYPES
@@ -61,8 +62,8 @@ def chunking(inputs: RunInputs, budget: Budget, device_bytes: int | None) -> dic
                     needed = budget.fixed + 2 * min(numel, align) * per_col
                     raise RelexError(
                         f"--max-gpu-memory is too small to hold one chunk of {k} checkpoints of "
-                        f"{name!r} on the GPU; give at least {format_bytes(needed)}, or run with "
-                        "--device cpu"
+                        f"{show(name)} on the GPU; give at least {format_bytes(needed)}, or run "
+                        "with --device cpu"
                     ) from None
             plan[name] = Chunking(*cols)
     return plan

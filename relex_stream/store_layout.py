@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .checkpoints import AUX_EXCLUDE_SUFFIXES, ModelLayout, check_layout
 from .errors import RelexError
+from .jsonfile import show
 from .row_codec import TRANSFORMS, default_transform
 from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME
 
@@ -271,13 +272,13 @@ def _fingerprints(value: object, what: str) -> dict:
     out = {}
     for name, fields in _dict(value, what).items():
         if not is_plain_name(name) and not _is_relative_plain(name):
-            raise _fail(f"{what} names an unsafe file {name!r}")
+            raise _fail(f"{what} names an unsafe file {show(name)}")
         fields = _dict(fields, f"{what} entry")
         if len(fields) > 8 or not all(
             isinstance(k, str) and (type(v) is int or (isinstance(v, str) and len(v) <= 128))
             for k, v in fields.items()
         ):
-            raise _fail(f"{what} entry for {name!r} is malformed")
+            raise _fail(f"{what} entry for {show(name)} is malformed")
         out[name] = dict(fields)
     return out
 
@@ -308,19 +309,19 @@ def parse_layout(value: object) -> ModelLayout:
         raise _fail("the store's model layout is malformed")
     tensors = {}
     for name, entry in _dict(data["tensors"], "the layout's tensors").items():
-        entry = _list(entry, f"tensor {name!r}", 2)
+        entry = _list(entry, f"tensor {show(name)}", 2)
         if len(entry) != 2 or not isinstance(entry[0], str) or entry[0] not in DTYPES:
-            raise _fail(f"the layout entry of tensor {name!r} is malformed")
-        shape = tuple(_int(d, f"a dimension of {name!r}", 0, MAX_ELEMENTS) for d in
-                      _list(entry[1], f"the shape of {name!r}", 16))
+            raise _fail(f"the layout entry of tensor {show(name)} is malformed")
+        shape = tuple(_int(d, f"a dimension of {show(name)}", 0, MAX_ELEMENTS) for d in
+                      _list(entry[1], f"the shape of {show(name)}", 16))
         if math.prod(shape) > MAX_ELEMENTS:
-            raise _fail(f"the shape of tensor {name!r} in the store's layout is absurd")
+            raise _fail(f"the shape of tensor {show(name)} in the store's layout is absurd")
         tensors[name] = (entry[0], shape)
     shard_tensors = {}
     for shard, names in _dict(data["shard_tensors"], "the layout's shards").items():
-        names = _list(names, f"shard {shard!r}")
+        names = _list(names, f"shard {show(shard)}")
         if not all(isinstance(n, str) for n in names):
-            raise _fail(f"shard {shard!r} of the layout is malformed")
+            raise _fail(f"shard {show(shard)} of the layout is malformed")
         shard_tensors[shard] = tuple(names)
     layout = ModelLayout(tensors, shard_tensors, data["sharded"])
     try:
@@ -343,7 +344,8 @@ def parse_generation(value: object, codecs: dict) -> Generation:
         if not isinstance(source, str) or alias not in layout.tensors or (
                 source not in layout.tensors) or source in aliases or (
             layout.tensors[alias] != layout.tensors[source]) or alias == source:
-            raise _fail(f"the store ties {alias!r} to {source!r}, which its layout does not allow")
+            raise _fail(f"the store ties {show(alias)} to {show(source)}, which its layout "
+                        "does not allow")
         aliases[alias] = source
     if any(source in aliases for source in aliases.values()):
         raise _fail("the store ties a tensor to a tied tensor")
@@ -359,12 +361,12 @@ def parse_generation(value: object, codecs: dict) -> Generation:
             raise _fail("the store's list of model files is malformed")
         if item[0] == INDEX_NAME or item[0].endswith(AUX_EXCLUDE_SUFFIXES):
             # a model file of an output never takes the name of its weights or their index
-            raise _fail(f"the store keeps a model file named {item[0]!r}, which no base has")
+            raise _fail(f"the store keeps a model file named {show(item[0])}, which no base has")
         aux.append(AuxFile(item[0], _int(item[1], "a model file's size", 0, 2**31), item[2]))
     if len({a.name for a in aux}) != len(aux):
         raise _fail("the store names a model file twice")
     if not isinstance(data["codec"], str) or data["codec"] not in codecs:
-        raise _fail(f"the store's codec {data['codec']!r} is not one relex_stream writes")
+        raise _fail(f"the store's codec {show(data['codec'])} is not one relex_stream writes")
     transforms = _dict(data["transforms"], "the store's row transforms")
     if set(transforms) != set(row_dtypes.values()) or not all(
             isinstance(t, str) and t in TRANSFORMS for t in transforms.values()):

@@ -84,6 +84,9 @@ def call(*args: object, limit_s: int = 120) -> Result:
     return Result(rc, out.getvalue(), err.getvalue(), crashed)
 
 
+MAX_ERROR_CHARS = 2000
+
+
 def assert_error(result: Result, *needles: str) -> str:
     """Exit 2, no traceback, exactly one stderr line starting 'error: ' containing each needle."""
     assert result.crashed is None, f"an exception escaped:\n{result}"
@@ -91,6 +94,8 @@ def assert_error(result: Result, *needles: str) -> str:
     assert result.rc == 2, f"expected exit 2:\n{result}"
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), f"not one error line:\n{result}"
+    # a hostile value is shown cut short, not repeated whole (a store's 5 MB codec string)
+    assert len(lines[0]) < MAX_ERROR_CHARS, f"an error line of {len(lines[0])} characters"
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in: {lines[0]}"
     return lines[0]
