@@ -33,6 +33,7 @@ from .checkpoints import discover_runs, open_model
 from .diagnostics import prediction_drift, tensor_stats
 from .engine import extrapolate, update_store
 from .errors import RelexError
+from .jsonfile import loads_strict
 from .methods import MethodSpec, combination_weights, parse_method
 from .report import StoreGrams, load_grams
 from .safefs import open_root, opened_dir, paths_overlap, read_small, replace_file
@@ -262,7 +263,8 @@ def _load_rows(options: WatchOptions) -> list[dict]:
         root = open_root(options.cache)
         try:
             with opened_dir(root, (TIMELINE_DIR,), False, str(options.cache)) as fd:
-                data = json.loads(read_small(fd, "timeline.json", MAX_TIMELINE_BYTES))
+                data = loads_strict(read_small(fd, "timeline.json", MAX_TIMELINE_BYTES)
+                                    .decode("utf-8"))
         finally:
             os.close(root)
     except (OSError, ValueError, RelexError, RecursionError):

@@ -203,3 +203,18 @@ def test_get_optional_int() -> None:
         get({"vocab_size": 2**60}, "vocab_size", "c.json")
     with pytest.raises(RelexError, match="outside"):
         get({"vocab_size": 5}, "vocab_size", "c.json", minimum=10)
+
+
+def test_container_count_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More objects and arrays than MAX_CONTAINERS: refused before parsing (20 million `{}`
+    took 98 s and 3.2 GB to parse and walk); at the limit, parsed."""
+    at_limit = "[" + ",".join(["{}"] * (jsonfile.MAX_CONTAINERS - 1)) + "]"
+    assert len(jsonfile.loads_strict(at_limit)) == jsonfile.MAX_CONTAINERS - 1
+    hostile = '{"a": [' + ",".join(["{}"] * 20_000_000) + "]}"
+
+    def no_parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("parsed a text it should refuse from the count alone")
+
+    monkeypatch.setattr(jsonfile.json, "loads", no_parse)
+    with pytest.raises(jsonfile.JsonProblem, match="objects and arrays"):
+        jsonfile.loads_strict(hostile)
