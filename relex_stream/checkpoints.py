@@ -30,6 +30,7 @@ STEP_DIR_RE = re.compile(r"^(?:checkpoint-|global_step_?|step[_-])([0-9]{1,15})(
 MODEL_SUBDIRS = (".", "huggingface", "actor/huggingface")
 AUX_EXCLUDE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5")
 AUX_MAX_BYTES = 256 * 2**20  # a tokenizer.json is tens of MB at most
+MAX_AUX_FILES = 256  # config, tokenizer, custom code: a few dozen at most
 JSON_AUX = ("config.json", "generation_config.json")
 MIN_STEPS = 2
 
@@ -116,6 +117,15 @@ class ModelFiles:
             if (not path.is_file() or name == INDEX_NAME or name.endswith(AUX_EXCLUDE_SUFFIXES)
                     or name.startswith(".") or not name.isprintable()):
                 continue
+            if "\\" in name or len(name) > 255:  # the store keeps plain names only
+                log.warning("%s: left out of the output (a file name with a backslash, or "
+                            "longer than 255 characters)", path)
+                continue
+            if len(files) == MAX_AUX_FILES:
+                raise RelexError(
+                    f"there are more than {MAX_AUX_FILES} files next to the model in "
+                    f"{self.config_dir}; move what is not config or tokenizer elsewhere"
+                )
             size = path.stat().st_size
             total += size
             if total > AUX_MAX_BYTES:

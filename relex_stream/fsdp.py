@@ -60,12 +60,15 @@ from typing import Any
 import torch
 
 from .errors import RelexError
-from .jsonfile import load_json_object
-from .safetensors_io import DTYPES, TORCH_TO_CODE
+from .jsonfile import load_json_object, show
+from .safetensors_io import DTYPES, MAX_DIM, MAX_NDIM, TORCH_TO_CODE
 from .tensor_files import Piece, TensorInfo
 
 FSDP_CONFIG = "fsdp_config.json"
 RANK_FILE_RE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
+# Ranks of one save: far above any training job (the largest run on ~10^5 GPUs); a world size
+# from a file is a count of files to look for, so it is bounded before anything is listed.
+MAX_WORLD_SIZE = 1 << 20
 _STORAGE_KEY_RE = re.compile(r"[A-Za-z0-9_.]+")
 _PICKLE_MEMBER_RE = re.compile(r"[^/]+/data\.pkl")
 _MAX_PICKLE_BYTES = 64 * 2**20  # a 70B model's data.pkl is a few MB
@@ -91,9 +94,19 @@ class FsdpCheckpoint:
 
 
 def _printable(value: object) -> str:
-    """Text from a file, safe in a one-line message: as is when printable, else its repr."""
+    """Text from a file, safe in a one-line message: as is when printable, else its repr; cut
+    short when long (an int of 5,000 digits has no str() at all)."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"<an integer of {value.bit_length()} bits>"
     text = str(value) if isinstance(value, (str, int)) else type(value).__name__
-    return text if text.isprintable() else repr(text)
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= 80 else text[:76] + "..."
+
+
+def _quoted(value: object) -> str:
+    """A name from a file in a one-line message: a string quoted (repr, cut short), anything
+    else as _printable shows it."""
+    return show(value) if isinstance(value, str) else _printable(value)
 
 
 class _Refused(Exception):
@@ -218,9 +231,11 @@ def _merge_state(state: object) -> dict:
 
 
 def _int_tuple(value: object, what: str) -> tuple[int, ...]:
-    """A tuple of non-negative ints, or refuse (bools are not sizes)."""
-    if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
-        raise _Refused(f"{what} is not a tuple of non-negative integers")
+    """A tuple of at most MAX_NDIM non-negative ints up to MAX_DIM (the bounds of a safetensors
+    shape), or refuse (bools are not sizes)."""
+    if not isinstance(value, (tuple, list)) or len(value) > MAX_NDIM or not all(
+            type(v) is int and 0 <= v <= MAX_DIM for v in value):
+        raise _Refused(f"{what} is not a tuple of at most {MAX_NDIM} integers in [0, 2**62]")
     return tuple(value)
 
 
@@ -355,7 +370,7 @@ def _storage_from_pid(pid: object) -> _Storage:
     if not isinstance(storage_type, _StorageType) or not isinstance(key, str):
         raise _Refused("a storage reference is malformed")
     if type(numel) is not int or numel < 0 or not _STORAGE_KEY_RE.fullmatch(key):
-        raise _Refused(f"storage {key!r} has a bad name or size")
+        raise _Refused(f"storage {_quoted(key)} has a bad name or size")
     return _Storage(key, storage_type, numel)
 
 
@@ -466,6 +481,9 @@ def _member_offset(fd: int, info: zipfile.ZipInfo, archive: _Archive) -> int:
     """
     path = archive.path
     _check_stored(info, path)
+    if not 0 <= info.header_offset <= archive.size - _LOCAL_HEADER.size:
+        raise RelexError(f"{path} is corrupt: its zip directory places member "
+                         f"{_printable(info.filename)} outside the file; re-copy it")
     raw = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
     if len(raw) < _LOCAL_HEADER.size:
         raise RelexError(f"{path} is truncated (member {_printable(info.filename)}); re-copy it")
@@ -512,13 +530,26 @@ def _placement(stub: object) -> str:
     raise _Refused(f"a DTensor placement is a {stub.kind}")
 
 
-def _flat_size(shape: object, depth: int = 0) -> int:
-    """Number of ranks along a _FlatLayout axis: the product of its (nested) shape."""
-    if type(shape) is int and shape >= 0:
-        return shape
-    if isinstance(shape, tuple) and depth < 8:
-        return math.prod(_flat_size(s, depth + 1) for s in shape)
-    raise _Refused("a device mesh layout is malformed")
+def _flat_size(shape: object) -> int:
+    """Number of ranks along a _FlatLayout axis: the product of its (nested) shape.
+
+    Walked with a budget of nodes: a pickle can share one tuple many times over, so a few
+    bytes may describe 100**8 leaves (a budget on depth alone does not stop that)."""
+    size, budget, stack = 1, 4096, [(shape, 0)]
+    while stack:
+        item, depth = stack.pop()
+        budget -= 1
+        if budget < 0 or depth > 8:
+            raise _Refused("a device mesh layout is malformed")
+        if type(item) is int and 0 <= item <= MAX_WORLD_SIZE:
+            size *= item
+            if size > MAX_WORLD_SIZE:
+                raise _Refused("a device mesh layout is malformed")
+        elif isinstance(item, tuple):
+            stack.extend((child, depth + 1) for child in item)
+        else:
+            raise _Refused("a device mesh layout is malformed")
+    return size
 
 
 def _mesh_shape(fields: dict) -> tuple[int, ...] | None:
@@ -547,11 +578,11 @@ def _mesh_info(mesh: object) -> tuple[tuple[int, ...] | None, tuple[int, ...] | 
 def _dtype_code(dtype: object, name: str) -> str:
     """The safetensors code of a DTensor's dtype, or refuse an unsupported one."""
     if not isinstance(dtype, _DType):
-        raise _Refused(f"tensor {name!r} has a malformed dtype")
+        raise _Refused(f"tensor {_quoted(name)} has a malformed dtype")
     if dtype.code is None:
         raise _Refused(
-            f"tensor {name!r} has dtype {dtype.name}, which relex_stream does not support; "
-            + _MERGE_HINT
+            f"tensor {_quoted(name)} has dtype {dtype.name}, which relex_stream does not "
+            "support; " + _MERGE_HINT
         )
     return dtype.code
 
@@ -561,21 +592,21 @@ def _shard_of(name: str, record: _DTensorRecord) -> _Shard:
     state = _merge_state(record.state)
     local, spec = state.get("_local_tensor"), state.get("_spec")
     if record.wrapper.cls is not _DTENSOR or not isinstance(local, _Local):
-        raise _Refused(f"tensor {name!r} is a malformed DTensor")
+        raise _Refused(f"tensor {_quoted(name)} is a malformed DTensor")
     if not isinstance(spec, _Stub) or spec.kind != "Spec":
-        raise _Refused(f"tensor {name!r} is a malformed DTensor (no spec)")
+        raise _Refused(f"tensor {_quoted(name)} is a malformed DTensor (no spec)")
     spec_fields = spec.fields()
     placements = spec_fields.get("placements")
     if not isinstance(placements, tuple) or not placements:
-        raise _Refused(f"tensor {name!r} has no placements")
+        raise _Refused(f"tensor {_quoted(name)} has no placements")
     mesh_shape, coordinate = _mesh_info(spec_fields.get("mesh"))
     meta = spec_fields.get("tensor_meta")
     if isinstance(meta, _Stub) and meta.args and _size(meta.args[0]) != record.wrapper.shape:
-        raise _Refused(f"tensor {name!r} has two different global shapes in its DTensor")
+        raise _Refused(f"tensor {_quoted(name)} has two different global shapes in its DTensor")
     dtype = _dtype_code(record.wrapper.dtype, name)
     if local.storage.dtype.code != dtype:
         raise _Refused(
-            f"tensor {name!r} is {dtype} but its storage is a {local.storage.dtype.name}"
+            f"tensor {_quoted(name)} is {dtype} but its storage is a {local.storage.dtype.name}"
         )
     return _Shard(
         name=name,
@@ -595,14 +626,14 @@ def _shards_of(obj: object) -> dict[str, _Shard]:
     shards: dict[str, _Shard] = {}
     for name, value in obj.items():
         if not isinstance(name, str):
-            raise _Refused(f"its state dict has a non-string key {name!r}")
+            raise _Refused(f"its state dict has a non-string key {_quoted(name)}")
         if isinstance(value, _Local):
             raise _Refused(
-                f"tensor {name!r} is a plain tensor, not a DTensor shard, so how it is split is "
-                f"unknown; {_MERGE_HINT}"
+                f"tensor {_quoted(name)} is a plain tensor, not a DTensor shard, so how it is "
+                f"split is unknown; {_MERGE_HINT}"
             )
         if not isinstance(value, _DTensorRecord):
-            raise _Refused(f"entry {name!r} of its state dict is not a tensor")
+            raise _Refused(f"entry {_quoted(name)} of its state dict is not a tensor")
         shards[name] = _shard_of(name, value)
     return shards
 
@@ -633,10 +664,11 @@ def _read_fsdp_config(directory: Path) -> tuple[int, int]:
     # bounded, strict, never waited on (a FIFO), nesting limited: as every JSON input is read
     config = load_json_object(path, "verl's FSDP config")
     version, world = config.get("FSDP_version"), config.get("world_size")
-    if type(world) is not int or world < 1:
-        raise RelexError(f"{path}: world_size must be a positive integer, got {world!r}")
+    if type(world) is not int or not 1 <= world <= MAX_WORLD_SIZE:
+        raise RelexError(f"{path}: world_size must be an integer from 1 to {MAX_WORLD_SIZE:,}, "
+                         f"got {_printable(world)}")
     if version not in (1, 2) or type(version) is not int:
-        raise RelexError(f"{path}: FSDP_version must be 1 or 2, got {version!r}")
+        raise RelexError(f"{path}: FSDP_version must be 1 or 2, got {_printable(version)}")
     return version, world
 
 
@@ -685,17 +717,18 @@ def _group_size(shard: _Shard, world_size: int, path: Path) -> int:
         if len(shard.placements) == 1:
             return world_size  # a 1-D mesh spans every rank
         raise RelexError(
-            f"{path}: cannot tell the HSDP mesh shape of tensor {shard.name!r} (a DeviceMesh "
-            f"this version of relex_stream does not understand); {_MERGE_HINT}"
+            f"{path}: cannot tell the HSDP mesh shape of tensor {_quoted(shard.name)} (a "
+            f"DeviceMesh this version of relex_stream does not understand); {_MERGE_HINT}"
         )
     if len(mesh) != len(shard.placements):
         raise RelexError(
-            f"{path}: tensor {shard.name!r} has {len(shard.placements)} placement(s) but a mesh "
-            f"of shape {list(mesh)}; the file is corrupt; re-copy it from the training run"
+            f"{path}: tensor {_quoted(shard.name)} has {len(shard.placements)} placement(s) "
+            f"but a mesh of shape {list(mesh)}; the file is corrupt; re-copy it from the training "
+            "run"
         )
     if math.prod(mesh) != world_size:
         raise RelexError(
-            f"{path}: tensor {shard.name!r} lives on a mesh of shape {list(mesh)} but "
+            f"{path}: tensor {_quoted(shard.name)} lives on a mesh of shape {list(mesh)} but "
             f"{FSDP_CONFIG} says world size {world_size}; fix {FSDP_CONFIG}"
         )
     return mesh[-1]
@@ -716,7 +749,8 @@ def _placement_refusal(shard: _Shard, path: Path) -> RelexError:
     else:
         why = "it is not split on dim 0 over its mesh's last dim"
     return RelexError(
-        f"{path}: tensor {shard.name!r} has placements [{', '.join(shard.placements)}]: {why}; "
+        f"{path}: tensor {_quoted(shard.name)} has placements "
+        f"[{', '.join(shard.placements)}]: {why}; "
         "relex_stream reads only dim-0 FSDP shards ([Shard(0)], or [Replicate(), Shard(0)] "
         "under HSDP); convert the checkpoint to Hugging Face safetensors first "
         "(python -m verl.model_merger merge --backend fsdp)"
@@ -733,24 +767,27 @@ def _check_piece(shard: _Shard, ref: _Shard, index: int, shards: int, path: Path
     """Check rank `index`'s piece of a tensor against rank 0's description; its numel."""
     if (shard.dtype, shard.shape, shard.placements) != (ref.dtype, ref.shape, ref.placements):
         raise RelexError(
-            f"{path}: tensor {ref.name!r} is {shard.dtype} {list(shard.shape)} "
+            f"{path}: tensor {_quoted(ref.name)} is {shard.dtype} {list(shard.shape)} "
             f"[{', '.join(shard.placements)}] here but {ref.dtype} {list(ref.shape)} "
             f"[{', '.join(ref.placements)}] in rank 0; the rank files are from different saves"
         )
     if not ref.shape:
-        raise RelexError(f"{path}: tensor {ref.name!r} is a scalar, which cannot be Shard(0)")
+        raise RelexError(
+            f"{path}: tensor {_quoted(ref.name)} is a scalar, which cannot be Shard(0)")
     rows = _expected_rows(ref.shape[0], shards, index)
     expected = (rows, *ref.shape[1:])
     if shard.local.shape != expected:
         raise RelexError(
-            f"{path}: its piece of tensor {ref.name!r} has shape {list(shard.local.shape)} where "
+            f"{path}: its piece of tensor {_quoted(ref.name)} has shape "
+            f"{list(shard.local.shape)} where "
             f"{list(expected)} was expected (shard {index} of {shards} of a {list(ref.shape)} "
             "tensor), so the pieces do not add up to the tensor; the file is corrupt or from "
             "another save"
         )
     if not _is_contiguous(shard.local.shape, shard.local.stride):
         raise RelexError(
-            f"{path}: its piece of tensor {ref.name!r} has strides {list(shard.local.stride)}, "
+            f"{path}: its piece of tensor {_quoted(ref.name)} has strides "
+            f"{list(shard.local.stride)}, "
             f"not contiguous; {_MERGE_HINT}"
         )
     return math.prod(expected)
@@ -792,10 +829,11 @@ def _piece(shard: _Shard, numel: int, archive: _Archive, starts: dict[str, int])
     itemsize = DTYPES[shard.dtype][1].itemsize
     info = archive.storages.get(storage.key)
     if info is None:
-        raise RelexError(f"{path} lacks the data of tensor {name!r} (storage {storage.key})")
+        raise RelexError(
+            f"{path} lacks the data of tensor {_quoted(name)} (storage {storage.key})")
     if shard.local.offset + numel > storage.numel or storage.numel * itemsize > info.file_size:
         raise RelexError(
-            f"{path}: tensor {name!r} points outside its stored data (offset "
+            f"{path}: tensor {_quoted(name)} points outside its stored data (offset "
             f"{shard.local.offset}, {numel} elements, {info.file_size} bytes stored); the file "
             "is corrupt or crafted; re-copy it from the training run"
         )
@@ -811,7 +849,7 @@ def _check_coordinates(
         for shard in shards.values():
             if shard.coordinate is not None and shard.coordinate != expected:
                 raise RelexError(
-                    f"{archive.path}: tensor {shard.name!r} sits at mesh coordinate "
+                    f"{archive.path}: tensor {_quoted(shard.name)} sits at mesh coordinate "
                     f"{list(shard.coordinate)}, expected {list(expected)}; the rank files are "
                     "misnamed or from a mesh that is not row-major"
                 )
@@ -823,7 +861,8 @@ def _check_names(per_rank: list[dict[str, _Shard]], archives: list[_Archive]) ->
     for shards, archive in zip(per_rank[1:], archives[1:], strict=True):
         if set(shards) != names:
             extra, lacking = sorted(set(shards) - names), sorted(names - set(shards))
-            what = f"has extra tensor {extra[0]!r}" if extra else f"lacks tensor {lacking[0]!r}"
+            what = (f"has extra tensor {_quoted(extra[0])}" if extra
+                    else f"lacks tensor {_quoted(lacking[0])}")
             raise RelexError(
                 f"{archive.path} {what} compared with rank 0; the rank files are from "
                 "different saves"
@@ -845,7 +884,7 @@ def _assemble(per_rank: list[dict[str, _Shard]], archives: list[_Archive]) -> di
             if numel:  # an empty piece (a short tensor's last ranks) holds no bytes
                 pieces.append(_piece(shards[name], numel, archive, starts[index]))
         if sum(p.numel for p in pieces) != math.prod(ref.shape):
-            raise RelexError(f"the pieces of tensor {name!r} do not add up to its shape")
+            raise RelexError(f"the pieces of tensor {_quoted(name)} do not add up to its shape")
         tensors[name] = TensorInfo(name, ref.dtype, ref.shape, tuple(pieces))
     return tensors
 

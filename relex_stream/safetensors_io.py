@@ -40,6 +40,7 @@ MAX_HEADER_BYTES = 100_000_000  # the parser's MAX_HEADER_SIZE: decimal, not 100
 _MAX_HEADER_BYTES = MAX_HEADER_BYTES  # the name this module used before
 MAX_TENSOR_BYTES = 2**62
 MAX_DIM = 2**62
+MAX_NDIM = 16  # no model has more; the store's layout keeps at most this many
 _HEADER_MAX_DEPTH = 64
 _USIZE_MAX = 2**64 - 1  # serde reads shapes and offsets as Rust usize (64-bit)
 _TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
@@ -269,6 +270,9 @@ def _byte_size(name: str, dtype: str, shape: list[int]) -> int:
     The parser multiplies the dimensions left to right and fails on the first overflow, so
     [2**40, 2**40, 0] is refused while [0, 2**40, 2**40] passes; this follows it exactly.
     """
+    if len(shape) > MAX_NDIM:
+        raise HeaderProblem(f"tensor {show(name)} has {len(shape)} dimensions (at most "
+                            f"{MAX_NDIM} are read)")
     numel = 1
     for dim in shape:
         if dim > MAX_DIM:

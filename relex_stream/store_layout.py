@@ -16,11 +16,11 @@ import math
 import re
 from dataclasses import dataclass
 
-from .checkpoints import AUX_EXCLUDE_SUFFIXES, ModelLayout, check_layout
+from .checkpoints import AUX_EXCLUDE_SUFFIXES, MAX_AUX_FILES, ModelLayout, check_layout
 from .errors import RelexError
 from .jsonfile import show
 from .row_codec import TRANSFORMS, default_transform
-from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME
+from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME, MAX_DIM, MAX_NDIM
 
 STORE_FORMAT = "relex_stream.trajectory/4"
 FORMAT_FAMILY = "relex_stream.trajectory/"
@@ -268,14 +268,15 @@ def parse_steps(value: object, what: str) -> tuple[int, ...]:
 
 
 def _fingerprints(value: object, what: str) -> dict:
-    """{file name: {key: int or str}} with plain names and small scalar values."""
+    """{file name: {key: int, str or None}} with plain names and small scalar values."""
     out = {}
     for name, fields in _dict(value, what).items():
         if not is_plain_name(name) and not _is_relative_plain(name):
             raise _fail(f"{what} names an unsafe file {show(name)}")
         fields = _dict(fields, f"{what} entry")
         if len(fields) > 8 or not all(
-            isinstance(k, str) and (type(v) is int or (isinstance(v, str) and len(v) <= 128))
+            isinstance(k, str) and (v is None or type(v) is int
+                                    or (isinstance(v, str) and len(v) <= 128))
             for k, v in fields.items()
         ):
             raise _fail(f"{what} entry for {show(name)} is malformed")
@@ -312,8 +313,8 @@ def parse_layout(value: object) -> ModelLayout:
         entry = _list(entry, f"tensor {show(name)}", 2)
         if len(entry) != 2 or not isinstance(entry[0], str) or entry[0] not in DTYPES:
             raise _fail(f"the layout entry of tensor {show(name)} is malformed")
-        shape = tuple(_int(d, f"a dimension of {show(name)}", 0, MAX_ELEMENTS) for d in
-                      _list(entry[1], f"the shape of {show(name)}", 16))
+        shape = tuple(_int(d, f"a dimension of {show(name)}", 0, MAX_DIM) for d in
+                      _list(entry[1], f"the shape of {show(name)}", MAX_NDIM))
         if math.prod(shape) > MAX_ELEMENTS:
             raise _fail(f"the shape of tensor {show(name)} in the store's layout is absurd")
         tensors[name] = (entry[0], shape)
@@ -355,7 +356,7 @@ def parse_generation(value: object, codecs: dict) -> Generation:
             isinstance(v, str) and v in FLOAT_CODES for v in row_dtypes.values()):
         raise _fail("the store's row dtypes do not match its layout")
     aux = []
-    for item in _list(data["aux"], "the store's model files", 256):
+    for item in _list(data["aux"], "the store's model files", MAX_AUX_FILES):
         if not (isinstance(item, list) and len(item) == 3 and is_plain_name(item[0])
                 and isinstance(item[2], str) and _HEX64.fullmatch(item[2])):
             raise _fail("the store's list of model files is malformed")

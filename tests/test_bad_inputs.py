@@ -16,7 +16,7 @@ import pickle
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -608,3 +608,58 @@ def test_peft_adapter_is_refused(traj, out_with_existing) -> None:
     proc = run_cli(*run_args(traj.base, traj.runs, out, "--overwrite"), expect_rc=None)
     line = assert_refused(proc, out, existing)
     assert "adapter" in line, line
+
+
+# ---------------------------------------------------------------------------------------------
+# What the inputs may hold, the store must hold too: a run that succeeded is repeated.
+
+
+def _add_tensor(name: str, tensor: torch.Tensor) -> Callable[[int, dict], None]:
+    def edit(step: int, tensors: dict) -> None:  # noqa: ARG001
+        tensors[name] = tensor.clone()
+    return edit
+
+
+@pytest.mark.parametrize("case", ["zero-size-dim-2**45", "backslash-file", "17-dims"])
+def test_a_store_built_from_valid_inputs_is_read_back(tmp_path: Path, case: str) -> None:
+    """Inputs the checkpoint readers take: the run that builds the store and the same run
+    again from it both succeed (a zero-size tensor with a dimension of 2**45, a file name with
+    a backslash next to the base, which stays out of the output), or the input is refused
+    before anything is written (a 17-dimensional tensor: the store keeps at most 16)."""
+    edit = None
+    if case == "zero-size-dim-2**45":
+        edit = _add_tensor("model.extra.z", torch.empty(0, 2**45))
+    elif case == "17-dims":
+        edit = _add_tensor("model.extra.w", torch.ones([1] * 17))
+    traj = build_trajectory(tmp_path / "t", Spec(steps=(10, 20, 30), edit=edit))
+    if edit is not None:  # the base holds the tensor too
+        tensors = load_file(traj.base / "model.safetensors")
+        edit(0, tensors)
+        save_file(tensors, traj.base / "model.safetensors", metadata={"format": "pt"})
+    if case == "backslash-file":
+        (traj.base / "notes\\v1.txt").write_text("x")
+    args = ("run", "--base", traj.base, "--runs", traj.runs, "--target", "100", "--out",
+            tmp_path / "o", "--cache", tmp_path / "s", "--device", "cpu", "--quiet")
+    if case == "17-dims":
+        proc = run_cli(*args, expect_rc=2)
+        assert proc.stderr.count("\n") == 1 and "17 dimensions" in proc.stderr, proc.stderr
+        assert not (tmp_path / "o").exists()
+        return
+    first = run_cli(*args)
+    again = run_cli(*args, "--overwrite")
+    assert "error" not in first.stderr + again.stderr
+    assert not (step_dir(tmp_path / "o", 100) / "notes\\v1.txt").exists()
+
+
+def test_more_model_files_than_the_store_keeps_is_one_error(tmp_path: Path) -> None:
+    """More than 256 files next to the base: one error line before anything is written (the
+    store kept them, and the next run refused its own store)."""
+    traj = build_trajectory(tmp_path / "t", Spec(steps=(10, 20, 30)))
+    for i in range(300):
+        (traj.base / f"vocab_{i}.txt").write_text("x")
+    proc = run_cli("run", "--base", traj.base, "--runs", traj.runs, "--target", "100",
+                   "--out", tmp_path / "o", "--cache", tmp_path / "s", "--device", "cpu",
+                   "--quiet", expect_rc=2)
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "more than 256 files" in proc.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()

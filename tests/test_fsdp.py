@@ -277,8 +277,11 @@ def test_stale_rank_files(ckpts: FsdpFixture, tmp_path: Path) -> None:
         ("{not json", "is not valid JSON"),
         ("[" * 100_000, "nested more than"),  # json.loads alone: a RecursionError traceback
         ('{"world_size": 2, "world_size": 4, "FSDP_version": 2}', "world_size"),  # given twice
-        ('{"FSDP_version": 2, "world_size": "4"}', "world_size must be a positive integer"),
-        ('{"FSDP_version": 2, "world_size": true}', "world_size must be a positive integer"),
+        ('{"FSDP_version": 2, "world_size": "4"}', "world_size must be an integer from 1 to"),
+        ('{"FSDP_version": 2, "world_size": true}', "world_size must be an integer from 1 to"),
+        # a count of rank files to look for: 10**12 of them took GBs before the refusal
+        ('{"FSDP_version": 2, "world_size": 1000000000000}', "from 1 to 1,048,576"),
+        ('{"FSDP_version": 2, "world_size": 1048577}', "from 1 to 1,048,576"),
         ('{"FSDP_version": 3, "world_size": 4}', "FSDP_version must be 1 or 2"),
     ],
 )
@@ -573,3 +576,65 @@ def test_names_from_the_file_cannot_break_the_one_line_message(tmp_path: Path) -
     data = b"\x80\x04\x8c\x02os\x8c\x0bsystem\nnext\x93."  # STACK_GLOBAL os."system\nnext"
     write_rank_file(actor / "model_world_size_1_rank_0.pt", data, {})
     assert "asks for 'os.system\\nnext'" in refused(actor)  # refused() checks: one line
+
+
+# ---------------------------------------------------------------------------------------------
+# Values a pickle or a zip directory can hold that no save writes (found by hand).
+
+
+def test_a_mesh_layout_sharing_one_tuple_is_refused_not_walked() -> None:
+    """A few pickle bytes can share one tuple 100 times per level, 8 levels deep (100**8
+    leaves): refused at once, as is a product beyond MAX_WORLD_SIZE; real layouts pass."""
+    from relex_stream import fsdp
+
+    leaf: object = 1
+    for _ in range(8):
+        leaf = (leaf,) * 100
+    for shape in (leaf, (fsdp.MAX_WORLD_SIZE, 2), 10**5000, (1, "2"), -1):
+        with pytest.raises(fsdp._Refused, match="device mesh layout"):
+            fsdp._flat_size(shape)
+    assert fsdp._flat_size((2, (2, 3))) == 12
+    assert fsdp._flat_size(8) == 8
+
+
+def test_integers_beyond_str_and_shapes_beyond_the_format() -> None:
+    """A 5,000-digit integer (no str() at all past 4,300 digits) is shown by its size; a shape
+    or coordinate with a dimension over 2**62 or more than 16 dimensions is refused."""
+    from relex_stream import fsdp
+
+    assert fsdp._printable(10**5000) == f"<an integer of {(10**5000).bit_length()} bits>"
+    assert fsdp._quoted(10**5000).startswith("<an integer")
+    assert len(fsdp._printable("x" * 10_000)) <= 80
+    assert fsdp._quoted("w") == "'w'"
+    for value in ((1, 10**5000), (2**62 + 1,), (1,) * 17, (True,), (-1,)):
+        with pytest.raises(fsdp._Refused, match="at most 16 integers"):
+            fsdp._int_tuple(value, "a tensor's shape")
+    assert fsdp._int_tuple((0, 2**62), "a tensor's shape") == (0, 2**62)
+
+
+@pytest.mark.parametrize("offset", [2**64 - 1, 2**63, 10**6])
+def test_a_zip_member_placed_outside_the_file_is_one_error(tmp_path: Path, offset: int) -> None:
+    """A zip64 header offset past the file (2**64 - 1 made os.pread raise OverflowError)."""
+    from relex_stream import fsdp
+
+    path = tmp_path / "model_world_size_1_rank_0.pt"
+    path.write_bytes(b"\0" * 4096)
+    info = zipfile.ZipInfo("archive/data/0")
+    info.header_offset, info.compress_type = offset, zipfile.ZIP_STORED
+    info.file_size = info.compress_size = 8
+    archive = fsdp._Archive(path, b"", {"0": info}, 4096, None)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(RelexError, match="outside the file"):
+            fsdp._member_offset(fd, info, archive)
+    finally:
+        os.close(fd)
+
+
+def test_a_fingerprint_without_serialization_id_is_read_back() -> None:
+    """torch < 2.6 writes no .data/serialization_id: the fingerprint holds None, and the store
+    must read back what it wrote (the next run refused its own store as malformed)."""
+    from relex_stream.store_layout import _fingerprints
+
+    entry = {"model_world_size_1_rank_0.pt": {"size": 10, "serialization_id": None}}
+    assert _fingerprints(entry, "the base's fingerprints") == entry
