@@ -29,12 +29,16 @@ def pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _png(fig) -> bytes:
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, dpi=110, format="png")
     pyplot().close(fig)
-    return replace_file(path, image.getvalue())
+    return image.getvalue()
+
+
+def _save(fig, path: Path) -> Path:
+    return replace_file(path, _png(fig))
 
 
 def _horizontal() -> dict:
@@ -174,9 +178,10 @@ def backtest_errors(
     return _save(fig, path)
 
 
-def timeline(path: Path, rows: Sequence[dict], targets: Sequence[str]) -> Path:
-    """A watched run: explained variance and R² with their null's 95% against the step, and
-    the prediction drift of each target (log scale)."""
+def timeline_png(rows: Sequence[dict], targets: Sequence[str]) -> bytes:
+    """A watched run, as PNG bytes (watch writes them inside the store itself): explained
+    variance and R² with their null's 95% against the step, and the prediction drift of each
+    target (log scale)."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     steps = [r["step"] for r in rows]
@@ -197,7 +202,7 @@ def timeline(path: Path, rows: Sequence[dict], targets: Sequence[str]) -> Path:
     axes[1].set_ylabel("prediction drift ‖ΔŴ_T‖ / ‖Ŵ_T − W₀‖")
     axes[1].set_xlabel("last observed step")
     axes[1].legend(fontsize=7)
-    return _save(fig, path)
+    return _png(fig)
 
 
 def _nan(value: float | None) -> float:

@@ -36,7 +36,7 @@ from .errors import RelexError
 from .jsonfile import loads_strict
 from .methods import MethodSpec, combination_weights, parse_method
 from .report import StoreGrams, load_grams
-from .safefs import open_root, opened_dir, paths_overlap, read_small, replace_file
+from .safefs import open_root, opened_dir, paths_overlap, read_small, write_atomic
 from .store import TrajectoryStore
 from .units import DEFAULT_MAX_MEMORY, StepSelection, step_label
 
@@ -249,11 +249,6 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _paths(options: WatchOptions) -> tuple[Path, Path, Path]:
-    directory = options.cache / TIMELINE_DIR
-    return directory / "timeline.json", directory / "timeline.csv", directory / "timeline.png"
-
-
 def _load_rows(options: WatchOptions) -> list[dict]:
     """Rows of an earlier watch of the same targets and method (else none: recomputed). The
     store is input: the file is read without following links, bounded, and a row is kept only
@@ -294,16 +289,11 @@ def _is_row(row: object, labels: list[str]) -> bool:
 
 
 def _write_timeline(options: WatchOptions, rows: list[dict]) -> None:
-    json_path, csv_path, png_path = _paths(options)
-    root = open_root(options.cache)  # the directory made here, and checked not to be a link
-    try:
-        with opened_dir(root, (TIMELINE_DIR,), True, str(options.cache)):
-            pass
-    finally:
-        os.close(root)
+    """timeline.json, .csv and .png in the store's timeline directory, each written under a
+    temporary name and renamed, all through one descriptor of that directory: a link put in
+    place of the directory meanwhile is never followed (the store is shared)."""
     labels = [step_label(t) for t in options.targets]
     body = {"targets": labels, "method": options.method, "rows": rows}
-    replace_file(json_path, json.dumps(body, indent=1, allow_nan=False) + "\n")
     columns = ["step", "rows", "explained_variance", "r_squared", "null_ev_p95", "null_r2_p95",
                "straight", "reach", *(f"drift_{label}" for label in labels)]
     table = io.StringIO(newline="")
@@ -311,13 +301,26 @@ def _write_timeline(options: WatchOptions, rows: list[dict]) -> None:
     writer.writerow(columns)
     for row in rows:
         writer.writerow([row[c] for c in columns[:8]] + [row["drift"][x] for x in labels])
-    replace_file(csv_path, table.getvalue())
+    files = {"timeline.json": (json.dumps(body, indent=1, allow_nan=False) + "\n").encode(),
+             "timeline.csv": table.getvalue().encode()}
     try:
-        from .plots import timeline
+        from .plots import timeline_png
 
-        timeline(png_path, rows, labels)
+        files["timeline.png"] = timeline_png(rows, labels)
     except RelexError as exc:  # no matplotlib: the JSON and CSV are the timeline
         log.debug("no timeline.png: %s", exc)
+    where = str(options.cache)
+    try:
+        root = open_root(options.cache)
+        try:
+            with opened_dir(root, (TIMELINE_DIR,), True, where) as fd:
+                for name, data in files.items():
+                    write_atomic(fd, name, data, sync=False)
+        finally:
+            os.close(root)
+    except OSError as exc:
+        raise RelexError(f"cannot write the timeline in {where}/{TIMELINE_DIR}: "
+                         f"{exc.strerror or exc}; free space or fix permissions") from None
 
 
 def _line(row: dict, targets: tuple[float, ...]) -> str:

@@ -189,3 +189,36 @@ def test_a_hostile_timeline_in_the_store_is_neither_trusted_nor_followed(watched
                 assert a == b if b is None or a is None else a == pytest.approx(b, rel=1e-9), (
                     damage, got, want)
             assert set(got) == set(want) and list(got["drift"]) == list(want["drift"])
+
+
+def test_a_timeline_directory_swapped_for_a_link_while_watch_writes_is_not_followed(
+        watched, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A co-user of the store swaps timeline/ for a link to their own directory while the
+    plot is drawn (the widest window): watch refuses with one error, and nothing in the
+    linked directory changes (the PNG used to be written through the link)."""
+    from relex_stream import plots, watch
+    from relex_stream.errors import RelexError
+
+    _, store, _, _, _ = watched
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    rows = json.loads((copy / "timeline" / "timeline.json").read_text())["rows"]
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("timeline.json", "timeline.csv", "timeline.png"):
+        (victim / name).write_text("someone else's file")
+    drawn = plots.timeline_png
+
+    def draw_then_swap(*args: object) -> bytes:
+        png = drawn(*args)
+        (copy / "timeline").rename(copy / "timeline.old")
+        (copy / "timeline").symlink_to(victim)
+        return png
+
+    monkeypatch.setattr(plots, "timeline_png", draw_then_swap)
+    options = watch.WatchOptions(runs=tmp_path, cache=copy, targets=(float(TARGET),))
+    with pytest.raises(RelexError, match="symbolic link"):
+        watch._write_timeline(options, rows)
+    assert {p.name: p.read_text() for p in victim.iterdir()} == {
+        name: "someone else's file" for name in ("timeline.json", "timeline.csv",
+                                                  "timeline.png")}
