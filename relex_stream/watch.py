@@ -15,6 +15,7 @@ continues from the store.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -200,18 +201,48 @@ def timeline_rows(
 ) -> list[dict]:
     """One row per stored step from the second on: statistics of the first k steps.
 
-    keep: rows computed before (same targets and method), reused as they are.
+    keep: rows computed before (same targets and method); one is reused only when it was
+    computed from the same first k steps, Gram values and holdout (its "inputs" digest) and
+    its own checksum holds, else it is computed again (a store rebuilt from another run, or a
+    timeline damaged in the shared store).
     """
     data = load_grams(cache)
     spec = parse_method(method)
+    digests = _prefix_digests(data, holdout)
     kept = {row["step"]: row for row in keep or []}
     rows = []
     for k in range(2, len(data.steps) + 1):
-        step = data.steps[k - 1]
-        old = kept.get(step)
-        rows.append(old if old is not None and old["rows"] == k else
-                    _row(data, spec, targets, holdout, k))
+        old = kept.get(data.steps[k - 1])
+        if (old is None or old["rows"] != k or old["inputs"] != digests[k - 1]
+                or old["sha256"] != _row_sha256(old)):
+            old = _row(data, spec, targets, holdout, k)
+            old["inputs"] = digests[k - 1]
+            old["sha256"] = _row_sha256(old)
+        rows.append(old)
     return rows
+
+
+def _prefix_digests(data: StoreGrams, holdout: int) -> list[str]:
+    """Per k, the sha256 of what the row of the first k steps is computed from: the holdout,
+    the steps and every tensor's Gram G[:k, :k] (G is symmetric: its rows up to the diagonal,
+    chained, so all K digests cost one pass over half of each G)."""
+    chain = hashlib.sha256(f"holdout={holdout};".encode())
+    names = sorted(data.grams)
+    digests = []
+    for i, step in enumerate(data.steps):
+        chain.update(f"step={step};".encode())
+        for name in names:
+            chain.update(name.encode("utf-8", "surrogatepass"))
+            row = data.grams[name][i, : i + 1].contiguous().numpy()  # (i + 1,) float64
+            chain.update(row.astype("<f8", copy=False).tobytes())
+        digests.append(chain.copy().hexdigest())
+    return digests
+
+
+def _row_sha256(row: dict) -> str:
+    """Checksum of a timeline row's own fields (damage in the shared store shows)."""
+    body = {key: value for key, value in row.items() if key != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 def _row(data: StoreGrams, spec: MethodSpec, targets: tuple[float, ...], holdout: int,
@@ -278,9 +309,13 @@ def _is_row(row: object, labels: list[str]) -> bool:
     def count(v: object) -> bool:
         return type(v) is int and 0 <= v <= 2**53
 
+    def digest(v: object) -> bool:
+        return isinstance(v, str) and len(v) == 64
+
     fields = ("explained_variance", "r_squared", "null_ev_p95", "null_r2_p95")
     return (isinstance(row, dict) and set(row) == {"step", "rows", "straight", "reach", "drift",
-                                                      *fields}
+                                                      "inputs", "sha256", *fields}
+            and digest(row["inputs"]) and digest(row["sha256"])
             and count(row["step"]) and count(row["rows"]) and type(row["straight"]) is bool
             and number(row["reach"])
             and all(number(row[f]) for f in fields)

@@ -222,3 +222,36 @@ def test_a_timeline_directory_swapped_for_a_link_while_watch_writes_is_not_follo
     assert {p.name: p.read_text() for p in victim.iterdir()} == {
         name: "someone else's file" for name in ("timeline.json", "timeline.csv",
                                                   "timeline.png")}
+
+
+def test_timeline_rows_are_reused_only_for_the_data_they_were_computed_from(
+        watched, tmp_path: Path) -> None:
+    """A row whose value was changed in the shared store (its checksum fails), and rows of
+    another run with the same steps (a store rebuilt from it keeps the old timeline/), are
+    computed again: the timeline equals one written from scratch."""
+    traj, store, _, _, _ = watched
+    other = build_trajectory(tmp_path / "other", Spec(steps=STEPS, vocab=256, seed=7))
+    honest = json.loads((store / "timeline" / "timeline.json").read_text())
+    edited = json.loads(json.dumps(honest))
+    edited["rows"][1]["explained_variance"] = 0.125  # the right type, the wrong value
+    results = {}
+    for case, source, timeline in (("edited", traj, edited), ("other-run", other, honest),
+                                   ("fresh-other", other, None)):
+        copy = tmp_path / case / "store.zarr"
+        run_cli("run", "--base", source.base, "--runs", source.runs, "--steps",
+                f"{STEPS[0]}-{STEPS[-2]}", "--target", TARGET, "--out", tmp_path / case / "o",
+                "--cache", copy, "--device", "cpu", "--quiet")
+        if timeline is not None:
+            (copy / "timeline").mkdir()
+            (copy / "timeline" / "timeline.json").write_text(json.dumps(timeline))
+        proc = _watch_to_end(source, copy)
+        assert proc.returncode == 0, proc.stderr
+        results[case] = json.loads((copy / "timeline" / "timeline.json").read_text())["rows"]
+
+    def values(rows: list[dict]) -> list[float]:
+        return [r["explained_variance"] for r in rows]
+
+    assert values(results["edited"]) == pytest.approx(values(honest["rows"]), rel=1e-9)
+    assert values(results["other-run"]) == pytest.approx(values(results["fresh-other"]),
+                                                         rel=1e-9)
+    assert values(results["other-run"]) != pytest.approx(values(honest["rows"]), rel=1e-6)
