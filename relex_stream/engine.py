@@ -39,7 +39,13 @@ from .sources import RowOrigin, RowReader
 from .store import TrajectoryStore, compressed_sample_fraction
 from .store_layout import Generation, Group
 from .units import DEFAULT_MAX_MEMORY, format_bytes, step_label
-from .writer import ModelWriter, check_output_dir, output_dtypes, remove_leftovers
+from .writer import (
+    ModelWriter,
+    check_output_dir,
+    output_dtypes,
+    output_names,
+    remove_leftovers,
+)
 
 log = logging.getLogger("relex_stream")
 
@@ -163,8 +169,9 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     gpu_bytes = device_budget(device, request.max_gpu_memory_bytes)
     device_jobs = None if gpu_bytes is None else max(0, (gpu_bytes - budget.fixed) // 2)
     plan = chunking(inputs, budget, device_jobs)
+    own_names = output_names(gen.layout, (aux.name for aux in gen.aux))
     for spec in outputs:
-        check_output_dir(spec.directory, request.overwrite)
+        check_output_dir(spec.directory, request.overwrite, own_names)
     if ranks.is_main:
         _check_disk(request, inputs, outputs, dtypes, budget)
         _warn_about(outputs, inputs.observed, request.max_memory_bytes)

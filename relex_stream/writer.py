@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import stat
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import psutil
 
 from .checkpoints import ModelLayout
 from .errors import RelexError
+from .jsonfile import show
 from .safefs import open_root, read_small_at, remove_tree
 from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME
 
@@ -181,6 +183,10 @@ class ModelWriter:
         if os.path.lexists(self.final_dir):
             if not overwrite:
                 raise RelexError(f"{self.final_dir} appeared during the run; it is left alone")
+            if os.path.islink(self.final_dir) or not os.path.isdir(self.final_dir):
+                raise RelexError(f"{self.final_dir} is no longer a directory of outputs; it "
+                                 "is left alone")
+            check_replaceable(self.final_dir, output_names(self.layout, aux_files))
             # Park the previous output in a marked directory of ours, so that a run killed
             # between the two renames leaves something the next run may remove.
             replaced = self.final_dir.with_name(f".{self.final_dir.name}.replaced-{os.getpid()}")
@@ -221,8 +227,38 @@ class ModelWriter:
         return (json.dumps(config, indent=2) + "\n").encode()
 
 
-def check_output_dir(directory: Path, overwrite: bool) -> None:
-    """Refuse an existing output without --overwrite, a link in its place, an unwritable OUT."""
+def output_names(layout: ModelLayout, aux_names: Iterable[str]) -> frozenset[str]:
+    """The file names an output of this layout holds: shards, the index, the model files."""
+    names = set(layout.shard_tensors) | set(aux_names)
+    if layout.sharded:
+        names.add(INDEX_NAME)
+    return frozenset(names)
+
+
+def check_replaceable(directory: Path, own_names: Collection[str]) -> None:
+    """Refuse to replace an existing output that holds anything an output of ours would not
+    (a file of another name, a directory, a link): --overwrite replaces outputs, never a
+    user's files that happen to sit at OUT/step-T."""
+    try:
+        foreign = sorted(entry.name for entry in os.scandir(directory)
+                         if entry.name not in own_names
+                         or not entry.is_file(follow_symlinks=False))
+    except OSError as exc:
+        raise RelexError(f"cannot read {directory}: {exc.strerror or exc}; remove it or "
+                         "choose another --out") from None
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise RelexError(
+            f"{directory} holds {show(foreign[0])}{more}, which no output of relex_stream "
+            "holds; --overwrite replaces only outputs: move those files away or choose "
+            "another --out"
+        )
+
+
+def check_output_dir(directory: Path, overwrite: bool,
+                     own_names: Collection[str] | None = None) -> None:
+    """Refuse an existing output without --overwrite (or, with it, one holding files of
+    another kind: check_replaceable), a link in its place, an unwritable OUT."""
     if directory.is_symlink():
         raise RelexError(
             f"{directory} is a symbolic link; relex_stream will not replace it: remove it or "
@@ -233,6 +269,8 @@ def check_output_dir(directory: Path, overwrite: bool) -> None:
             raise RelexError(f"{directory} already exists; pass --overwrite to replace it")
         if not directory.is_dir():
             raise RelexError(f"{directory} exists and is not a directory; remove it first")
+        if own_names is not None:
+            check_replaceable(directory, own_names)
     probe = directory.parent
     while not probe.exists():
         probe = probe.parent

@@ -128,3 +128,41 @@ def test_an_output_that_appears_during_the_run_is_left_alone_and_nothing_is_left
     assert code == 2 and "appeared during the run" in err, err
     assert sorted(p.name for p in (out / "step-80").iterdir()) == ["theirs.txt"]
     assert not list(out.glob(".step-*")), list(out.iterdir())
+
+
+@pytest.mark.parametrize("planted", ["notes.txt", "subdir/", "model.safetensors/"])
+def test_overwrite_replaces_outputs_never_a_users_files(tmp_path, capsys, planted) -> None:
+    """--overwrite replaces an earlier output, but not a directory at OUT/step-T holding a
+    file no output holds (or a directory where a file belongs): one error line, the user's
+    files intact. watch, which always replaces its outputs, refuses the same way."""
+    from .helpers import run_cli
+
+    traj = build_trajectory(tmp_path / "t", Spec(steps=(10, 20, 30)))
+    args = ["run", "--base", str(traj.base), "--runs", str(traj.runs), "--target", "100",
+            "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet", "--overwrite"]
+    assert cli_main(args) == 0  # an output of ours...
+    assert cli_main(args) == 0  # ...is replaced
+    capsys.readouterr()
+    for out in ("o2", "w"):
+        mine = tmp_path / out / "step-100"
+        mine.mkdir(parents=True)
+        (mine / "config.json").write_text("{}")
+        if planted.endswith("/"):
+            (mine / planted).mkdir()
+            (mine / planted / "x").write_text("mine")
+        else:
+            (mine / planted).write_text("mine")
+        before = sorted(str(p.relative_to(mine)) for p in mine.rglob("*"))
+        if out == "o2":
+            result = run_cli(*args[:-6], "--out", tmp_path / out, "--device", "cpu", "--quiet",
+                             "--overwrite", expect_rc=2)
+        else:
+            result = run_cli("watch", "--runs", traj.runs, "--base", traj.base, "--cache",
+                             tmp_path / "wc", "--target", "100", "--out", tmp_path / out,
+                             "--until", "30", "--interval", "0.1s", "--settle", "0",
+                             "--device", "cpu", "--quiet", expect_rc=2)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (
+            result.stderr)
+        assert "no output of relex_stream holds" in result.stderr
+        assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == before
+        assert (mine / "config.json").read_text() == "{}"
