@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import struct
 import time
@@ -55,6 +56,7 @@ DRIFT_NOISE = 1.0  # drift: per-step noise RMS relative to the per-step drift RM
 # Elements per seeded block. Part of what a seed means: changing it changes every value.
 BLOCK = 1 << 22
 SPEC_FILE = "synth.json"
+MAX_EVERY_STEP = 1_000_000  # --every-step walks each step in turn (a list of them, and draws)
 SPEC_FORMAT = "relex_stream.synth/1"
 PIECES = 4  # with delay_s, each weight file is written in this many parts
 
@@ -215,6 +217,11 @@ def make_spec(
         raise RelexError("synth steps must be non-negative, and at least one is needed")
     if shard_bytes is not None and shard_bytes < 1:
         raise RelexError(f"synth shard size must be positive, got {shard_bytes}")
+    if every_step and max(steps) > MAX_EVERY_STEP:
+        raise RelexError(
+            f"--every-step draws every step up to the last ({max(steps):,}); it takes steps up "
+            f"to {MAX_EVERY_STEP:,}: drop --every-step or choose earlier steps"
+        )
     lr, noise, scale = _dynamics(profile, lr, noise, max(steps))
     config = qwen2_config(
         hidden, layers, vocab, tied, intermediate, heads, kv_heads, head_dim, dtype=save_dtype
@@ -745,12 +752,42 @@ def _fresh(out: Path, overwrite: bool) -> None:
                 f"{out} holds files synth did not write ({', '.join(foreign) or 'a link'}); "
                 "synth --overwrite replaces only its own trajectories: choose another --out"
             )
+        strangers = [p for name in ("base", "runs") if name in entries
+                     for p in _not_written_by_synth(entries[name], name == "runs")]
+        if strangers:
+            more = f" and {len(strangers) - 1} more" if len(strangers) > 1 else ""
+            raise RelexError(
+                f"{strangers[0]}{more} was not written by synth; synth --overwrite replaces "
+                "only its own trajectories: move it away or choose another --out"
+            )
         for path in entries.values():
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+_SYNTH_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+                         r"|config\.json|generation_config\.json", re.ASCII)
+
+
+def _not_written_by_synth(directory: Path, runs: bool) -> list[Path]:
+    """Entries below base/ (or runs/checkpoint-N/) that synth does not write, links included."""
+    if directory.is_symlink() or not directory.is_dir():
+        return [directory]
+    found = []
+    for path in sorted(directory.iterdir()):
+        if runs:
+            if (re.fullmatch(r"checkpoint-\d+", path.name, re.ASCII) and path.is_dir()
+                    and not path.is_symlink()):
+                found += _not_written_by_synth(path, runs=False)
+            else:
+                found.append(path)
+        elif (not _SYNTH_FILE.fullmatch(path.name) or path.is_symlink()
+              or not path.is_file()):
+            found.append(path)
+    return found
 
 
 def _replay(trajectory: _Trajectory, done: list[int]) -> None:
