@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .envvars import torchrun_env
+from .envvars import master_address, torchrun_env
 from .errors import RelexError
 
 
@@ -53,6 +54,14 @@ def init_from_env(device_name: str) -> Ranks:
             "--device cuda (or auto), and choose GPUs with CUDA_VISIBLE_DEVICES"
         )
     if not dist.is_initialized():
+        address, port = master_address()
+        try:
+            socket.getaddrinfo(address, port)
+        except (OSError, UnicodeError) as exc:
+            raise RelexError(
+                f"MASTER_ADDR {address!r} does not resolve ({exc}); give the address of the "
+                "rank 0 node (torchrun's --master-addr / --rdzv-endpoint)"
+            ) from None
         use_cuda = device_name != "cpu" and torch.cuda.is_available()
         options: dict = {"timeout": datetime.timedelta(hours=2)}  # rank 0 may finalise long
         if use_cuda:

@@ -81,6 +81,22 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> tuple[int, int, in
     return rank, world_size, local_rank
 
 
+def master_address(environ: Mapping[str, str] | None = None,
+                   fix: str = "launch with torchrun") -> tuple[str, int]:
+    """(MASTER_ADDR, MASTER_PORT) of a torchrun job, checked: torch's own errors for these are
+    tracebacks (and an empty or unknown host made it retry for its two-hour timeout)."""
+    env = _env(environ)
+    address = env.get("MASTER_ADDR", "")
+    if not address or len(address) > 253 or not address.isascii() or not address.isprintable() \
+            or any(c.isspace() for c in address):
+        raise RelexError(f"MASTER_ADDR must be a host name or address (torchrun sets it), got "
+                         f"{address[:60]!r}; {fix}")
+    if "MASTER_PORT" not in env:
+        raise RelexError(f"MASTER_PORT is not set (torchrun sets it); {fix}")
+    port = parse_env_int("MASTER_PORT", env["MASTER_PORT"], 1, 65535, fix)
+    return address, port
+
+
 def message_rank(environ: Mapping[str, str] | None = None) -> int:
     """The rank to prefix error lines with; never raises (0 if the variables are malformed).
 

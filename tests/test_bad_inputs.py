@@ -35,11 +35,12 @@ STEPS = (10, 20, 30, 40)
 
 
 def make_existing_output(out: Path, target: int = 100) -> dict[str, bytes]:
-    """Put a recognisable model directory at OUT/step-T; return its files' bytes."""
+    """Put a recognisable earlier output at OUT/step-T; return its files' bytes. It holds
+    only config.json, a name every output has: with a shard named for another layout (or any
+    other file) --overwrite would refuse it as a user's directory before reading anything."""
     final = step_dir(out, target)
     final.mkdir(parents=True)
-    (final / "model.safetensors").write_bytes(b"previous output, must survive\n" * 64)
-    (final / "config.json").write_text('{"previous": true}\n')
+    (final / "config.json").write_text('{"previous": true}\n' + " " * 2000)
     return snapshot(final)
 
 

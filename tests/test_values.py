@@ -310,3 +310,59 @@ def test_malformed_omp_num_threads_is_one_error_line_before_torch_loads(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "OMP_NUM_THREADS" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "env, names",
+    [
+        ({}, "MASTER_ADDR"),
+        ({"MASTER_ADDR": "", "MASTER_PORT": "29500"}, "MASTER_ADDR"),
+        ({"MASTER_ADDR": "a b", "MASTER_PORT": "29500"}, "MASTER_ADDR"),
+        ({"MASTER_ADDR": "höst", "MASTER_PORT": "29500"}, "MASTER_ADDR"),
+        ({"MASTER_ADDR": "h" * 300, "MASTER_PORT": "29500"}, "MASTER_ADDR"),
+        ({"MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT"),
+        ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"}, "MASTER_PORT"),
+        ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999999"}, "MASTER_PORT"),
+        ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}, "MASTER_PORT"),
+        ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "٢٩٥٠٠"}, "MASTER_PORT"),
+        ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": ""}, "MASTER_PORT"),
+    ],
+)
+def test_master_address_refuses(env: dict[str, str], names: str) -> None:
+    """torch's own errors for these were tracebacks; an empty host retried for two hours."""
+    from relex_stream.envvars import master_address
+
+    assert names in refuses(master_address, env)
+
+
+def test_master_address() -> None:
+    from relex_stream.envvars import master_address
+
+    assert master_address({"MASTER_ADDR": "node-0", "MASTER_PORT": "29500"}) == ("node-0",
+                                                                                 29500)
+
+
+def test_an_unknown_master_host_is_one_error_line(tmp_path) -> None:
+    """Under torchrun's variables with a host that does not resolve: one error line at once,
+    not torch's rendezvous retrying until its timeout."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", CUDA_VISIBLE_DEVICES="",
+               MASTER_ADDR="no.such.host.invalid", MASTER_PORT="29555", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "relex_stream", "synth", "--out", str(tmp_path / "t"), "--steps",
+         "10-30:10", "--hidden", "16", "--layers", "1", "--vocab", "32"],
+        env={k: v for k, v in env.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    t = tmp_path / "t"
+    proc = subprocess.run(
+        [sys.executable, "-m", "relex_stream", "run", "--base", str(t / "base"), "--runs",
+         str(t / "runs"), "--target", "100", "--out", str(tmp_path / "o"), "--device", "cpu",
+         "--quiet"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "MASTER_ADDR" in proc.stderr and "does not resolve" in proc.stderr
