@@ -69,7 +69,9 @@ def add_report_parsers(sub: argparse._SubParsersAction) -> None:
 def run_report(args: argparse.Namespace) -> None:
     """Handler of `report`: compute, print the summary, write files when --out is given."""
     from .report import report
+    from .request import usable_path
 
+    usable_path(args.out, "--out")
     result = report(args.store, args.out, args.null_samples, args.seed, not args.no_plots)
     for line in result.lines():
         print(line)
@@ -82,7 +84,9 @@ def run_report(args: argparse.Namespace) -> None:
 def run_backtest(args: argparse.Namespace) -> None:
     """Handler of `backtest`: compute, print the table and verdicts, write files with --out."""
     from .backtest import backtest
+    from .request import usable_path
 
+    usable_path(args.out, "--out")
     result = backtest(
         args.store,
         holdout=args.holdout,

@@ -60,7 +60,8 @@ class RunRequest:
         return DTYPE_CHOICES[self.dtype]
 
 
-def _path(value: str | Path | None, flag: str) -> Path | None:
+def usable_path(value: str | Path | None, flag: str) -> Path | None:
+    """A path flag's value (None when not given); an empty or NUL-holding one is refused."""
     if value is None:
         return None
     text = str(value)
@@ -129,15 +130,15 @@ def make_request(
     if len(set(specs)) != len(specs) or len(set(windows)) != len(windows):
         raise RelexError("the same --method or --window is given twice")
     return RunRequest(
-        out=_path(out, "--out"),
+        out=usable_path(out, "--out"),
         targets=tuple(target_steps),
         methods=tuple(specs),
         windows=tuple(windows),
         steps=parse_step_selection(steps) if isinstance(steps, str) else steps,
-        base=_path(base, "--base"),
-        runs=_path(runs, "--runs"),
+        base=usable_path(base, "--base"),
+        runs=usable_path(runs, "--runs"),
         ckpts=tuple(ckpts) if ckpts else None,
-        cache=_path(cache, "--cache"),
+        cache=usable_path(cache, "--cache"),
         device=device,
         max_memory_bytes=parse_bytes(max_memory, "--max-memory"),
         max_gpu_memory_bytes=(

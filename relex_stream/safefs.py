@@ -172,7 +172,8 @@ def replace_file(path: os.PathLike | str, data: bytes | str) -> Path:
     a link (symbolic or hard) planted at `path` is replaced, never written through.
     RelexError when the directory cannot be written."""
     path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
+    # a path of undecodable bytes reaches text as surrogate escapes: they go back as its bytes
+    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

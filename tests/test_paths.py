@@ -130,3 +130,42 @@ def test_a_fifo_in_place_of_a_checkpoint_is_refused_not_waited_on(tmp_path: Path
     info = TensorInfo("w", "BF16", (4,), (Piece(fifo, 8, 4),))
     with pytest.raises(RelexError, match="no longer a regular file"):
         read_into(info, 0, np.empty(4, dtype=np.uint16))
+
+
+def test_paths_of_undecodable_bytes_and_empty_out(tmp_path: Path) -> None:
+    """A store and --out whose names are not UTF-8 (a surrogate escape in Python): run,
+    report and backtest finish and write their text files, also with a strict UTF-8 stdout;
+    report and backtest refuse an empty --out (it meant the current directory)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES="",
+               PYTHONIOENCODING="utf-8")
+    root = os.fsencode(tmp_path)
+
+    def cli(*args: bytes | str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "relex_stream", *args], env=env,
+                              cwd=tmp_path, capture_output=True, timeout=300)
+
+    assert cli("synth", "--out", "t", "--steps", "10-40:10", "--hidden", "16", "--layers",
+               "1", "--vocab", "32").returncode == 0
+    out = root + b"/o\xff"
+    proc = cli("run", "--base", "t/base", "--runs", "t/runs", "--target", "100", "--out", out,
+               "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    store = out + b"/trajectory.zarr"
+    proc = cli("report", store, "--out", root + b"/r\xff", "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(root + b"/r\xff")) == [b"report.csv", b"report.json",
+                                                     b"summary.txt"]
+    assert b"/o\xff/" in open(root + b"/r\xff/summary.txt", "rb").read()
+    proc = cli("backtest", store, "--holdout", "1", "--out", root + b"/b\xff", "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    for command in (("report", store), ("backtest", store, "--holdout", "1")):
+        proc = cli(*command, "--out", "")
+        assert proc.returncode == 2 and proc.stderr.count(b"\n") == 1, proc.stderr
+        assert b"is not a usable path" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["b\udcff", "o\udcff", "r\udcff", "t"]
