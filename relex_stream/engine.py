@@ -41,6 +41,7 @@ from .store_layout import Generation, Group
 from .units import DEFAULT_MAX_MEMORY, format_bytes, step_label
 from .writer import (
     ModelWriter,
+    abort_all,
     check_output_dir,
     output_dtypes,
     output_names,
@@ -245,8 +246,7 @@ def _run_on_store(request: RunRequest, ranks: Ranks, inputs: RunInputs, store: T
             writers = []
         barrier(ranks)
     finally:
-        for writer in writers:
-            writer.abort()
+        abort_all(writers)
     return summary, per_rank
 
 
@@ -480,8 +480,7 @@ def _write_outputs(
         if owner:
             progress.remove_board()
     except BaseException:
-        for writer in writers:
-            writer.abort()
+        abort_all(writers)
         raise
     finally:
         reader.close()

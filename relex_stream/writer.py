@@ -12,7 +12,9 @@ only after the rename into place, so that a run stopped at any point leaves noth
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import stat
 from collections.abc import Collection, Iterable
@@ -27,6 +29,8 @@ from .errors import RelexError
 from .jsonfile import show
 from .safefs import open_root, read_small_at, remove_tree
 from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME
+
+log = logging.getLogger(__name__)
 
 _CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 MARKER = ".relex-stream-tmp"  # inside every temporary directory: "pid\n"
@@ -90,7 +94,7 @@ class ModelWriter:
             with self._errors():
                 self._lay_out()
         except BaseException:
-            self.abort()
+            abort_all([self])  # never hides why the layout failed
             raise
 
     def _lay_out(self) -> None:
@@ -152,6 +156,12 @@ class ModelWriter:
         try:
             yield
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise RelexError(
+                    f"cannot write {self.final_dir.name} in {self.final_dir.parent}: too many "
+                    "open files (each output keeps its shard files open until the end); raise "
+                    "the limit (ulimit -n) or ask for fewer targets, methods or windows per run"
+                ) from None
             raise RelexError(
                 f"cannot write {self.final_dir.name} in {self.final_dir.parent}: "
                 f"{exc.strerror or exc}; free space (or choose another --out) and rerun"
@@ -210,6 +220,9 @@ class ModelWriter:
         self._fds.clear()
         if self._made_tmp_dir:
             _remove_marked(self.tmp_dir)
+            # made, but its marker could not be written (EMFILE, a full disk): still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(self.tmp_dir)
 
     def _config_with_dtype(self, content: bytes) -> bytes:
         """config.json as it was, or with its dtype fields naming the outputs' float dtype when
@@ -225,6 +238,24 @@ class ModelWriter:
         for key in keys:
             config[key] = name
         return (json.dumps(config, indent=2) + "\n").encode()
+
+
+def abort_all(writers: Iterable[ModelWriter]) -> None:
+    """Abort every writer, never raising: all their files are closed first (with a thousand
+    outputs open, removing one directory failed with EMFILE and left the others), and one
+    that cannot be removed is logged, not allowed to stop the rest or hide the run's error."""
+    writers = list(writers)
+    for writer in writers:
+        for fd in writer._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        writer._fds.clear()
+    for writer in writers:
+        try:
+            writer.abort()
+        except OSError as exc:
+            log.warning("could not remove the temporary output %s (%s); remove it by hand",
+                        writer.tmp_dir, exc.strerror or exc)
 
 
 def output_names(layout: ModelLayout, aux_names: Iterable[str]) -> frozenset[str]:

@@ -166,3 +166,29 @@ def test_overwrite_replaces_outputs_never_a_users_files(tmp_path, capsys, plante
         assert "no output of relex_stream holds" in result.stderr
         assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == before
         assert (mine / "config.json").read_text() == "{}"
+
+
+def test_too_many_outputs_for_the_open_file_limit_leaves_nothing(tmp_path) -> None:
+    """Under a low open-file limit, laying out the 60th of 80 outputs fails: one error line
+    that says so, and none of the temporary outputs is left (removing the first failed with
+    EMFILE while the others held their files, and all of them stayed)."""
+    import resource
+    import subprocess
+    import sys
+
+    from .helpers import REPO_ROOT
+
+    traj = build_trajectory(tmp_path / "t", Spec(steps=(10, 20, 30)))
+    targets = ",".join(str(100 + i) for i in range(80))
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "relex_stream", "run", "--base", str(traj.base), "--runs",
+         str(traj.runs), "--target", targets, "--out", str(tmp_path / "o"), "--device", "cpu",
+         "--quiet"], preexec_fn=low_limit, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "too many open files" in proc.stderr and "ulimit -n" in proc.stderr
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
