@@ -135,7 +135,7 @@ def test_overwrite_replaces_outputs_never_a_users_files(tmp_path, capsys, plante
     """--overwrite replaces an earlier output, but not a directory at OUT/step-T holding a
     file no output holds (or a directory where a file belongs): one error line, the user's
     files intact. watch, which always replaces its outputs, refuses the same way."""
-    from .helpers import run_cli
+    from .untrusted import assert_error, call
 
     traj = build_trajectory(tmp_path / "t", Spec(steps=(10, 20, 30)))
     args = ["run", "--base", str(traj.base), "--runs", str(traj.runs), "--target", "100",
@@ -154,16 +154,14 @@ def test_overwrite_replaces_outputs_never_a_users_files(tmp_path, capsys, plante
             (mine / planted).write_text("mine")
         before = sorted(str(p.relative_to(mine)) for p in mine.rglob("*"))
         if out == "o2":
-            result = run_cli(*args[:-6], "--out", tmp_path / out, "--device", "cpu", "--quiet",
-                             "--overwrite", expect_rc=2)
+            result = call(*args[:-6], "--out", tmp_path / out, "--device", "cpu", "--quiet",
+                          "--overwrite")
         else:
-            result = run_cli("watch", "--runs", traj.runs, "--base", traj.base, "--cache",
-                             tmp_path / "wc", "--target", "100", "--out", tmp_path / out,
-                             "--until", "30", "--interval", "0.1s", "--settle", "0",
-                             "--device", "cpu", "--quiet", expect_rc=2)
-        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (
-            result.stderr)
-        assert "no output of relex_stream holds" in result.stderr
+            result = call("watch", "--runs", traj.runs, "--base", traj.base, "--cache",
+                          tmp_path / "wc", "--target", "100", "--out", tmp_path / out,
+                          "--until", "30", "--interval", "0.1s", "--settle", "0",
+                          "--device", "cpu", "--quiet")
+        assert_error(result, "no output of relex_stream holds")
         assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == before
         assert (mine / "config.json").read_text() == "{}"
 

@@ -229,6 +229,8 @@ def test_timeline_rows_are_reused_only_for_the_data_they_were_computed_from(
     """A row whose value was changed in the shared store (its checksum fails), and rows of
     another run with the same steps (a store rebuilt from it keeps the old timeline/), are
     computed again: the timeline equals one written from scratch."""
+    from tests.untrusted import assert_ok, call
+
     traj, store, _, _, _ = watched
     other = build_trajectory(tmp_path / "other", Spec(steps=STEPS, vocab=256, seed=7))
     honest = json.loads((store / "timeline" / "timeline.json").read_text())
@@ -238,14 +240,15 @@ def test_timeline_rows_are_reused_only_for_the_data_they_were_computed_from(
     for case, source, timeline in (("edited", traj, edited), ("other-run", other, honest),
                                    ("fresh-other", other, None)):
         copy = tmp_path / case / "store.zarr"
-        run_cli("run", "--base", source.base, "--runs", source.runs, "--steps",
-                f"{STEPS[0]}-{STEPS[-2]}", "--target", TARGET, "--out", tmp_path / case / "o",
-                "--cache", copy, "--device", "cpu", "--quiet")
+        assert_ok(call("run", "--base", source.base, "--runs", source.runs, "--steps",
+                       f"{STEPS[0]}-{STEPS[-2]}", "--target", TARGET, "--out",
+                       tmp_path / case / "o", "--cache", copy, "--device", "cpu", "--quiet"))
         if timeline is not None:
             (copy / "timeline").mkdir()
             (copy / "timeline" / "timeline.json").write_text(json.dumps(timeline))
-        proc = _watch_to_end(source, copy)
-        assert proc.returncode == 0, proc.stderr
+        assert_ok(call("watch", "--runs", source.runs, "--cache", copy, "--target", TARGET,
+                       "--interval", "0.1s", "--settle", "0", "--until", STEPS[-1],
+                       "--device", "cpu", "--quiet"))
         results[case] = json.loads((copy / "timeline" / "timeline.json").read_text())["rows"]
 
     def values(rows: list[dict]) -> list[float]:
