@@ -630,6 +630,17 @@ def test_damaged_shard_is_detected_when_read(case: Case, name: str) -> None:
     assert (case.root / "outside" / "precious.txt").read_bytes() == b"not the tool's\n"
 
 
+def _every_reader_refuses(case: Case) -> None:
+    """report, backtest and a run from the damaged store each stop with one line naming the
+    tensor and --rebuild, and change nothing."""
+    case.freeze()
+    for result in (call("report", case.store, "--no-plots"),
+                   call("backtest", case.store, "--holdout", "2", "--no-plots"),
+                   case.from_store()):
+        assert_error(result, Q_PROJ, "--rebuild")
+        case.assert_untouched()
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "other-store-row"])
 def test_damaged_gram_is_detected_by_every_reader(case: Case, damage: str) -> None:
     """c. A damaged Gram chunk: report, backtest and a run from the store all stop naming the
@@ -648,12 +659,7 @@ def test_damaged_gram_is_detected_by_every_reader(case: Case, damage: str) -> No
             shutil.copyfile(other, chunk)
         else:
             chunk.write_bytes(b"\0" * 12)
-    case.freeze()
-    for result in (call("report", case.store, "--no-plots"),
-                   call("backtest", case.store, "--holdout", "2", "--no-plots"),
-                   case.from_store()):
-        assert_error(result, Q_PROJ, "--rebuild")
-        case.assert_untouched()
+    _every_reader_refuses(case)
 
 
 GRAM_FORGERIES: dict[str, Callable[[np.ndarray], None]] = {
@@ -684,12 +690,7 @@ def test_forged_gram_values_are_refused_by_every_reader(case: Case, forgery: str
     crc = shards.crc32c(data)
     chunk.write_bytes(data + crc.to_bytes(4, "little"))
     edit_record(record, lambda r: r.__setitem__("gram_crc", crc))
-    case.freeze()
-    for result in (call("report", case.store, "--no-plots"),
-                   call("backtest", case.store, "--holdout", "2", "--no-plots"),
-                   case.from_store()):
-        assert_error(result, Q_PROJ, "--rebuild")
-        case.assert_untouched()
+    _every_reader_refuses(case)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "swap"])
