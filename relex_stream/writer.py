@@ -213,11 +213,16 @@ class ModelWriter:
         if replaced is not None:
             _remove_marked(replaced)
 
+    def release_files(self) -> None:
+        """Close the shard files without syncing them (the output is being given up)."""
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
     def abort(self) -> None:
         """Close files and, for the writer that laid it out, remove the temporary directory."""
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.release_files()
         if self._made_tmp_dir:
             _remove_marked(self.tmp_dir)
             # made, but its marker could not be written (EMFILE, a full disk): still empty
@@ -246,10 +251,7 @@ def abort_all(writers: Iterable[ModelWriter]) -> None:
     that cannot be removed is logged, not allowed to stop the rest or hide the run's error."""
     writers = list(writers)
     for writer in writers:
-        for fd in writer._fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        writer._fds.clear()
+        writer.release_files()
     for writer in writers:
         try:
             writer.abort()
