@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .backtest import DEFAULT_METHODS, DEFAULT_THRESHOLD
+from .request import usable_path
 from .units import argtype, parse_count, parse_float, parse_positive_int, parse_step, parse_windows
 
 METHOD_HELP = (
@@ -25,7 +26,8 @@ def add_report_parsers(sub: argparse._SubParsersAction) -> None:
         "random signs) for explained variance and R².",
     )
     p.add_argument("store", help="trajectory store (OUT/trajectory.zarr of a run, or OUT)")
-    p.add_argument("--out", help="write report.json, report.csv, summary.txt and PNGs here")
+    p.add_argument("--out", type=argtype(usable_path, "--out"),
+                   help="write report.json, report.csv, summary.txt and PNGs here")
     p.add_argument(
         "--null-samples",
         type=argtype(parse_count, "--null-samples", 100_000),
@@ -62,16 +64,15 @@ def add_report_parsers(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_THRESHOLD,
         help=f"largest acceptable relative error for the verdict (default {DEFAULT_THRESHOLD})",
     )
-    p.add_argument("--out", help="write backtest.json, backtest.txt and backtest.png here")
+    p.add_argument("--out", type=argtype(usable_path, "--out"),
+                   help="write backtest.json, backtest.txt and backtest.png here")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG (no matplotlib needed)")
 
 
 def run_report(args: argparse.Namespace) -> None:
     """Handler of `report`: compute, print the summary, write files when --out is given."""
     from .report import report
-    from .request import usable_path
 
-    usable_path(args.out, "--out")
     result = report(args.store, args.out, args.null_samples, args.seed, not args.no_plots)
     for line in result.lines():
         print(line)
@@ -84,9 +85,7 @@ def run_report(args: argparse.Namespace) -> None:
 def run_backtest(args: argparse.Namespace) -> None:
     """Handler of `backtest`: compute, print the table and verdicts, write files with --out."""
     from .backtest import backtest
-    from .request import usable_path
 
-    usable_path(args.out, "--out")
     result = backtest(
         args.store,
         holdout=args.holdout,
