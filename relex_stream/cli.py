@@ -13,6 +13,7 @@ from .errors import RelexError
 from .report_cli import REPORT_HANDLERS, add_report_parsers
 from .units import (
     DEFAULT_MAX_MEMORY,
+    MAX_RANK,
     argtype,
     parse_duration,
     parse_float,
@@ -69,7 +70,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="extrapolate (default); reconstruct: the rank-r projection of observed steps "
         "(targets must be observed); fit-reconstruct: the fitted line at observed steps",
     )
-    g.add_argument("--rank", type=argtype(parse_positive_int, "--rank", 4096),
+    g.add_argument("--rank", type=argtype(parse_positive_int, "--rank", MAX_RANK),
                    help="singular directions kept (relex; default 1)")
     g.add_argument("--fit", help="coefficient fit: linear (default) or poly:D")
     g.add_argument("--from", dest="from_step", type=argtype(parse_step, "--from"),

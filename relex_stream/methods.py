@@ -16,6 +16,7 @@ import torch
 from .errors import RelexError
 from .fit import line_weights
 from .kernels import eigh_descending
+from .units import MAX_RANK, parse_float, parse_positive_int, parse_step
 
 METHODS = ("relex", "reconstruct", "fit-reconstruct", "raw-ols", "two-point", "expo")
 MODES = {"extrapolate": "relex", "reconstruct": "reconstruct", "fit-reconstruct": "fit-reconstruct"}
@@ -140,19 +141,19 @@ def parse_method(text: str, **overrides) -> MethodSpec:
         if key in options:
             raise RelexError(f"method {text!r} gives {key!r} twice; give each option once")
         options[key] = value.strip()
-    try:
-        values = {
-            "rank": int(options.get("rank", 1)),
-            "fit": options.get("fit", "linear"),
-            "from_step": int(options["from"]) if "from" in options else None,
-            "to_step": int(options["to"]) if "to" in options else None,
-            "alpha": float(options["alpha"]) if "alpha" in options else None,
-        }
-        return build_spec(name, **(values | overrides))
-    except ValueError:
-        raise RelexError(
-            f"method {text!r}: rank, from and to are integers and alpha a number"
-        ) from None
+    # the same parsers as the flags: inline options refuse what --rank/--from/--alpha refuse
+    # ('٢', '1_0', 'nan', '1e308'), with the option named in the message
+    values = {
+        "rank": parse_positive_int(options["rank"], f"method {text!r}: rank", MAX_RANK)
+        if "rank" in options else 1,
+        "fit": options.get("fit", "linear"),
+        "from_step": parse_step(options["from"], f"method {text!r}: from")
+        if "from" in options else None,
+        "to_step": parse_step(options["to"], f"method {text!r}: to") if "to" in options else None,
+        "alpha": parse_float(options["alpha"], f"method {text!r}: alpha")
+        if "alpha" in options else None,
+    }
+    return build_spec(name, **(values | overrides))
 
 
 def _as_steps(steps: torch.Tensor | list) -> torch.Tensor:

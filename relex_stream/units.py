@@ -18,6 +18,7 @@ from .errors import RelexError
 
 MAX_BYTES = 2**50  # 1 PiB: far above any memory budget or shard, far below int64
 MAX_STEP = 2**53  # steps are also handled as floats; beyond 2**53 they stop being exact
+MAX_RANK = 4096  # rank-r projections: far above what a K x K Gram of real runs supports
 MAX_LISTED_STEPS = 1_000_000  # a step list that expands further is a typo
 MAX_WINDOW = MAX_LISTED_STEPS
 MAX_DURATION_S = 7 * 86400.0
