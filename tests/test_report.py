@@ -6,6 +6,8 @@ import argparse
 import csv
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -354,3 +356,28 @@ def test_out_that_is_a_file_or_inside_the_store_is_one_error(synth_store: Path, 
     assert sorted(p.relative_to(synth_store) for p in synth_store.rglob("*")) == before
     beside = synth_store.parent  # a run's OUT, which holds the store: fine
     assert run_cli(command, synth_store, "--out", beside, *extra).returncode == 0
+
+
+def test_plots_write_nothing_under_home_nor_leave_temporary_files(synth_store: Path,
+                                                                    tmp_path: Path) -> None:
+    """matplotlib's first import wrote its font cache under ~/.cache (outside OUT); it now
+    goes to a temporary directory the command removes. A user's MPLCONFIGDIR is kept."""
+    home, scratch, own = tmp_path / "home", tmp_path / "tmp", tmp_path / "own-mpl"
+    for path in (home, scratch, own):
+        path.mkdir()
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("XDG_", "MPL"))}
+    env |= {"HOME": str(home), "TMPDIR": str(scratch), "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    commands = (["report", synth_store, "--out", tmp_path / "rep", "--null-samples", "5"],
+                ["backtest", synth_store, "--holdout", "2", "--out", tmp_path / "bt"])
+    for args in commands:
+        subprocess.run([sys.executable, "-m", "relex_stream", *map(str, args)], env=env,
+                       check=True, capture_output=True, timeout=300)
+    assert list(home.rglob("*")) == [] and list(scratch.iterdir()) == []
+    assert (tmp_path / "rep" / "coefficients.png").is_file()
+    subprocess.run([sys.executable, "-m", "relex_stream", "report", str(synth_store), "--out",
+                    str(tmp_path / "rep2"), "--null-samples", "5"],
+                   env=env | {"MPLCONFIGDIR": str(own)}, check=True, capture_output=True,
+                   timeout=300)
+    assert any(own.iterdir())  # the user's choice: matplotlib's cache is there
