@@ -61,6 +61,7 @@ import torch
 
 from .errors import RelexError
 from .jsonfile import load_json_object, show
+from .pickle_guard import costly_key
 from .safetensors_io import DTYPES, MAX_DIM, MAX_NDIM, TORCH_TO_CODE
 from .tensor_files import Piece, TensorInfo
 
@@ -386,6 +387,10 @@ class _Unpickler(pickle.Unpickler):
 
 def _unpickle(data: bytes, path: Path) -> object:
     """Parse data.pkl bytes with the restricted unpickler; any problem is a RelexError."""
+    reason = costly_key(data)
+    if reason is not None:
+        raise RelexError(f"{path}: its pickle is not a state dict: {reason}; check where this "
+                         "file came from")
     try:
         return _Unpickler(io.BytesIO(data)).load()
     except _Refused as exc:

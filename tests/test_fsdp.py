@@ -582,6 +582,38 @@ def test_names_from_the_file_cannot_break_the_one_line_message(tmp_path: Path) -
 # Values a pickle or a zip directory can hold that no save writes (found by hand).
 
 
+def _shared_tuple_pickle(levels: int, protocol: int, as_set: bool) -> bytes:
+    """A pickle whose dict key (or frozenset element) is t_levels, t_i = (t_i-1, t_i-1): a few
+    bytes per level, 2**levels nodes to hash (built by hand: building it in Python hashes it)."""
+    data = bytes([0x80, protocol]) + b"})q\x00"  # EMPTY_DICT, EMPTY_TUPLE, BINPUT 0
+    for i in range(1, levels + 1):
+        get = b"h" + bytes([i - 1])  # BINGET i - 1
+        data += get + get + b"\x86q" + bytes([i])  # TUPLE2, BINPUT i
+    if as_set:
+        return data + b"0(h" + bytes([levels]) + b"\x91."  # POP, MARK, BINGET, FROZENSET
+    return data + b"K\x01s."  # BININT1 1, SETITEM
+
+
+@pytest.mark.parametrize("as_set", [False, True])
+def test_a_shared_tuple_as_a_key_is_refused_before_it_is_hashed(tmp_path: Path,
+                                                                 as_set: bool) -> None:
+    """Loading hashed the key in C, walking 2**100 nodes: a hang no signal could stop. The
+    opcodes are now read first (pickle_guard); the same shape 10 levels deep, and pickles of
+    every protocol with shared tuple keys, pass the guard."""
+    from relex_stream.pickle_guard import costly_key
+
+    actor = tmp_path / "actor"
+    write_fsdp_config(actor, 1)
+    write_rank_file(actor / "model_world_size_1_rank_0.pt",
+                    _shared_tuple_pickle(100, 4 if as_set else 2, as_set), {})
+    assert "to hash (a deeply shared structure)" in refused(actor)
+    assert costly_key(_shared_tuple_pickle(10, 2, as_set)) is None
+    shared = ("a", ("b", 1))
+    obj = {shared: [shared, {"x": (1, 2)}], "k": frozenset({(1, 2), shared}), 3: 1.5}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert costly_key(pickle.dumps(obj, protocol=protocol)) is None
+
+
 def test_a_mesh_layout_sharing_one_tuple_is_refused_not_walked() -> None:
     """A few pickle bytes can share one tuple 100 times per level, 8 levels deep (100**8
     leaves): refused at once, as is a product beyond MAX_WORLD_SIZE; real layouts pass."""
