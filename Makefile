@@ -23,8 +23,12 @@ demo: install
 	$(PY) -m relex_stream report $(DEMO)/out/trajectory.zarr --out $(DEMO)/report
 	$(PY) -m relex_stream backtest $(DEMO)/out/trajectory.zarr --holdout 3 --out $(DEMO)/backtest
 
+# Two workers (pytest-xdist): the suite is CPU-bound and mostly one thread per process, and CI
+# machines have two cores; each file stays on one worker (--dist loadfile), so a module's
+# fixtures are built once. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Hostile inputs, many examples (hypothesis has no deadline in these files): safetensors headers,
 # JSON, flags and environment variables, and damaged or forged stores.
