@@ -1,0 +1,152 @@
+"""What a run takes from the model folders it is given: each step its own weights, no step 0,
+and only the model's own small files (found by a hostile-input hunt; each failed before)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.untrusted import assert_error, assert_ok, call, snapshot
+
+SYNTH = ("--hidden", "32", "--layers", "1", "--vocab", "64", "--steps", "10-40:10")
+
+
+@pytest.fixture(scope="module")
+def trajectory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("model-files") / "traj"
+    assert_ok(call("synth", "--out", root, *SYNTH))
+    return root
+
+
+def _copy(trajectory: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "traj"
+    shutil.copytree(trajectory, target, symlinks=True)
+    return target
+
+
+def _run(root: Path, *args: object) -> object:
+    return call("run", "--target", "100", "--quiet", *args)
+
+
+@pytest.mark.parametrize("how", ["huggingface-folder", "link-to-base", "linked-file",
+                                 "ckpt-twice"])
+def test_a_step_that_reads_the_base_or_another_step_is_refused(trajectory: Path, tmp_path: Path,
+                                                               how: str) -> None:
+    """Only a step folder that is the base's folder was caught: the base as a step's
+    huggingface/ folder, a weight file linked to the base's, and one folder given for two
+    steps all ran, with a zero delta or a repeated row."""
+    root = _copy(trajectory, tmp_path)
+    runs, base = root / "runs", root / "base"
+    args: list[object] = ["--base", base, "--runs", runs]
+    needle = "reads the same weight files as the base"
+    if how == "huggingface-folder":
+        for step in (10, 20, 30, 40):
+            (runs / f"global_step_{step}").mkdir()
+            (runs / f"checkpoint-{step}").rename(runs / f"global_step_{step}" / "huggingface")
+        args = ["--base", runs / "global_step_10" / "huggingface", "--runs", runs]
+    elif how == "link-to-base":
+        shutil.rmtree(runs / "checkpoint-10")
+        (runs / "checkpoint-10").symlink_to(base.resolve())
+        needle = "is also the checkpoint of step 10"  # caught before: the folder itself
+    elif how == "linked-file":
+        weights = runs / "checkpoint-20" / "model.safetensors"
+        weights.unlink()
+        weights.symlink_to((base / "model.safetensors").resolve())
+    else:
+        args = ["--base", base, "--ckpt", f"10={runs / 'checkpoint-10'}",
+                "--ckpt", f"20={runs / 'checkpoint-10'}", "--ckpt", f"30={runs / 'checkpoint-30'}"]
+        needle = "as the checkpoint of step 10"
+    assert_error(_run(root, *args, "--out", tmp_path / "out"), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_steps_sharing_some_files_are_fine(trajectory: Path, tmp_path: Path) -> None:
+    """A content-addressed cache shares the blob of a shard that did not change: one shared
+    file is not a repeated step."""
+    root = _copy(trajectory, tmp_path)
+    (root / "runs" / "checkpoint-10" / "tokenizer_config.json").write_text("{}")
+    os.link(root / "runs" / "checkpoint-10" / "tokenizer_config.json",
+            root / "runs" / "checkpoint-20" / "tokenizer_config.json")
+    assert_ok(_run(root, "--base", root / "base", "--runs", root / "runs",
+                   "--out", tmp_path / "out"))
+
+
+def test_a_checkpoint_of_step_0_is_refused_and_steps_can_leave_it_out(trajectory: Path,
+                                                                       tmp_path: Path) -> None:
+    """relex took checkpoint-0 as a row at t = 0 while two-point took the base as step 0: the
+    methods disagreed, silently. Step 0 is the base."""
+    root = _copy(trajectory, tmp_path)
+    step0 = root / "runs" / "checkpoint-0"
+    shutil.copytree(root / "runs" / "checkpoint-10", step0)
+    assert_error(_run(root, "--base", root / "base", "--runs", root / "runs",
+                      "--out", tmp_path / "out"), "step 0, which is the base", "--steps 1-40")
+    assert_error(_run(root, "--base", root / "base", "--ckpt", f"0={step0}",
+                      "--ckpt", f"10={root / 'runs' / 'checkpoint-10'}",
+                      "--ckpt", f"20={root / 'runs' / 'checkpoint-20'}",
+                      "--out", tmp_path / "out"), "step 0, which is the base")
+    assert_ok(_run(root, "--base", root / "base", "--runs", root / "runs", "--steps", "1-40",
+                   "--out", tmp_path / "out"))
+
+
+def test_a_link_beside_the_base_is_not_copied_out_of_its_folder(trajectory: Path,
+                                                               tmp_path: Path) -> None:
+    """tokenizer.json -> a file elsewhere (/etc/passwd in a downloaded base) was copied into
+    OUT and into the store. Links into the model's folder, or where its weight files lead (a
+    Hugging Face cache's blobs/), are still followed."""
+    root = _copy(trajectory, tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for OUT")
+    base = root / "base"
+    (base / "tokenizer.json").symlink_to(secret)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (base / "model.safetensors").rename(blobs / "weights")
+    (base / "model.safetensors").symlink_to(blobs / "weights")
+    (blobs / "vocab").write_text("in the cache")
+    (base / "vocab.txt").symlink_to(blobs / "vocab")
+    (base / "merges.txt").write_text("plain")
+    result = _run(root, "--base", base, "--runs", root / "runs", "--out", tmp_path / "out")
+    assert_ok(result)
+    assert "tokenizer.json: left out of the output (a link to" in result.stderr
+    out = tmp_path / "out" / "step-100"
+    assert not (out / "tokenizer.json").exists()
+    assert (out / "vocab.txt").read_text() == "in the cache"
+    assert (out / "merges.txt").read_text() == "plain"
+    store_bytes = b"".join(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert b"not for OUT" not in store_bytes
+
+
+def test_a_huge_config_is_refused_before_it_is_parsed(trajectory: Path, tmp_path: Path) -> None:
+    """A 40 MiB config.json took 36 s and 1.5 GB (and was written out again, twice as large):
+    config files are held to the 4 MiB that load_json_object allows everywhere else."""
+    root = _copy(trajectory, tmp_path)
+    config = root / "base" / "config.json"
+    config.write_text('{"model_type": "qwen2", "x": [' + "1.5," * (2 << 20) + "1.5]}")
+    before = snapshot(root)
+    assert_error(_run(root, "--base", root / "base", "--runs", root / "runs",
+                      "--out", tmp_path / "out"), "config.json is larger than 4 MiB")
+    assert snapshot(root) == before and not (tmp_path / "out").exists()
+
+
+def test_inf_at_the_base_is_one_error_line_without_a_numpy_warning(trajectory: Path,
+                                                                   tmp_path: Path) -> None:
+    """Inf − Inf printed numpy's RuntimeWarning (two more lines) before the error line."""
+    root = _copy(trajectory, tmp_path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    for folder in [root / "base", *sorted((root / "runs").glob("checkpoint-*"))]:
+        weights = load_file(folder / "model.safetensors")
+        weights[name][1, 1] = float("inf")
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert_error(_run(root, "--base", root / "base", "--runs", root / "runs",
+                      "--out", tmp_path / "out"), "holds NaN or Inf values", "overflow")
+    result = _run(root, "--base", root / "base", "--runs", root / "runs", "--allow-nonfinite",
+                  "--out", tmp_path / "out2")
+    assert_ok(result)
+    assert "RuntimeWarning" not in result.stderr, result.stderr
+    out = load_file(tmp_path / "out2" / "step-100" / "model.safetensors")
+    assert torch.equal(out[name], load_file(root / "base" / "model.safetensors")[name])
