@@ -6,11 +6,13 @@ import logging
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RelexError
 from .jsonfile import (
+    MAX_CONFIG_BYTES,
     MAX_INDEX_BYTES,
     JsonProblem,
     get_optional_bool,
@@ -29,7 +31,9 @@ log = logging.getLogger(__name__)
 STEP_DIR_RE = re.compile(r"^(?:checkpoint-|global_step_?|step[_-])([0-9]{1,15})(?:_hf)?$", re.ASCII)
 MODEL_SUBDIRS = (".", "huggingface", "actor/huggingface")
 AUX_EXCLUDE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5")
-AUX_MAX_BYTES = 256 * 2**20  # a tokenizer.json is tens of MB at most
+# all of them together (held in memory while the outputs are written): a tokenizer.json is 7-35
+# MB (Qwen2.5, Llama 3, Gemma)
+AUX_MAX_BYTES = 96 * 2**20
 MAX_AUX_FILES = 256  # config, tokenizer, custom code: a few dozen at most
 JSON_AUX = ("config.json", "generation_config.json")
 MIN_STEPS = 2
@@ -109,13 +113,29 @@ class ModelFiles:
         )
 
     def aux_files(self) -> dict[str, bytes]:
-        """Config, tokenizer and other small files that an output model needs, by name."""
+        """Config, tokenizer and other small files that an output model needs, by name.
+
+        A link is followed only into the model's folder or a folder its weight files' links
+        lead to (a Hugging Face cache's blobs/): a link to /etc/passwd beside a downloaded base
+        would otherwise be copied into OUT and into a shared store.
+        """
         files: dict[str, bytes] = {}
         total = 0
+        homes = self._aux_homes()
         for path in sorted(self.config_dir.iterdir()):
             name = path.name
-            if (not path.is_file() or name == INDEX_NAME or name.endswith(AUX_EXCLUDE_SUFFIXES)
+            if (name == INDEX_NAME or name.endswith(AUX_EXCLUDE_SUFFIXES)
                     or name.startswith(".") or not name.isprintable()):
+                continue
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError):  # a dangling link or a loop
+                continue
+            if not target.is_file():
+                continue
+            if target.parent not in homes:
+                log.warning("%s: left out of the output (a link to %s, outside the model's "
+                            "folders)", path, target)
                 continue
             if "\\" in name or len(name) > 255:  # the store keeps plain names only
                 log.warning("%s: left out of the output (a file name with a backslash, or "
@@ -126,18 +146,37 @@ class ModelFiles:
                     f"there are more than {MAX_AUX_FILES} files next to the model in "
                     f"{self.config_dir}; move what is not config or tokenizer elsewhere"
                 )
-            size = path.stat().st_size
-            total += size
-            if total > AUX_MAX_BYTES:
+            limit = AUX_MAX_BYTES - total
+            data = _read_regular(target, min(limit, MAX_CONFIG_BYTES) if name in JSON_AUX
+                                 else limit)
+            if data is None:
+                continue  # not a regular file once opened
+            if name in JSON_AUX and len(data) > MAX_CONFIG_BYTES:
+                raise RelexError(
+                    f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB, which no model's "
+                    f"{name} is; fix or remove it"
+                )
+            if len(data) > limit:
                 raise RelexError(
                     f"the files next to the model in {self.config_dir} add up to more than "
                     f"{AUX_MAX_BYTES >> 20} MiB; move what is not config or tokenizer elsewhere"
                 )
-            files[name] = path.read_bytes()
+            total += len(data)
+            files[name] = data
         for name in JSON_AUX:
             if name in files:
                 _check_json_object(files[name], self.config_dir / name)
         return files
+
+    def _aux_homes(self) -> set[Path]:
+        """Folders an aux file may lie in: the config folder, and where weight files lead."""
+        homes = {self.config_dir.resolve()}
+        for path in (self.config_dir / "config.json", *self.files):
+            try:
+                homes.add(path.resolve(strict=False).parent)
+            except (OSError, RuntimeError):
+                continue
+        return homes
 
     def fingerprint(self) -> dict:
         """Per weight file: size, mtime and a hash of its header (no weights read)."""
@@ -154,6 +193,25 @@ class ModelFiles:
                          for f, names in self.shard_tensors.items()}
         return ModelFiles(self.directory, tensors, shard_tensors, self.sharded, self.files,
                           self.config_dir, self.fsdp)
+
+
+def _read_regular(path: Path, limit: int) -> bytes | None:
+    """At most limit + 1 bytes of a regular file, or None when it is not one once opened (a
+    FIFO swapped in: opened without blocking, never read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _relative(path: Path, directory: Path) -> str:

@@ -199,7 +199,9 @@ def deltas_into(rows: torch.Tensor, base64: torch.Tensor, out: torch.Tensor,
     if rows.element_size() == 2:
         narrow = Workspace.view(ws.narrow, tuple(rows.shape), torch.float32)
         rows = narrow.copy_(rows)
-    np.subtract(rows.numpy(), base64.numpy()[None, :], out=out.numpy(), dtype=np.float64)
+    # Inf − Inf is NaN, as on the GPU path; the Gram's diagonal reports it (no numpy warning)
+    with np.errstate(invalid="ignore"):
+        np.subtract(rows.numpy(), base64.numpy()[None, :], out=out.numpy(), dtype=np.float64)
     return out
 
 

@@ -410,8 +410,9 @@ def _refuse_nonfinite(name: str, gram: torch.Tensor, steps: list[int]) -> None:
     bad = [steps[k] for k in range(len(steps)) if not diagonal[k].isfinite()]
     where = f"step {bad[0]}" if bad and len(bad) < len(steps) else "the base or every step"
     raise RelexError(
-        f"tensor {name!r} holds NaN or Inf values at {where}; fix the checkpoint, or pass "
-        "--allow-nonfinite to extrapolate anyway"
+        f"tensor {name!r} holds NaN or Inf values at {where} (or deltas beyond ~1e150, whose "
+        "squares overflow float64); fix the checkpoint, or pass --allow-nonfinite to keep the "
+        "base's values for this tensor"
     )
 
 

@@ -95,6 +95,35 @@ def _check_base_is_not_a_checkpoint(base: Path, found: dict[int, Path]) -> None:
                 )
 
 
+def _weight_files(model: ModelFiles) -> frozenset[tuple[int, int]]:
+    """The (device, inode) of every weight file a model reads: links and other names of one
+    file give the same pairs."""
+    found = set()
+    for path in model.files:
+        with contextlib.suppress(OSError):
+            info = os.stat(path)
+            found.add((info.st_dev, info.st_ino))
+    return frozenset(found)
+
+
+def _check_distinct_weights(base: ModelFiles | None, checkpoints: list[Checkpoint]) -> None:
+    """A checkpoint whose weight files are all the base's, or another checkpoint's, under any
+    name (a huggingface/ folder of the base, a link to its file, --ckpt 10=D --ckpt 20=D) gives
+    a zero delta or a repeated row: refused. Sharing some files is fine (a content-addressed
+    cache shares the blob of a shard that did not change)."""
+    seen: dict[frozenset[tuple[int, int]], str] = {}
+    if base is not None:
+        seen[_weight_files(base)] = "the base (--base)"
+    for checkpoint in checkpoints:
+        files = _weight_files(checkpoint.model)
+        if files and files in seen:
+            raise RelexError(
+                f"the checkpoint of step {checkpoint.step} ({checkpoint.model.directory}) reads "
+                f"the same weight files as {seen[files]}; give each step its own checkpoint"
+            )
+        seen.setdefault(files, f"the checkpoint of step {checkpoint.step}")
+
+
 def open_sources(
     base: Path | None,
     found: dict[int, Path],
@@ -125,12 +154,19 @@ def open_sources(
                               if n not in (stored_aliases or {})}, {}, stored.sharded)
     else:
         raise RelexError("--runs/--ckpt need --base, the checkpoint the run started from")
+    if 0 in chosen:
+        raise RelexError(
+            f"{found[0]} is a checkpoint of step 0, which is the base (--base, the model the run "
+            "started from), not an observed step; leave it out (--steps 1-"
+            f"{max(chosen)}, or move it out of --runs, or drop its --ckpt)"
+        )
     checkpoints = []
     for step in chosen:
         model = open_model(found[step], config_dir)
         if tied and TIED_HEAD in model.tensors:
             model = model.without(TIED_HEAD)  # a tied copy (FSDP state dicts keep one)
         checkpoints.append(Checkpoint(step, model))
+    _check_distinct_weights(base_model, checkpoints)
     row_dtypes = check_same_model(layout, where, checkpoints)
     for name, (dtype, _) in layout.tensors.items():
         if dtype in FLOAT_CODES and name not in row_dtypes:
