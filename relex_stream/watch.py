@@ -85,17 +85,24 @@ class Watcher:
     seen: dict[int, _Seen] = field(default_factory=dict)
     appended: int = 0
     stop_requested: bool = False
+    passed_over: set[int] = field(default_factory=set)  # late steps already warned about
 
     # ------------------------------------------------------------------ polling
 
     def ready_steps(self) -> list[int]:
         """Complete, settled step directories after the store's last step, in order."""
-        last = self._last_step()
+        stored = self._stored_steps()
+        last = stored[-1] if stored else None
         found = discover_runs(self.options.runs) if self.options.runs.is_dir() else {}
         ready = []
         now = self.clock()
         for step, directory in sorted(found.items()):
             if last is not None and step <= last:
+                if step not in stored and step not in self.passed_over:
+                    self.passed_over.add(step)  # rsync and cp deliver in name order: 100 < 30
+                    log.warning("%s arrived after step %d was stored; a store grows in step "
+                                "order, so it is left out (run --rebuild takes it in)",
+                                directory, last)
                 continue
             snapshot = _snapshot(directory)
             seen = self.seen.get(step)
@@ -107,18 +114,19 @@ class Watcher:
             ready.append(step)
         return ready
 
-    def _last_step(self) -> int | None:
+    def _stored_steps(self) -> tuple[int, ...]:
         if TrajectoryStore.probe(self.options.cache) != "store":
-            return None
+            return ()
         with TrajectoryStore.open(self.options.cache) as store:
             current = store.manifest.current
-            return None if current is None else current.steps[-1]
+            return () if current is None else tuple(current.steps)
 
     def poll(self) -> list[str]:
         """Append what is ready (one checkpoint at a time; the first two build the store);
         returns the lines printed."""
         lines = []
-        last = self._last_step()
+        stored = self._stored_steps()
+        last = stored[-1] if stored else None
         if self.options.until is not None and last is not None and last >= self.options.until:
             self.stop_requested = True  # the store already holds the step asked for
             return lines
@@ -148,7 +156,9 @@ class Watcher:
             selection = StepSelection((), tuple(stored + steps), ",".join(map(str, steps)))
         elif options.base is None:
             raise RelexError(f"no store at {options.cache} yet: give --base to build it")
-        update_store(cache=options.cache, base=options.base if building else None,
+        # the base is checked against the store's on appends too (another run's checkpoints
+        # would otherwise land on this run's base)
+        update_store(cache=options.cache, base=options.base,
                      runs=options.runs, steps=selection if selection else _exact(steps),
                      max_memory=options.max_memory, device=options.device, quiet=True)
 

@@ -258,3 +258,48 @@ def test_timeline_rows_are_reused_only_for_the_data_they_were_computed_from(
     assert values(results["other-run"]) == pytest.approx(values(results["fresh-other"]),
                                                          rel=1e-9)
     assert values(results["other-run"]) != pytest.approx(values(honest["rows"]), rel=1e-6)
+
+
+def test_an_append_checks_the_base_it_is_given(watched, tmp_path: Path) -> None:
+    """Once the store existed, watch dropped --base: another run's checkpoints were appended
+    onto this run's base. The base is now checked on every append, as run checks it."""
+    from tests.untrusted import assert_error, call, snapshot
+
+    traj, store, _, _, _ = watched
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    other_base = tmp_path / "other-base"
+    shutil.copytree(traj.base, other_base)
+    weights = other_base / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-2] ^= 0x01  # one bit of the last tensor's last element: another run's base
+    weights.write_bytes(bytes(data))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(traj.runs / f"checkpoint-{STEPS[-1]}", runs / "checkpoint-70")
+    before = snapshot(copy)
+    result = call("watch", "--runs", runs, "--cache", copy, "--base", other_base, "--target",
+                  TARGET, "--interval", "0.1s", "--settle", "0.1s", "--until", 70,
+                  "--device", "cpu")
+    assert_error(result, "other inputs")
+    assert snapshot(copy) == before
+
+
+def test_a_checkpoint_arriving_below_the_stored_steps_is_named(watched, tmp_path: Path,
+                                                               caplog) -> None:
+    """A step copied in after a later one (rsync delivers checkpoint-100 before -30) was
+    skipped without a word; it is now named once, with how to take it in."""
+    from relex_stream.watch import Watcher, WatchOptions
+
+    traj, store, _, _, _ = watched
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for step in STEPS:
+        (runs / f"checkpoint-{step}").symlink_to(traj.runs / f"checkpoint-{step}")
+    shutil.copytree(traj.runs / "checkpoint-30", runs / "checkpoint-35")
+    watcher = Watcher(WatchOptions(runs=runs, cache=store, targets=(TARGET,)))
+    with caplog.at_level("WARNING", logger="relex_stream"):
+        assert watcher.ready_steps() == [] and watcher.ready_steps() == []
+    warned = [r.getMessage() for r in caplog.records if "arrived after step" in r.getMessage()]
+    assert len(warned) == 1 and "checkpoint-35 arrived after step 60" in warned[0], warned
+    assert "--rebuild" in warned[0]
