@@ -25,6 +25,7 @@ from .envvars import omp_num_threads_is_set
 from .errors import RelexError
 from .fit import GAP_WARNING
 from .inputs import RunInputs, gather_inputs
+from .jsonfile import show
 from .kernels import GRAM_BLOCK_COLS, Workspace
 from .memory import Budget
 from .outputs import OutputSpec, check_plan, output_weights, plan_outputs
@@ -235,11 +236,18 @@ def _run_on_store(request: RunRequest, ranks: Ranks, inputs: RunInputs, store: T
         per_rank = gather(
             (reader.bytes_from_sources, reader.bytes_from_store, stats.bytes_written,
              stats.store_bytes_written, stats.support_observed, stats.elements_observed,
-             summary.ill_conditioned, _peak_rss_bytes(), reader.bytes_decoded),
+             summary.ill_conditioned, _peak_rss_bytes(), reader.bytes_decoded,
+             stats.nonfinite),
             ranks,
         )
         if ranks.is_main:
-            if inputs.kind is not None:
+            nonfinite = [name for r in per_rank for name in r[9]]
+            if inputs.kind is not None and nonfinite:
+                store.abandon()  # a store keeps finite Grams only (--allow-nonfinite got here)
+                log.warning("the store at %s is left as it was: %s holds NaN or Inf values, and "
+                            "a store keeps finite values only", request.store_path,
+                            show(nonfinite[0]))
+            elif inputs.kind is not None:
                 store.commit()
             for writer in writers:
                 writer.finalize(aux, request.overwrite)

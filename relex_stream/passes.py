@@ -122,6 +122,7 @@ class PassStats:
     support_stored: int = 0
     support_observed: int = 0
     elements_observed: int = 0
+    nonfinite: list[str] = field(default_factory=list)  # tensors whose Gram is not finite
 
 
 @dataclass
@@ -358,6 +359,13 @@ def _first_pass_done(gw: GroupWork, w: TensorWork, ctx: PassContext,
                      store_writer: StoreWriter) -> None:
     """Let the second pass start once the store writer has written the tensor; close the group
     (its Gram array and record) once every tensor of it is done."""
+    if w.is_float and not bool(torch.isfinite(w.gram).all()):
+        # a store keeps finite Grams only (its readers refuse others as damaged): a store-only
+        # append refuses here; run --allow-nonfinite writes its outputs, then leaves the store
+        # as it was (engine)
+        if not (ctx.materialise and ctx.allow_nonfinite):
+            _refuse_nonfinite(w.name, w.gram, list(gw.writer.gen.steps), stored=True)
+        ctx.stats.nonfinite.append(w.name)
     gw.pending -= 1
 
     def flushed() -> None:
@@ -405,14 +413,17 @@ def _weights(w: TensorWork, ctx: PassContext) -> None:
         ctx.ill_conditioned.append((w.name, fit.spectral_gap))
 
 
-def _refuse_nonfinite(name: str, gram: torch.Tensor, steps: list[int]) -> None:
+def _refuse_nonfinite(name: str, gram: torch.Tensor, steps: list[int],
+                      stored: bool = False) -> None:
     diagonal = torch.diagonal(gram)
     bad = [steps[k] for k in range(len(steps)) if not diagonal[k].isfinite()]
     where = f"step {bad[0]}" if bad and len(bad) < len(steps) else "the base or every step"
+    fix = ("a store keeps finite values only, so it is left as it was: fix that checkpoint, or "
+           "leave its step out with --steps" if stored else "fix the checkpoint, or pass "
+           "--allow-nonfinite to keep the base's values for this tensor")
     raise RelexError(
         f"tensor {name!r} holds NaN or Inf values at {where} (or deltas beyond ~1e150, whose "
-        "squares overflow float64); fix the checkpoint, or pass --allow-nonfinite to keep the "
-        "base's values for this tensor"
+        f"squares overflow float64); {fix}"
     )
 
 

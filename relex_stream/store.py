@@ -565,6 +565,32 @@ class TrajectoryStore:
         self._grams.clear()
         self._collect_garbage(old)
 
+    def abandon(self) -> None:
+        """Drop the pending change: the committed generation stays current (or none, for a
+        first build), and what the change wrote is removed."""
+        self._require_lock()
+        manifest = self.manifest
+        if manifest.pending is None:
+            return
+        self._write_manifest(replace(manifest, pending=None, pending_kind=None))
+        self._records.clear()
+        self._grams.clear()
+        self._discard_pending(manifest.pending, manifest.pending_kind)
+        current = manifest.current
+        if manifest.pending_kind == "build" or current is None:
+            return
+        k, left = len(current.steps), 0  # an append: its rows go, the arrays' shapes are K again
+        for group in current.groups():
+            if not group.has_rows:
+                continue
+            self._write_rows_meta(current, group, k)
+            with contextlib.suppress(FileNotFoundError), self._dir(
+                    (f"gen{current.generation}", "rows", f"g{group.index}", "c")) as fd:
+                for name in entries(fd):
+                    if name.isdigit() and int(name) >= k:
+                        left += self._remove(fd, name)
+        self._report_left(left)
+
     def _collect_garbage(self, old: Generation | None) -> None:
         """Remove files no committed state refers to: old generations, Gram versions, rows."""
         gen = self.current

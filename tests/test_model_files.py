@@ -150,3 +150,39 @@ def test_inf_at_the_base_is_one_error_line_without_a_numpy_warning(trajectory: P
     assert "RuntimeWarning" not in result.stderr, result.stderr
     out = load_file(tmp_path / "out2" / "step-100" / "model.safetensors")
     assert torch.equal(out[name], load_file(root / "base" / "model.safetensors")[name])
+
+
+def _poison(folder: Path, name: str = "model.layers.0.mlp.up_proj.weight") -> None:
+    weights = load_file(folder / "model.safetensors")
+    weights[name][0, 0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_nan_checkpoint_never_reaches_the_store(trajectory: Path, tmp_path: Path) -> None:
+    """watch committed a NaN checkpoint's Gram, and so did run --allow-nonfinite; every later
+    read then refused the whole store as damaged, the steps before it included. Now a
+    store-only append refuses it, and run --allow-nonfinite writes its outputs and leaves the
+    store as it was."""
+    root = _copy(trajectory, tmp_path)
+    base, runs, store = root / "base", root / "runs", tmp_path / "store"
+    assert_ok(_run(root, "--base", base, "--runs", runs, "--steps", "10-30", "--cache", store,
+                   "--out", tmp_path / "o1"))
+    _poison(runs / "checkpoint-40")
+    before = snapshot(store)
+    assert_error(call("watch", "--runs", runs, "--cache", store, "--base", base, "--target",
+                      "100", "--interval", "0.1s", "--settle", "0.1s", "--until", "40",
+                      "--device", "cpu"), "holds NaN or Inf values at step 40",
+                 "left as it was", "--steps")
+    result = _run(root, "--base", base, "--runs", runs, "--cache", store, "--allow-nonfinite",
+                  "--out", tmp_path / "o2")
+    assert_ok(result)
+    assert "is left as it was" in result.stderr
+    assert (tmp_path / "o2" / "step-100" / "model.safetensors").is_file()
+
+    def contents(tree: dict) -> dict:  # rewritten with the same bytes is as it was
+        return {path: item[:2] for path, item in tree.items() if "lock" not in path}
+
+    assert contents(snapshot(store)) == contents(before)
+    result = call("run", "--cache", store, "--target", "100", "--out", tmp_path / "o3")
+    assert_ok(result)
+    assert "observed steps: 3 (10..30)" in result.stdout, result.stdout
