@@ -342,7 +342,13 @@ def _open_store(inputs: RunInputs, ranks: Ranks) -> TrajectoryStore:
             if inputs.kind is not None:
                 current = store.manifest.current
                 planned = inputs.committed_steps
-                if (current.steps if current else ()) != planned and inputs.kind == "append":
+                # another run committed between this run's look at the store and its lock: an
+                # append would miss its rows, a build would replace its finished store
+                changed = (current.steps if current else ()) != planned if (
+                    inputs.kind == "append") else current is not None and (
+                    inputs.store_state in ("absent", "empty")
+                    or current.generation >= inputs.target.generation)
+                if changed:
                     raise RelexError(
                         f"the store at {path} changed while this run started; run it again"
                     )
