@@ -334,6 +334,11 @@ def _open_store(inputs: RunInputs, ranks: Ranks) -> TrajectoryStore:
     if ranks.is_main:
         if inputs.kind is None:
             store = TrajectoryStore.open(path, lock="shared")
+            if store.manifest.current != inputs.target:  # an append committed meanwhile
+                store.close()
+                raise RelexError(
+                    f"the store at {path} changed while this run started; run it again"
+                )
         elif inputs.store_state in ("absent", "empty", "old"):
             store = TrajectoryStore.create(path, replace=inputs.store_state == "old")
         else:

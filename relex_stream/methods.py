@@ -29,7 +29,7 @@ _OPTIONS = {
     "two-point": ("from", "to"),
     "expo": ("alpha", "from"),
 }
-_POLY_RE = re.compile(r"poly:(\d+)")
+_POLY_RE = re.compile(r"poly:([1-9][0-9]{0,2})", re.ASCII)  # ASCII: the degree names outputs
 
 
 @dataclass(frozen=True)

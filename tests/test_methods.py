@@ -181,6 +181,8 @@ def test_parse_fields() -> None:
     ("expo:alpha=0x10", "not a number"),
     ("relex:fit=cubic", "poly:D"),
     ("relex:fit=poly:0", "poly:D"),
+    ("relex:fit=poly:\u0662", "poly:D"),  # the degree names output folders: ASCII only
+    ("relex:fit=poly:02", "poly:D"),
     ("relex:alpha=1", "takes no alpha"),
     ("raw-ols:rank=2", "takes no rank"),
     ("expo", "needs a finite alpha"),

@@ -46,3 +46,24 @@ def test_a_build_that_lost_the_race_leaves_the_finished_store(
     result = call("run", "--cache", store, "--target", "200", "--out", tmp_path / "oC")
     assert_ok(result)
     assert "observed steps: 8 (10..80)" in result.stdout, result.stdout
+
+
+def test_a_read_that_lost_the_race_to_an_append_says_so(
+        trajectory: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run reading the store looked at it, then an append committed (removing the Gram
+    files it had planned on): it said the healthy store was damaged and to rebuild it."""
+    store = tmp_path / "store"
+    sources = ("--base", trajectory / "base", "--runs", trajectory / "runs", "--target", "200",
+               "--cache", store, "--quiet")
+    assert_ok(call("run", *sources, "--steps", "10-50", "--out", tmp_path / "o0"))
+    looked = engine.gather_inputs
+
+    def look_then_wait(*args, **kwargs):
+        inputs = looked(*args, **kwargs)
+        monkeypatch.setattr(engine, "gather_inputs", looked)
+        assert_ok(call("run", *sources, "--out", tmp_path / "oA"))  # appends 60..80
+        return inputs
+
+    monkeypatch.setattr(engine, "gather_inputs", look_then_wait)
+    assert_error(call("run", "--cache", store, "--target", "200", "--out", tmp_path / "oB"),
+                 "changed while this run started")
