@@ -195,8 +195,9 @@ def _append(sources: Sources, store_path: Path, state: str, current: Generation,
         kept = current.row_dtypes.get(name)
         if new_steps and kept is not None and widest([kept, code]) != kept:
             raise RelexError(
-                f"tensor {show(name)} is {code} in the new checkpoints but the store keeps its "
-                f"rows as {kept}, which cannot hold them exactly; rebuild the store with --rebuild"
+                f"tensor {show(name)} needs {code} rows to hold the new checkpoints and the "
+                f"store's exactly (their dtypes differ), but the store keeps its rows as {kept}; "
+                "rebuild the store with --rebuild"
             )
     observed_rows = stored + new_steps
     target = current

@@ -271,7 +271,7 @@ def _row(data: StoreGrams, spec: MethodSpec, targets: tuple[float, ...], holdout
 
         moved, norm = prediction_drift(grams, weights_of, k)
         for t, a, b in zip(targets, moved.tolist(), norm.tolist(), strict=True):
-            drift[step_label(t)] = a / b if b > 0 else None
+            drift[step_label(t)] = _finite(a / b) if b > 0 else None  # inf / inf: None
     null = stats.null
     return {
         "step": data.steps[k - 1],
