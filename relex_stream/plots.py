@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,8 @@ def _private_config_dir() -> None:
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend, or a RelexError saying how to get it."""
     _private_config_dir()
+    # its INFO lines ("generated new fontManager") are not the user's business
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         import matplotlib
     except ImportError:

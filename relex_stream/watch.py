@@ -269,8 +269,11 @@ def _row(data: StoreGrams, spec: MethodSpec, targets: tuple[float, ...], holdout
         def weights_of(gram: torch.Tensor, m: int) -> torch.Tensor:
             return combination_weights(spec, gram, steps[:m], list(targets))
 
-        moved, norm = prediction_drift(grams, weights_of, k)
-        for t, a, b in zip(targets, moved.tolist(), norm.tolist(), strict=True):
+        try:
+            moved, norm = prediction_drift(grams, weights_of, k)
+        except RelexError:  # too few rows yet for the method (poly:2 or rank 3 at k - 1 = 2)
+            moved = norm = torch.zeros(0)
+        for t, a, b in zip(targets, moved.tolist(), norm.tolist(), strict=False):
             drift[step_label(t)] = _finite(a / b) if b > 0 else None  # inf / inf: None
     null = stats.null
     return {
@@ -281,9 +284,17 @@ def _row(data: StoreGrams, spec: MethodSpec, targets: tuple[float, ...], holdout
         "null_ev_p95": _finite(null.explained_variance[2]) if null else None,
         "null_r2_p95": _finite(null.r_squared[2]) if null else None,
         "straight": bool(stats.ev_above_null and stats.r2_above_null),
-        "reach": reach(prefix, held, spec) if held >= 1 else None,
+        "reach": _feasible(lambda: reach(prefix, held, spec)) if held >= 1 else None,
         "drift": drift,
     }
+
+
+def _feasible(compute: Callable[[], float | None]) -> float | None:
+    """compute(), or None when the method cannot run on so few rows yet (RelexError)."""
+    try:
+        return compute()
+    except RelexError:
+        return None
 
 
 def _finite(value: float) -> float | None:
@@ -386,6 +397,16 @@ def run_watch(options: WatchOptions, printer: Callable[[str], None] = print) -> 
     """The watch loop; returns the number of checkpoints appended."""
     if options.every < 1:
         raise RelexError("--every must be at least 1")
+    spec = parse_method(options.method)
+    if not spec.extrapolates:
+        raise RelexError(f"watch predicts steps the run has not reached, which {spec.name} "
+                         "does not (it reproduces observed steps); use an extrapolating method")
+    if len(set(options.targets)) != len(options.targets):
+        raise RelexError("--target names a step twice; give each target once")
+    if options.out is not None and options.out.resolve().is_relative_to(
+            options.cache.resolve()):
+        raise RelexError(f"--out {options.out} is inside the store {options.cache}; give "
+                         "--out a directory outside it")
     # what can be refused now is refused before the first checkpoint is appended
     if options.runs.exists() and not options.runs.is_dir():
         raise RelexError(f"--runs {options.runs} is a file, not the run's directory")

@@ -303,3 +303,42 @@ def test_a_checkpoint_arriving_below_the_stored_steps_is_named(watched, tmp_path
     warned = [r.getMessage() for r in caplog.records if "arrived after step" in r.getMessage()]
     assert len(warned) == 1 and "checkpoint-35 arrived after step 60" in warned[0], warned
     assert "--rebuild" in warned[0]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (("--method", "reconstruct"), "does not (it reproduces observed steps)"),
+    (("--method", "nosuch"), "is not one of"),
+    (("--target", "150,150"), "names a step twice"),
+    (("--out", "STORE/pred"), "is inside the store"),
+])
+def test_what_watch_can_refuse_it_refuses_before_the_first_append(
+        watched, tmp_path: Path, extra: tuple, needle: str) -> None:
+    """These were refused only after the store was built (and each restart appended one more
+    checkpoint before dying)."""
+    from tests.untrusted import assert_error, call
+
+    traj = watched[0]
+    store = tmp_path / "store.zarr"
+    extra = tuple(str(store) + a[5:] if a.startswith("STORE") else a for a in extra)
+    args = ["watch", "--runs", traj.runs, "--cache", store, "--base", traj.base, "--target",
+            TARGET, "--interval", "0.1s", "--settle", "0.1s", "--until", 30, "--device", "cpu"]
+    if "--target" in extra:
+        i = args.index("--target")
+        del args[i : i + 2]
+    assert_error(call(*args, *extra), needle)
+    assert not store.exists()
+
+
+def test_a_method_needing_more_rows_leaves_early_rows_blank(watched, tmp_path: Path) -> None:
+    """relex:fit=poly:2 needs 3 rows: watch stopped at its first drift (2 rows before it)."""
+    from tests.untrusted import assert_ok, call
+
+    traj = watched[0]
+    store = tmp_path / "store.zarr"
+    assert_ok(call("watch", "--runs", traj.runs, "--cache", store, "--base", traj.base,
+                   "--target", TARGET, "--interval", "0.1s", "--settle", "0.1s", "--until", 50,
+                   "--method", "relex:fit=poly:2", "--device", "cpu"))
+    rows = json.loads((store / "timeline" / "timeline.json").read_text())["rows"]
+    drift = [row["drift"][str(TARGET)] for row in rows]
+    assert [row["step"] for row in rows] == [20, 30, 40, 50]
+    assert drift[:2] == [None, None] and all(d is not None and d > 0 for d in drift[2:]), drift
