@@ -1,4 +1,4 @@
-"""The one error type for user mistakes."""
+"""The one error type for user mistakes (and the one case a caller may wait out)."""
 
 
 class RelexError(Exception):
@@ -6,3 +6,7 @@ class RelexError(Exception):
 
     The CLI prints it as one line and exits with code 2. Anything else is a bug.
     """
+
+
+class StoreBusy(RelexError):
+    """The store is locked by another process: `watch` waits for the next poll instead."""

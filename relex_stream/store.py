@@ -46,7 +46,7 @@ import torch
 
 from . import shards
 from .checkpoints import JSON_AUX
-from .errors import RelexError
+from .errors import RelexError, StoreBusy
 from .jsonfile import JsonProblem, loads_strict, show
 from .row_codec import (
     bytes_to_chunk,
@@ -693,9 +693,10 @@ def _lock(path: Path, root_fd: int, exclusive: bool) -> int | None:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise RelexError(
-            f"the store at {path} is in use by another run (pid {holder}); wait for it to "
-            "finish, or give this run another --cache"
+        # the file holds the last writer's pid: a reader holding the lock writes none
+        raise StoreBusy(
+            f"the store at {path} is in use by another process (its last writer was pid "
+            f"{holder}); wait for it to finish, or give this run another --cache"
         ) from None
     if exclusive:
         os.ftruncate(fd, 0)

@@ -33,7 +33,7 @@ from .backtest import reach
 from .checkpoints import discover_runs, open_model
 from .diagnostics import prediction_drift, tensor_stats
 from .engine import extrapolate, update_store
-from .errors import RelexError
+from .errors import RelexError, StoreBusy
 from .jsonfile import loads_strict
 from .methods import MethodSpec, combination_weights, parse_method
 from .report import StoreGrams, load_grams
@@ -86,6 +86,7 @@ class Watcher:
     appended: int = 0
     stop_requested: bool = False
     passed_over: set[int] = field(default_factory=set)  # late steps already warned about
+    busy_reported: bool = False
 
     # ------------------------------------------------------------------ polling
 
@@ -137,7 +138,15 @@ class Watcher:
             if building and len(batch) < 2:
                 break  # a store needs two checkpoints
             ready = ready[len(batch):]
-            self._append(batch, building)
+            try:
+                self._append(batch, building)
+            except StoreBusy:  # a reader (report, run --cache) holds the store: next poll
+                if not self.busy_reported:
+                    log.warning("the store is in use by another process; watch appends once "
+                                "it is free")
+                    self.busy_reported = True
+                break
+            self.busy_reported = False
             building = False
             self.appended += 1
             lines.append(self._record_timeline())

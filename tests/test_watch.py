@@ -342,3 +342,35 @@ def test_a_method_needing_more_rows_leaves_early_rows_blank(watched, tmp_path: P
     drift = [row["drift"][str(TARGET)] for row in rows]
     assert [row["step"] for row in rows] == [20, 30, 40, 50]
     assert drift[:2] == [None, None] and all(d is not None and d > 0 for d in drift[2:]), drift
+
+
+def test_a_reader_holding_the_store_delays_an_append_instead_of_ending_watch(
+        watched, tmp_path: Path) -> None:
+    """watch exited with 'in use' whenever a report or run --cache held the shared lock at its
+    append; it now says so once and appends when the store is free."""
+    import fcntl
+
+    from tests.untrusted import assert_ok, call
+
+    traj, store, _, _, root = watched
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for step in STEPS:  # the checkpoints the store was built from
+        (runs / f"checkpoint-{step}").symlink_to(root / "live" / f"checkpoint-{step}")
+    shutil.copytree(traj.runs / f"checkpoint-{STEPS[-1]}", runs / "checkpoint-70")
+    reader = os.open(copy / "lock", os.O_RDONLY)
+    fcntl.flock(reader, fcntl.LOCK_SH)
+    release = threading.Timer(1.5, os.close, args=(reader,))
+    release.start()
+    try:
+        result = call("watch", "--runs", runs, "--cache", copy, "--base", traj.base,
+                      "--target", TARGET, "--interval", "0.2s", "--settle", "0.1s", "--until",
+                      70, "--device", "cpu")
+    finally:
+        release.join()
+    assert_ok(result)
+    assert result.stderr.count("is in use by another process") == 1, result.stderr
+    assert "appended 1 checkpoint(s)" in result.stdout
+    assert TrajectoryStore.open(copy).steps[-1] == 70
