@@ -392,8 +392,9 @@ def _read_index(index_path: Path) -> tuple[list[str], dict[str, str]]:
     return list(dict.fromkeys(weight_map.values())), weight_map
 
 
-def discover_runs(runs_dir: Path) -> dict[int, Path]:
-    """Step number -> directory, for every step directory directly inside `runs_dir`."""
+def discover_runs(runs_dir: Path, allow_none: bool = False) -> dict[int, Path]:
+    """Step number -> directory, for every step directory directly inside `runs_dir`; none
+    found is an error unless `allow_none` (watch: the run has not saved one yet)."""
     if not runs_dir.is_dir():
         raise RelexError(_not_a_directory("run directory", runs_dir))
     found: dict[int, Path] = {}
@@ -408,7 +409,7 @@ def discover_runs(runs_dir: Path) -> dict[int, Path]:
                 "keep one, or name checkpoints explicitly with --ckpt STEP=PATH"
             )
         found[step] = child
-    if not found:
+    if not found and not allow_none:
         raise RelexError(
             f"no checkpoints found in {runs_dir}: expected directories named checkpoint-N, "
             "global_step_N, global_stepN[_hf], step_N or step-N (or use --ckpt STEP=PATH)"

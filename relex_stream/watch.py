@@ -94,7 +94,8 @@ class Watcher:
         """Complete, settled step directories after the store's last step, in order."""
         stored = self._stored_steps()
         last = stored[-1] if stored else None
-        found = discover_runs(self.options.runs) if self.options.runs.is_dir() else {}
+        found = discover_runs(self.options.runs, allow_none=True) if (
+            self.options.runs.is_dir()) else {}  # a run that has not saved a checkpoint yet
         ready = []
         now = self.clock()
         for step, directory in sorted(found.items()):

@@ -374,3 +374,17 @@ def test_a_reader_holding_the_store_delays_an_append_instead_of_ending_watch(
     assert result.stderr.count("is in use by another process") == 1, result.stderr
     assert "appended 1 checkpoint(s)" in result.stdout
     assert TrajectoryStore.open(copy).steps[-1] == 70
+
+
+def test_an_empty_run_directory_is_waited_for_like_a_missing_one(tmp_path: Path) -> None:
+    """watch waited for a --runs that did not exist yet but exited ('no checkpoints found') on
+    one that existed empty, as a trainer leaves it before its first save."""
+    from relex_stream.watch import Watcher, WatchOptions
+
+    runs = tmp_path / "runs"
+    for exists in (False, True):
+        if exists:
+            runs.mkdir()
+            (runs / "trainer_state.json").write_text("{}")
+        watcher = Watcher(WatchOptions(runs=runs, cache=tmp_path / "s", targets=(100.0,)))
+        assert watcher.ready_steps() == []
