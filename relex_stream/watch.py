@@ -147,6 +147,17 @@ class Watcher:
                                 "it is free")
                     self.busy_reported = True
                 break
+            except RelexError:
+                runs = self.options.runs
+                found = discover_runs(runs, allow_none=True) if runs.is_dir() else {}
+                gone = [s for s in batch if s not in found]
+                if not gone:
+                    raise
+                # the trainer removed it between the poll and the read (checkpoint retention)
+                log.warning("step %d was removed before it could be appended; it is left out",
+                            gone[0])
+                self.passed_over.update(gone)
+                break
             self.busy_reported = False
             building = False
             self.appended += 1

@@ -388,3 +388,31 @@ def test_an_empty_run_directory_is_waited_for_like_a_missing_one(tmp_path: Path)
             (runs / "trainer_state.json").write_text("{}")
         watcher = Watcher(WatchOptions(runs=runs, cache=tmp_path / "s", targets=(100.0,)))
         assert watcher.ready_steps() == []
+
+
+def test_a_checkpoint_removed_before_its_append_is_left_out(watched, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """A trainer keeping few checkpoints can remove one between watch's poll and its read:
+    watch stopped with "--steps names step(s) [70] that are not observed" (no --steps given)."""
+    from relex_stream import watch as watch_module
+
+    traj, store, _, _, root = watched
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for step in STEPS:
+        (runs / f"checkpoint-{step}").symlink_to(root / "live" / f"checkpoint-{step}")
+    shutil.copytree(traj.runs / f"checkpoint-{STEPS[-1]}", runs / "checkpoint-70")
+    append = watch_module.Watcher._append
+
+    def removed_first(self, steps, building):
+        shutil.rmtree(runs / "checkpoint-70")
+        return append(self, steps, building)
+
+    monkeypatch.setattr(watch_module.Watcher, "_append", removed_first)
+    watcher = watch_module.Watcher(watch_module.WatchOptions(
+        runs=runs, cache=copy, targets=(TARGET,), settle_s=0.0, until=70))
+    watcher.ready_steps()  # first sight of checkpoint-70
+    assert watcher.poll() == [] and 70 in watcher.passed_over
+    assert TrajectoryStore.open(copy).steps[-1] == STEPS[-1]
