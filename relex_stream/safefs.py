@@ -33,7 +33,7 @@ def opened_dir(root_fd: int, parts: tuple[str, ...], create: bool, where: str) -
     """Descriptor of root/parts[0]/.../parts[-1], made on the way when `create`; closed after."""
     fd = os.dup(root_fd)
     try:
-        for part in parts:
+        for depth, part in enumerate(parts):
             if create:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o755, dir_fd=fd)
@@ -41,7 +41,7 @@ def opened_dir(root_fd: int, parts: tuple[str, ...], create: bool, where: str) -
                 child = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise _link_error(f"{where}/{part}", exc) from None
+                    raise _link_error("/".join((where, *parts[: depth + 1])), exc) from None
                 raise
             os.close(fd)
             fd = child

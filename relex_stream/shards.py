@@ -328,8 +328,17 @@ class ShardWriter:
             self._fd = -1
 
 
-def read_index(fd: int, n_chunks: int, record: ShardRecord) -> ShardIndex:
-    """The index of a finished shard, checked against its group record; ValueError if damaged."""
+def max_chunk_bytes(chunk_bytes: int) -> int:
+    """The most bytes one stored chunk of `chunk_bytes` raw bytes takes (frame and trailer): a
+    raw-blocks frame, as zstd frames are kept only when smaller (slack for older stores)."""
+    return raw_frame_bytes(chunk_bytes) + 4 + (chunk_bytes >> 7) + 1024
+
+
+def read_index(fd: int, n_chunks: int, record: ShardRecord, chunk_bytes: int) -> ShardIndex:
+    """The index of a finished shard, checked against its group record; ValueError if damaged.
+
+    chunk_bytes: raw bytes of one chunk; a chunk stored larger than any frame of it can be is
+    refused here, before a read of that size (a forged index could ask for a TiB)."""
     size = os.fstat(fd).st_size
     if size != record.size:
         raise ValueError(f"the file holds {size} bytes where the store recorded {record.size}")
@@ -352,6 +361,8 @@ def read_index(fd: int, n_chunks: int, record: ShardRecord) -> ShardIndex:
     end = np.uint64(data_end)  # (offset + size could wrap around in uint64)
     if bool((sizes < 5).any()) or bool((sizes > end).any()) or bool((offsets > end - sizes).any()):
         raise ValueError("its index points outside the file")
+    if bool((sizes > np.uint64(max_chunk_bytes(chunk_bytes))).any()):
+        raise ValueError("its index holds a chunk larger than any chunk can be stored")
     return ShardIndex(offsets, sizes, sums[:, 0].copy(), sums[:, 1].copy())
 
 

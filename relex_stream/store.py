@@ -910,7 +910,9 @@ class StoreReader:
                 if live is not None and live.covers(row):
                     index = live.index(row)
                 else:
-                    index = shards.read_index(fd, group.n_chunks, record)
+                    words = group.base_dtype if row is None else group.row_dtype
+                    index = shards.read_index(fd, group.n_chunks, record, group.chunk_cols
+                                              * DTYPES[words][1].itemsize)
             except BaseException:
                 os.close(fd)
                 raise

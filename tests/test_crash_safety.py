@@ -406,7 +406,7 @@ def _chunk_offset(store: Path, name: str) -> int:
         shard = group_dir(store, "rows", name) / "c" / "0" / "0"
         fd = os.open(shard, os.O_RDONLY)
         try:
-            index = shards.read_index(fd, group.n_chunks, record)
+            index = shards.read_index(fd, group.n_chunks, record, group.chunk_cols * 8)
         finally:
             os.close(fd)
         return int(index.offsets[group.chunk_range(name, 0, 1)[0]])

@@ -186,3 +186,19 @@ def test_a_nan_checkpoint_never_reaches_the_store(trajectory: Path, tmp_path: Pa
     result = call("run", "--cache", store, "--target", "100", "--out", tmp_path / "o3")
     assert_ok(result)
     assert "observed steps: 3 (10..30)" in result.stdout, result.stdout
+
+
+def test_a_link_inside_the_store_is_named_by_its_own_path(tmp_path: Path) -> None:
+    """The message named ROOT/<last part> (a path that does not exist) for a link deeper in."""
+    from relex_stream.errors import RelexError
+    from relex_stream.safefs import open_root, opened_dir
+
+    (tmp_path / "store" / "gen1" / "rows").mkdir(parents=True)
+    (tmp_path / "store" / "gen1" / "rows" / "g0").symlink_to(tmp_path)
+    fd = open_root(tmp_path / "store")
+    try:
+        with pytest.raises(RelexError, match=r"^S/gen1/rows/g0 is a symbolic link"), \
+                opened_dir(fd, ("gen1", "rows", "g0", "c"), False, "S"):
+            pass
+    finally:
+        os.close(fd)

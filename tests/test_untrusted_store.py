@@ -502,7 +502,7 @@ def _shard(store: Path, tensor: str, row: int | None):
         "0" if row is None else f"{row}/0")
     fd = os.open(path, os.O_RDONLY)
     try:
-        index = shards.read_index(fd, group.n_chunks, entry)
+        index = shards.read_index(fd, group.n_chunks, entry, group.chunk_cols * 8)
     finally:
         os.close(fd)
     return path, group, entry, index, group.chunk_range(tensor, 0, 1)[0]
@@ -514,17 +514,21 @@ def _flip(path: Path, offset: int, bit: int = 0x10) -> None:
     path.write_bytes(bytes(data))
 
 
-def _forge_tail(store: Path, tensor: str, row: int | None, change) -> None:
+def _forge_tail(store: Path, tensor: str, row: int | None, change, hole: int = 0) -> None:
     """Rewrite a shard's checksum block and zarr index (`change(offsets, sizes, encoded, raw)`
-    edits them in place) and forge the group record to match, sha256 included."""
+    edits them in place) and forge the group record to match, sha256 included. `hole`: bytes
+    of a sparse gap put between the chunks and the index."""
     path, group, _, index, _ = _shard(store, tensor, row)
     arrays = [index.offsets.copy(), index.sizes.copy(), index.encoded_crcs.copy(),
               index.raw_crcs.copy()]
     change(*arrays)
     tail = shards._tail(shards.ShardIndex(*arrays))
-    data = path.read_bytes()[: -shards.tail_bytes(group.n_chunks)] + tail
-    path.write_bytes(data)
-    entry = [len(data), shards.crc32c(tail)]
+    chunks = path.read_bytes()[: -shards.tail_bytes(group.n_chunks)]
+    with open(path, "wb") as handle:
+        handle.write(chunks)
+        handle.seek(len(chunks) + hole)
+        handle.write(tail)
+    entry = [len(chunks) + hole + len(tail), shards.crc32c(tail)]
 
     def forge(record: dict) -> None:
         if row is None:
@@ -565,6 +569,7 @@ SHARD_DAMAGE = {
     "row-sizes-tiny-forged": (Q_PROJ, 1, "forge-tiny"),
     "row-chunk-missing-forged": (Q_PROJ, 1, "forge-missing"),
     "row-chunks-swapped-forged": (EMBED, 1, "forge-swap"),
+    "row-chunk-of-a-tib-forged": (Q_PROJ, 1, "forge-huge"),
     "base-bit-in-chunk": (Q_PROJ, None, "chunk"),
     "base-bit-in-big-tensor": (EMBED, None, "chunk"),
     "base-truncated": (Q_PROJ, None, "truncate"),
@@ -621,6 +626,9 @@ def test_damaged_shard_is_detected_when_read(case: Case, name: str) -> None:
         _forge_tail(case.store, tensor, row, lambda o, s, e, r: s.__setitem__(j, 1))
     elif damage == "forge-missing":
         _forge_tail(case.store, tensor, row, lambda o, s, e, r: o.__setitem__(j, 2**64 - 1))
+    elif damage == "forge-huge":  # read whole, a TiB chunk was a MemoryError traceback
+        _forge_tail(case.store, tensor, row, lambda o, s, e, r: (
+            o.__setitem__(j, size - tail), s.__setitem__(j, 2**40)), hole=2**40)
     elif damage == "forge-swap":
         assert group.chunk_range(tensor, 0, 1)[0] == 0 and group.n_chunks >= 2, "test bug"
         _forge_tail(case.store, tensor, row, _swap_chunks)
