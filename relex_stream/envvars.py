@@ -10,6 +10,7 @@ not touch the process environment.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,11 @@ MAX_OMP_THREADS = 2**16
 TEST_DEVICES = ("cpu", "cuda")
 _UINT_RE = re.compile(r"[0-9]{1,12}")  # ASCII only: re's \d and int() take any script's digits
 _SIGNED_RE = re.compile(r"[+-][0-9]{1,40}", re.ASCII)
+MAX_CPU_INDEX = 65535  # libgomp's own limit on this machine; higher ones it refuses
+_CPU_RANGE_RE = re.compile(r"([0-9]{1,12})(?:-([0-9]{1,12})(?::([0-9]{1,12}))?)?")
+_CPU_LIST_SEPARATORS = re.compile(r"[ ,\t]+")
+# the variables each library parses as it is imported (or as its objects are made)
+LIBRARY_PREFIXES = {"tqdm": ("TQDM_",), "torch": ("TORCH_", "PYTORCH_")}
 
 
 def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -128,6 +134,60 @@ def omp_num_threads(environ: Mapping[str, str] | None = None) -> int | None:
         parse_env_int("OMP_NUM_THREADS", part, 1, MAX_OMP_THREADS, fix) for part in value.split(",")
     ]
     return levels[0]
+
+
+def gomp_cpu_affinity(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a GOMP_CPU_AFFINITY that libgomp cannot parse, before torch loads libgomp.
+
+    libgomp hangs for ever on some malformed lists ('abc', '0:2', '1 abc') and exits the
+    process on others ('1-0', '0-1:0'); a list is CPU numbers, ranges N-M and strided ranges
+    N-M:S, separated by spaces or commas.
+    """
+    value = _env(environ).get("GOMP_CPU_AFFINITY", "")
+    fix = "set it to a CPU list such as '0-7' or '0 2 4-6', or unset it"
+    for item in _CPU_LIST_SEPARATORS.split(value.strip(" ,\t")):
+        if item == "":
+            continue
+        found = _CPU_RANGE_RE.fullmatch(item)
+        if found is None:
+            raise RelexError(
+                f"environment variable GOMP_CPU_AFFINITY={value[:60]!r} is not a CPU list "
+                f"({item[:20]!r} is not a number or range; libgomp would hang on it); {fix}"
+            )
+        first = int(found[1])
+        last = first if found[2] is None else int(found[2])
+        stride = 1 if found[3] is None else int(found[3])
+        if not first <= last <= MAX_CPU_INDEX or stride < 1:
+            raise RelexError(
+                f"environment variable GOMP_CPU_AFFINITY={value[:60]!r} has the range {item!r}: "
+                f"CPUs must rise, stay at most {MAX_CPU_INDEX}, and a stride must be at least 1; "
+                f"{fix}"
+            )
+
+
+def set_library_variables(module: str, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The names of the set environment variables that `module` reads itself, sorted."""
+    prefixes = LIBRARY_PREFIXES[module]
+    return sorted(name for name in _env(environ) if name.startswith(prefixes))
+
+
+def import_library(module: str) -> None:
+    """Import tqdm or torch, turning a failure caused by their own variables into a RelexError.
+
+    Both parse their variables as they load (TQDM_NCOLS=x, TORCH_LOGS=zzz): a traceback even
+    for --help. A failure with none of their variables set is a bug and propagates.
+    """
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        names = set_library_variables(module)
+        if not names:
+            raise
+        first_line = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise RelexError(
+            f"{module} failed to load ({type(exc).__name__}: {first_line[:120]}) with "
+            f"environment variable(s) {', '.join(names)} set; fix or unset them"
+        ) from exc
 
 
 def relex_test_device(environ: Mapping[str, str] | None = None) -> str:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .envvars import set_library_variables
+from .errors import RelexError
 from .safefs import read_small_at, replace_file
 
 STAGES = ("gram", "materialise")
@@ -34,11 +37,7 @@ class Progress:
         self.shown = dict.fromkeys(STAGES, 0)  # what the bars show: every rank's, on rank 0
         self._board, self._rank, self._interval = board, rank, interval_s
         self._last = 0.0
-        style = dict(unit="B", unit_scale=True, unit_divisor=1024, disable=not show)
-        self._bars = {
-            stage: tqdm(total=totals[stage], desc=f"{stage} pass", position=i, **style)
-            for i, stage in enumerate(STAGES)
-        }
+        self._bars = _make_bars(totals, show)
         if board is not None:
             board.mkdir(parents=True, exist_ok=True)
 
@@ -85,3 +84,27 @@ class Progress:
         """Rank 0, after the last barrier: delete the shared progress files."""
         if self._board is not None:
             shutil.rmtree(self._board, ignore_errors=True)
+
+
+def _make_bars(totals: dict[str, int], show: bool) -> dict[str, tqdm]:
+    """One tqdm bar per stage, drawn once here so that TQDM_* variables tqdm cannot use
+    (TQDM_BAR_FORMAT='{nope}', TQDM_POSITION=x) are one error before the run, not mid-run."""
+    style = dict(unit="B", unit_scale=True, unit_divisor=1024, disable=not show, file=sys.stderr,
+                 write_bytes=False)
+    try:
+        bars = {
+            stage: tqdm(total=totals[stage], desc=f"{stage} pass", position=i, **style)
+            for i, stage in enumerate(STAGES)
+        }
+        for bar in bars.values():  # empty and full: what the run will draw
+            bar.format_meter(**{**bar.format_dict, "n": 0})
+            bar.format_meter(**{**bar.format_dict, "n": max(bar.total, 1) * 1024**3})
+        return bars
+    except Exception as exc:
+        names = set_library_variables("tqdm")
+        if not names:
+            raise
+        raise RelexError(
+            f"progress bars failed ({type(exc).__name__}: {str(exc)[:120]}) with environment "
+            f"variable(s) {', '.join(names)} set; fix or unset them, or pass --quiet"
+        ) from exc

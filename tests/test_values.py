@@ -366,3 +366,53 @@ def test_an_unknown_master_host_is_one_error_line(tmp_path) -> None:
          "--quiet"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "MASTER_ADDR" in proc.stderr and "does not resolve" in proc.stderr
+
+
+def test_gomp_cpu_affinity() -> None:
+    """libgomp hangs on 'abc', '0:2', '1 abc' and exits the process on '1-0' or '0-1:0'."""
+    from relex_stream.envvars import gomp_cpu_affinity
+
+    for good in ("", "0", "0-7", "0 2 4-6", "0,1", "0-15:2", " 3 ", "0\t1", "0,,1", "65535"):
+        gomp_cpu_affinity({"GOMP_CPU_AFFINITY": good})
+    for bad in ("abc", "0:2", "1 abc", "1-0", "0-1:0", "0-1:", "0-", "-1", "٣", "0x1",
+                "65536", "0-99999999", "0 - 1", "0-1 :2"):
+        assert "GOMP_CPU_AFFINITY" in refuses(gomp_cpu_affinity, {"GOMP_CPU_AFFINITY": bad})
+
+
+def _cli(tmp_path: Path, env_update: dict[str, str], *args: str,
+         **popen: object) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env.update(env_update)
+    return subprocess.run([sys.executable, "-m", "relex_stream", *args], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=tmp_path, **popen)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("GOMP_CPU_AFFINITY", "abc"), ("GOMP_CPU_AFFINITY", "0:2"), ("GOMP_CPU_AFFINITY", "1-0"),
+     ("TQDM_NCOLS", "x"), ("TQDM_MININTERVAL", "abc"), ("TORCH_LOGS", "zzz")],
+)
+def test_variables_libraries_read_as_they_load_are_one_error_line(
+        tmp_path: Path, name: str, value: str) -> None:
+    """libgomp hung on the first three (even for --help); tqdm and torch raised tracebacks."""
+    proc = _cli(tmp_path, {name: value}, "--help")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0]
+
+
+def test_run_with_closed_standard_streams_writes_its_output(tmp_path: Path) -> None:
+    """With stderr closed (`2>&-`) the run exited 1 before writing anything (sys.stderr is
+    None); and a file opened then would have taken fd 2, where C libraries write warnings."""
+    made = _cli(tmp_path, {}, "synth", "--out", "t", "--steps", "1-3", "--hidden", "32",
+                "--layers", "1")
+    assert made.returncode == 0, made.stderr
+    args = ["run", "--base", "t/base", "--runs", "t/runs", "--target", "9", "--out", "o",
+            "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.run(
+        ["sh", "-c", 'exec "$0" -m relex_stream "$@" <&- >&- 2>&-', sys.executable, *args],
+        env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0
+    config = (tmp_path / "o" / "step-9" / "config.json").read_text()
+    assert config.startswith("{")  # nothing else landed in the first file opened
