@@ -95,7 +95,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-gpu-memory",
         help="GPU memory the run may use (default: the card's memory less 10%%); on the CPU, "
-        "the memory for deltas kept between the passes",
+        "host memory for deltas kept between the passes, on top of --max-memory",
     )
     p.add_argument(
         "--svd",
