@@ -119,6 +119,9 @@ def qwen2_config(
     }
 
 
+MAX_SYNTH_LAYERS = 4096
+
+
 def _check_sizes(hidden, layers, vocab, intermediate, heads, kv_heads, head_dim) -> None:
     sizes = {
         "hidden": hidden,
@@ -132,6 +135,10 @@ def _check_sizes(hidden, layers, vocab, intermediate, heads, kv_heads, head_dim)
     for what, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise RelexError(f"synth {what} must be a positive integer, got {value!r}")
+    if layers > MAX_SYNTH_LAYERS:
+        # checked before the shapes are listed: 16M layers took 7 GB for the list alone
+        raise RelexError(f"synth layers must be at most {MAX_SYNTH_LAYERS} (real models have "
+                         f"a few hundred at most), got {layers}")
     if heads % kv_heads:
         raise RelexError(f"synth heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     if head_dim % 2:

@@ -504,3 +504,11 @@ def test_synth_every_step_is_bounded(tmp_path: Path) -> None:
                       "--every-step", "--profile", "drift", "--hidden", "16", "--layers", "1",
                       "--vocab", "32"), "--every-step")
     assert not (tmp_path / "s").exists()
+
+
+def test_synth_layers_are_bounded_before_the_shapes_are_listed(tmp_path: Path) -> None:
+    """--layers 16777216 listed 200M tensor shapes (7 GB, a minute) before the size check."""
+    from tests.untrusted import assert_error, call
+
+    assert_error(call("synth", "--out", tmp_path / "s", "--layers", "16777216"), "layers")
+    assert not (tmp_path / "s").exists()
