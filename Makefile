@@ -20,8 +20,8 @@ demo: install
 	$(PY) -m relex_stream synth --out $(DEMO)/trajectory --steps 10-80:10 --overwrite
 	$(PY) -m relex_stream run --base $(DEMO)/trajectory/base --runs $(DEMO)/trajectory/runs \
 		--target 200,400 --out $(DEMO)/out --overwrite --rebuild
-	$(PY) -m relex_stream report $(DEMO)/out/trajectory.zarr --out $(DEMO)/report
-	$(PY) -m relex_stream backtest $(DEMO)/out/trajectory.zarr --holdout 3 --out $(DEMO)/backtest
+	$(PY) -m relex_stream report $(DEMO)/out/trajectory.zarr --out $(DEMO)/report --overwrite
+	$(PY) -m relex_stream backtest $(DEMO)/out/trajectory.zarr --holdout 3 --out $(DEMO)/backtest --overwrite
 
 # Two workers (pytest-xdist): the suite is CPU-bound and mostly one thread per process, and CI
 # machines have two cores; each file stays on one worker (--dist loadfile), so a module's

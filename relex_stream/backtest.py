@@ -194,6 +194,7 @@ def backtest(
     threshold: float = DEFAULT_THRESHOLD,
     out_dir: str | Path | None = None,
     plots: bool = True,
+    overwrite: bool = False,
 ) -> BacktestResult:
     """Predict the last `holdout` observed steps from the `window` steps before them, per method.
 
@@ -214,7 +215,8 @@ def backtest(
             f"{n_steps - 2} so at least two remain to fit"
         )
     if out_dir is not None:
-        make_out_dir(Path(out_dir), data.path)
+        make_out_dir(Path(out_dir), data.path, BACKTEST_FILES if plots else BACKTEST_FILES[:2],
+                     overwrite)
     train = n_steps - holdout
     targets = list(range(train, n_steps))
     rows = [
@@ -228,6 +230,9 @@ def backtest(
     if out_dir is not None:
         result.files = write_backtest(result, Path(out_dir), plots)
     return result
+
+
+BACKTEST_FILES = ("backtest.json", "backtest.txt", "backtest.png")
 
 
 def write_backtest(result: BacktestResult, out: Path, plots: bool = True) -> list[Path]:

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -327,8 +328,10 @@ def report(
     null_samples: int = 200,
     seed: int = 0,
     plots: bool = True,
+    overwrite: bool = False,
 ) -> ReportResult:
-    """Diagnostics of every stored tensor; with out_dir, write JSON, CSV, summary and PNGs."""
+    """Diagnostics of every stored tensor; with out_dir, write JSON, CSV, summary and PNGs
+    (files of those names already there are replaced only with `overwrite`)."""
     if null_samples < 0:
         raise RelexError(f"--null-samples must be 0 (no null) or more, not {null_samples}")
     if out_dir is not None and plots:
@@ -337,7 +340,8 @@ def report(
         pyplot()  # fail before the work if matplotlib is missing
     data = load_grams(store_path)
     if out_dir is not None:
-        make_out_dir(Path(out_dir), data.path)
+        make_out_dir(Path(out_dir), data.path, REPORT_FILES if plots else REPORT_FILES[:3],
+                     overwrite)
     steps = torch.tensor(data.steps, dtype=torch.float64)
     tensors = [
         TensorReport(
@@ -363,10 +367,14 @@ def report(
     return result
 
 
-def make_out_dir(out: Path, store: Path) -> None:
-    """The directory report or backtest writes to, made; RelexError when it is not one or lies
-    inside the store (the store holds only what a run wrote; beside it, as in a run's OUT, is
-    fine)."""
+REPORT_FILES = ("report.json", "report.csv", "summary.txt", "coefficients.png",
+                "histograms.png", "by_layer.png", "by_module.png")
+
+
+def make_out_dir(out: Path, store: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    """The directory report or backtest writes `names` to, made; RelexError when it is not one,
+    lies inside the store (the store holds only what a run wrote; beside it, as in a run's OUT,
+    is fine), or already holds one of `names` and `overwrite` is off (it may be the user's)."""
     if out.resolve().is_relative_to(store.resolve()):
         raise RelexError(f"--out {out} is inside the store {store}; give --out a directory "
                          "outside the store")
@@ -375,6 +383,10 @@ def make_out_dir(out: Path, store: Path) -> None:
     except OSError as exc:
         raise RelexError(f"cannot make --out {out}: {exc.strerror or exc}; give a directory "
                          "(new or existing) that can be written") from None
+    present = [name for name in names if os.path.lexists(out / name)]
+    if present and not overwrite:
+        raise RelexError(f"--out {out} already holds {', '.join(present)}; pass --overwrite to "
+                         "replace them, or give another --out")
 
 
 def write_report(result: ReportResult, out: Path, plots: bool = True) -> list[Path]:

@@ -37,6 +37,8 @@ def add_report_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=argtype(parse_step, "--seed"), default=0,
                    help="seed of the null's signs (default 0)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace report files already in --out (a rerun's)")
 
     p = sub.add_parser(
         "backtest",
@@ -67,13 +69,16 @@ def add_report_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=argtype(usable_path, "--out"),
                    help="write backtest.json, backtest.txt and backtest.png here")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace backtest files already in --out (a rerun's)")
 
 
 def run_report(args: argparse.Namespace) -> None:
     """Handler of `report`: compute, print the summary, write files when --out is given."""
     from .report import report
 
-    result = report(args.store, args.out, args.null_samples, args.seed, not args.no_plots)
+    result = report(args.store, args.out, args.null_samples, args.seed, not args.no_plots,
+                    args.overwrite)
     for line in result.lines():
         print(line)
     if result.files:
@@ -94,6 +99,7 @@ def run_backtest(args: argparse.Namespace) -> None:
         threshold=args.threshold,
         out_dir=args.out,
         plots=not args.no_plots,
+        overwrite=args.overwrite,
     )
     for line in result.lines():
         print(line)

@@ -334,10 +334,29 @@ def test_report_and_backtest_never_write_through_a_link(synth_store: Path, tmp_p
         for name in files:
             (out / name).symlink_to(victim)
         extra = ["--holdout", "2"] if command == "backtest" else ["--null-samples", "5"]
-        cli(command, synth_store, "--out", out, *extra)
+        cli(command, synth_store, "--out", out, *extra, "--overwrite")
         for name in files:
             assert (out / name).is_file() and not (out / name).is_symlink(), name
     assert victim.read_text() == "not yours"
+
+
+@pytest.mark.parametrize("command", ["report", "backtest"])
+def test_files_already_in_out_are_replaced_only_with_overwrite(
+        synth_store: Path, tmp_path: Path, command: str) -> None:
+    """report --out ~/notes replaced the user's summary.txt without a word; now a file of a
+    name report or backtest writes is kept unless --overwrite, and a rerun needs it too."""
+    extra = ["--holdout", "2"] if command == "backtest" else ["--null-samples", "5"]
+    out = tmp_path / "notes"
+    out.mkdir()
+    mine = out / ("summary.txt" if command == "report" else "backtest.txt")
+    mine.write_text("my notes")
+    proc = run_cli(command, synth_store, "--out", out, *extra, expect_rc=2)
+    assert "--overwrite" in proc.stderr and mine.name in proc.stderr
+    assert mine.read_text() == "my notes" and sorted(out.iterdir()) == [mine]
+    cli(command, synth_store, "--out", out, *extra, "--overwrite")
+    assert mine.read_text() != "my notes"
+    run_cli(command, synth_store, "--out", out, *extra, expect_rc=2)  # a rerun: same rule
+    cli(command, synth_store, "--out", out, *extra, "--overwrite")
 
 
 @pytest.mark.parametrize("command", ["report", "backtest"])
