@@ -20,7 +20,14 @@ from .jsonfile import (
     load_json_object,
     loads_strict,
 )
-from .safetensors_io import FLOAT_CODES, INDEX_NAME, SINGLE_NAME, header_fingerprint, read_header
+from .safetensors_io import (
+    FLOAT_CODES,
+    INDEX_NAME,
+    SINGLE_NAME,
+    header_fingerprint,
+    is_prediction,
+    read_header,
+)
 from .tensor_files import Piece, TensorInfo, widest
 from .units import StepSelection
 
@@ -104,6 +111,7 @@ class ModelFiles:
     files: tuple[Path, ...]  # every weight file read (for fingerprints)
     config_dir: Path  # where config and tokenizer files are
     fsdp: object | None = None  # the fsdp.FsdpCheckpoint when read from verl FSDP shards
+    predicted: bool = False  # written by relex_stream (a prediction), not saved by training
 
     def layout(self) -> ModelLayout:
         return ModelLayout(
@@ -192,7 +200,7 @@ class ModelFiles:
         shard_tensors = {f: tuple(n for n in names if n != name)
                          for f, names in self.shard_tensors.items()}
         return ModelFiles(self.directory, tensors, shard_tensors, self.sharded, self.files,
-                          self.config_dir, self.fsdp)
+                          self.config_dir, self.fsdp, self.predicted)
 
 
 def _read_regular(path: Path, limit: int) -> bytes | None:
@@ -317,6 +325,7 @@ def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
         weight_map, shard_names, sharded = None, [SINGLE_NAME], False
     tensors: dict[str, TensorInfo] = {}
     shard_tensors: dict[str, tuple[str, ...]] = {}
+    predicted = False
     for shard in shard_names:
         # A shard must be named by a plain file name in the model's own directory. Its file
         # may be a link (the Hugging Face cache links snapshots into blobs/): the directory's
@@ -329,7 +338,8 @@ def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
         path = model_dir / shard
         if not path.is_file():
             raise RelexError(f"{index_path} names shard {shard!r}, which is missing")
-        header, data_start, _ = read_header(path)
+        header, data_start, raw = read_header(path)
+        predicted = predicted or is_prediction(raw)
         order = sorted(header, key=lambda n: (int(header[n]["data_offsets"][0]), n))
         for name in order:
             entry = header[name]
@@ -351,7 +361,8 @@ def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
         if extra:
             raise RelexError(f"{index_path} does not list tensor {extra[0]!r} of its shards")
     files = tuple(model_dir / s for s in shard_names)
-    model = ModelFiles(model_dir, tensors, shard_tensors, sharded, files, model_dir)
+    model = ModelFiles(model_dir, tensors, shard_tensors, sharded, files, model_dir,
+                       predicted=predicted)
     check_layout(model.layout(), str(model_dir))
     return model
 

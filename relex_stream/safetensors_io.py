@@ -173,6 +173,20 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+# In the __metadata__ of every file relex_stream writes: a prediction must never be read back
+# as an observed checkpoint (an --out inside the runs directory made step-T one).
+PREDICTION_KEY = "relex_stream_prediction"
+PREDICTION_VALUE = "extrapolated by relex_stream; not a checkpoint training saved"
+
+
+def is_prediction(raw: bytes) -> bool:
+    """Whether a valid header's __metadata__ carries PREDICTION_KEY (raw: the header bytes)."""
+    if PREDICTION_KEY.encode() not in raw:  # the common case, without a second parse
+        return False
+    metadata = _decode_header(raw).get("__metadata__")
+    return isinstance(metadata, dict) and PREDICTION_KEY in metadata
+
+
 def parse_header(raw: bytes, data_len: int) -> dict[str, dict]:
     """Validate header bytes against a data buffer of data_len bytes; entries, or HeaderProblem.
 

@@ -163,6 +163,12 @@ def open_sources(
     checkpoints = []
     for step in chosen:
         model = open_model(found[step], config_dir)
+        if model.predicted:
+            raise RelexError(
+                f"{found[step]} was written by relex_stream (an extrapolated checkpoint), not "
+                f"saved by training: it cannot be an observed step; move it out of the runs "
+                f"directory, or leave it out (--steps, or drop its --ckpt)"
+            )
         if tied and TIED_HEAD in model.tensors:
             model = model.without(TIED_HEAD)  # a tied copy (FSDP state dicts keep one)
         checkpoints.append(Checkpoint(step, model))

@@ -28,7 +28,7 @@ from .checkpoints import ModelLayout
 from .errors import RelexError
 from .jsonfile import show
 from .safefs import open_root, read_small_at, remove_tree
-from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME
+from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME, PREDICTION_KEY, PREDICTION_VALUE
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def tmp_dir(final_dir: Path, run_id: int) -> Path:
 def _header(
     names: tuple[str, ...], layout: ModelLayout, dtypes: dict[str, str]
 ) -> tuple[bytes, dict]:
-    entries: dict = {"__metadata__": {"format": "pt"}}
+    entries: dict = {"__metadata__": {"format": "pt", PREDICTION_KEY: PREDICTION_VALUE}}
     relative: dict[str, int] = {}
     cursor = 0
     for name in names:

@@ -202,3 +202,38 @@ def test_a_link_inside_the_store_is_named_by_its_own_path(tmp_path: Path) -> Non
             pass
     finally:
         os.close(fd)
+
+
+def test_a_prediction_is_never_read_back_as_an_observed_step(trajectory: Path,
+                                                              tmp_path: Path) -> None:
+    """run --cache S --out RUNS wrote step-300 into the runs directory, and the next run took
+    the prediction as an observed checkpoint. Every file relex_stream writes says it is a
+    prediction; as a base (RL continued from it) it is fine, as an observed step it is not."""
+    root = _copy(trajectory, tmp_path)
+    runs = root / "runs"
+    assert_ok(_run(root, "--base", root / "base", "--runs", runs, "--out", tmp_path / "first"))
+    assert_ok(call("run", "--cache", tmp_path / "first" / "trajectory.zarr", "--target", "300",
+                   "--out", runs, "--quiet"))
+    metadata = _metadata(runs / "step-300" / "model.safetensors")
+    assert metadata["format"] == "pt" and "relex_stream_prediction" in metadata
+    before = snapshot(tmp_path)
+    assert_error(_run(root, "--base", root / "base", "--runs", runs, "--out", tmp_path / "o2"),
+                 "step-300 was written by relex_stream", "--steps")
+    assert_error(_run(root, "--base", root / "base", "--ckpt", f"10={runs / 'checkpoint-10'}",
+                      "--ckpt", f"300={runs / 'step-300'}", "--out", tmp_path / "o2"),
+                 "written by relex_stream")
+    assert snapshot(tmp_path) == before
+    assert_ok(_run(root, "--base", root / "base", "--runs", runs, "--steps", "1-40",
+                   "--out", tmp_path / "o3"))
+    assert_ok(call("run", "--base", runs / "step-300", "--ckpt", f"310={runs / 'checkpoint-40'}",
+                   "--ckpt", f"320={runs / 'checkpoint-30'}", "--target", "400", "--quiet",
+                   "--out", tmp_path / "o4"))
+
+
+def _metadata(path: Path) -> dict:
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))["__metadata__"]
