@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
 
 from .errors import RelexError
@@ -174,10 +175,11 @@ def parse_float(text: str, flag: str, limit: float = float(MAX_STEP)) -> float:
     part = text.strip(_SPACE)
     if not _FLOAT_RE.fullmatch(part):
         raise RelexError(f"{flag} {text!r} is not a number; give one like 500 or 512.5")
-    value = float(part)
-    if not abs(value) <= limit:
-        raise RelexError(f"{flag} {text!r} is out of range (at most {limit:g} in size)")
-    return value
+    # compared as written, before rounding: '9007199254740993' is 2**53 as a float, and a run
+    # wrote step-9007199254740992 for it
+    if not abs(Decimal(part)) <= Decimal(limit):
+        raise RelexError(f"{flag} {text!r} is out of range (at most {limit:.17g} in size)")
+    return float(part)
 
 
 def parse_targets(text: str) -> list[float]:

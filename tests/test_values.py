@@ -149,6 +149,7 @@ def test_parse_targets_accepts() -> None:
     assert units.parse_targets("500") == [500.0]
     assert units.parse_targets("500,750.5, 1000 ") == [500.0, 750.5, 1000.0]
     assert units.parse_targets("1e3,-5,.5") == [1000.0, -5.0, 0.5]
+    assert units.parse_targets(f"{2**53},-{2**53}") == [2.0**53, -(2.0**53)]
 
 
 @pytest.mark.parametrize(
@@ -174,6 +175,10 @@ def test_parse_targets_accepts() -> None:
         "500, ,600",
         "abc",
         str(2**53 + 2),
+        str(2**53 + 1),  # rounds to 2**53 as a float: it was accepted, and step-2**53 written
+        f"-{2**53 + 1}",
+        f"{2**53}.5",
+        "9007199254740992.0000000001",
         "-1e16",
     ],
 )
