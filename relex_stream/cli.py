@@ -348,6 +348,35 @@ def _print_error(message: str) -> None:
     print(f"error: {'' if rank == 0 else f'[rank {rank}] '}{one_line(message)}", file=sys.stderr)
 
 
+class _GuardedOutput:
+    """sys.stdout whose write failures are a user error that says it was the printing that
+    failed (stdout on a full disk read as if the run's own files could not be written)."""
+
+    def __init__(self, stream: object):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise _output_failed(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise _output_failed(exc) from None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def _output_failed(exc: OSError) -> RelexError:
+    return RelexError(f"cannot write to standard output ({exc.strerror or exc}); files the "
+                      "command wrote are complete, only what it prints is lost: send standard "
+                      "output to a file or disk that can take it")
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         # a path of undecodable bytes (a surrogate escape) is printed escaped, not a traceback
@@ -361,8 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     handlers = {"run": _run, "watch": _watch, "synth": _synth, **REPORT_HANDLERS}
+    stdout = sys.stdout
     try:
-        handlers[args.command](args)
+        sys.stdout = _GuardedOutput(stdout)
+        try:
+            handlers[args.command](args)
+            sys.stdout.flush()
+        finally:
+            sys.stdout = stdout
     except RelexError as exc:
         _print_error(str(exc))
         return 2

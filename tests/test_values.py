@@ -421,3 +421,23 @@ def test_run_with_closed_standard_streams_writes_its_output(tmp_path: Path) -> N
     assert proc.returncode == 0
     config = (tmp_path / "o" / "step-9" / "config.json").read_text()
     assert config.startswith("{")  # nothing else landed in the first file opened
+
+
+def test_a_full_standard_output_is_named_as_such(tmp_path: Path) -> None:
+    """stdout on a full disk read 'No space left on device: check the disk and the paths',
+    as if the outputs had failed; they were complete, only the printed summary was lost."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    made = _cli(tmp_path, {}, "synth", "--out", "t", "--steps", "1-3", "--hidden", "32",
+                "--layers", "1")
+    assert made.returncode == 0, made.stderr
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "relex_stream", "run", "--base", "t/base", "--runs", "t/runs",
+             "--target", "9", "--out", "o", "--device", "cpu", "--quiet"],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write to standard output" in lines[0], proc.stderr
+    assert (tmp_path / "o" / "step-9" / "model.safetensors").is_file()
