@@ -435,7 +435,7 @@ def test_a_full_standard_output_is_named_as_such(tmp_path: Path) -> None:
     with open("/dev/full", "w") as full:
         proc = subprocess.run(
             [sys.executable, "-m", "relex_stream", "run", "--base", "t/base", "--runs", "t/runs",
-             "--target", "9", "--out", "o", "--device", "cpu", "--quiet"],
+             "--target", "9", "--out", "o", "--device", "cpu"],
             stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
