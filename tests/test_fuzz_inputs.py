@@ -440,3 +440,34 @@ def test_fuzz_environment(world: str | None, rank: str | None, local: str | None
     threads = _outcome(envvars.omp_num_threads, env)
     if threads is not None:
         assert omp.isascii() and 1 <= threads <= envvars.MAX_OMP_THREADS
+
+
+cpu_lists = st.one_of(
+    st.text(alphabet="0123456789-:, \tx٣", max_size=16),
+    st.lists(st.tuples(st.integers(0, 70000), st.integers(0, 70000), st.integers(0, 3)),
+             max_size=4).map(lambda items: " ".join(f"{a}-{b}:{s}" for a, b, s in items)),
+)  # fmt: skip
+
+
+@FUZZ
+@given(cpu_lists)
+def test_fuzz_gomp_cpu_affinity(value: str) -> None:
+    """GOMP_CPU_AFFINITY: accepted only as libgomp's grammar of rising, bounded ranges with a
+    positive stride (anything else hung or exited libgomp), otherwise one RelexError line."""
+    import re
+
+    try:
+        envvars.gomp_cpu_affinity({"GOMP_CPU_AFFINITY": value})
+    except RelexError:
+        accepted = False
+    else:
+        accepted = True
+    def conforms(item: str) -> bool:
+        found = re.fullmatch(r"([0-9]+)(?:-([0-9]+)(?::([0-9]+))?)?", item, re.ASCII)
+        if found is None:
+            return False
+        first, last = int(found[1]), int(found[2] or found[1])
+        return first <= last <= envvars.MAX_CPU_INDEX and int(found[3] or 1) >= 1
+
+    items = [item for item in re.split(r"[ ,\t]+", value) if item]
+    assert accepted == all(conforms(item) for item in items), value
