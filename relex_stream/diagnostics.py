@@ -74,9 +74,14 @@ NULL_WORK_BYTES = 64 * 2**20  # one batch of sign-flipped walks
 NULL_ARRAYS_ALIVE = 4  # (n, K, K) float64 arrays at once: scaled, product, Grams, eigenvectors
 
 
-def random_signs(samples: int, k: int, seed: int = 0) -> torch.Tensor:
-    """(N, K) float64 of ±1 from a generator seeded with `seed`: the same seed, the same null."""
-    generator = torch.Generator().manual_seed(seed)
+def random_signs(samples: int, k: int, seed: int = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N, K) float64 of ±1 from a generator seeded with `seed`: the same seed, the same null.
+
+    `generator`, when given, is drawn from instead (batches of one null share one stream).
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 2, (samples, k), generator=generator).double() * 2 - 1
 
 
@@ -106,7 +111,7 @@ def null_scores(
     explained, r_squared = [], []
     for start in range(0, samples, batch):
         n = min(batch, samples - start)
-        signs = torch.randint(0, 2, (n, k), generator=generator).double() * 2 - 1  # (n, K)
+        signs = random_signs(n, k, generator=generator)  # (n, K)
         scores = rank1_scores(sign_flipped_grams(gram, signs), steps)  # (n,), (n,)
         explained.append(scores[0])
         r_squared.append(scores[1])

@@ -180,14 +180,22 @@ def import_library(module: str) -> None:
     try:
         importlib.import_module(module)
     except Exception as exc:
-        names = set_library_variables(module)
-        if not names:
+        blamed = library_variable_error(module, f"{module} failed to load", exc)
+        if blamed is None:
             raise
-        first_line = next((line for line in str(exc).splitlines() if line.strip()), "")
-        raise RelexError(
-            f"{module} failed to load ({type(exc).__name__}: {first_line[:120]}) with "
-            f"environment variable(s) {', '.join(names)} set; fix or unset them"
-        ) from exc
+        raise blamed from exc
+
+
+def library_variable_error(module: str, failed: str, exc: Exception,
+                           fix: str = "fix or unset them") -> RelexError | None:
+    """The user error for `exc` raised inside tqdm or torch when some of `module`'s own
+    variables are set (they are the likely cause); None when none is set (then it is a bug)."""
+    names = set_library_variables(module)
+    if not names:
+        return None
+    first_line = next((line for line in str(exc).splitlines() if line.strip()), "")
+    return RelexError(f"{failed} ({type(exc).__name__}: {first_line[:120]}) with environment "
+                      f"variable(s) {', '.join(names)} set; {fix}")
 
 
 def relex_test_device(environ: Mapping[str, str] | None = None) -> str:

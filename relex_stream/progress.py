@@ -15,8 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .envvars import set_library_variables
-from .errors import RelexError
+from .envvars import library_variable_error
 from .safefs import read_small_at, replace_file
 
 STAGES = ("gram", "materialise")
@@ -101,10 +100,8 @@ def _make_bars(totals: dict[str, int], show: bool) -> dict[str, tqdm]:
             bar.format_meter(**{**bar.format_dict, "n": max(bar.total, 1) * 1024**3})
         return bars
     except Exception as exc:
-        names = set_library_variables("tqdm")
-        if not names:
+        blamed = library_variable_error("tqdm", "progress bars failed", exc,
+                                        "fix or unset them, or pass --quiet")
+        if blamed is None:
             raise
-        raise RelexError(
-            f"progress bars failed ({type(exc).__name__}: {str(exc)[:120]}) with environment "
-            f"variable(s) {', '.join(names)} set; fix or unset them, or pass --quiet"
-        ) from exc
+        raise blamed from exc

@@ -462,6 +462,7 @@ def test_fuzz_gomp_cpu_affinity(value: str) -> None:
         accepted = False
     else:
         accepted = True
+
     def conforms(item: str) -> bool:
         found = re.fullmatch(r"([0-9]+)(?:-([0-9]+)(?::([0-9]+))?)?", item, re.ASCII)
         if found is None:

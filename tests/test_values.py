@@ -304,8 +304,7 @@ def test_malformed_omp_num_threads_is_one_error_line_before_torch_loads(
         tmp_path: Path, value: str) -> None:
     """torch's OpenMP runtime reads OMP_NUM_THREADS as torch loads and only warns: the CLI checks
     it first, so the user sees one error line, not libgomp's warning and a run."""
-    env = dict(os.environ, OMP_NUM_THREADS=value,
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = _child_env(OMP_NUM_THREADS=value)
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "relex_stream", "run", "--base", str(tmp_path / "b"), "--runs",
@@ -384,12 +383,14 @@ def test_gomp_cpu_affinity() -> None:
         assert "GOMP_CPU_AFFINITY" in refuses(gomp_cpu_affinity, {"GOMP_CPU_AFFINITY": bad})
 
 
-def _cli(tmp_path: Path, env_update: dict[str, str], *args: str,
-         **popen: object) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    env.update(env_update)
+def _child_env(**update: str) -> dict[str, str]:
+    """This environment, with this checkout importable and `update` set."""
+    return dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), **update)
+
+
+def _cli(tmp_path: Path, env_update: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "relex_stream", *args], capture_output=True,
-                          text=True, env=env, timeout=120, cwd=tmp_path, **popen)
+                          text=True, env=_child_env(**env_update), timeout=120, cwd=tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -414,10 +415,9 @@ def test_run_with_closed_standard_streams_writes_its_output(tmp_path: Path) -> N
     assert made.returncode == 0, made.stderr
     args = ["run", "--base", "t/base", "--runs", "t/runs", "--target", "9", "--out", "o",
             "--device", "cpu"]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     proc = subprocess.run(
         ["sh", "-c", 'exec "$0" -m relex_stream "$@" <&- >&- 2>&-', sys.executable, *args],
-        env=env, timeout=120, cwd=tmp_path)
+        env=_child_env(), timeout=120, cwd=tmp_path)
     assert proc.returncode == 0
     config = (tmp_path / "o" / "step-9" / "config.json").read_text()
     assert config.startswith("{")  # nothing else landed in the first file opened
@@ -431,12 +431,12 @@ def test_a_full_standard_output_is_named_as_such(tmp_path: Path) -> None:
     made = _cli(tmp_path, {}, "synth", "--out", "t", "--steps", "1-3", "--hidden", "32",
                 "--layers", "1")
     assert made.returncode == 0, made.stderr
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     with open("/dev/full", "w") as full:
         proc = subprocess.run(
             [sys.executable, "-m", "relex_stream", "run", "--base", "t/base", "--runs", "t/runs",
              "--target", "9", "--out", "o", "--device", "cpu"],
-            stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120, cwd=tmp_path)
+            stdout=full, stderr=subprocess.PIPE, text=True, env=_child_env(), timeout=120,
+            cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot write to standard output" in lines[0], proc.stderr
