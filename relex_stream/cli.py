@@ -193,9 +193,12 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="the checkpoint the run started from (to build the store)")
     p.add_argument("--out", help="materialise the targets here (replaced each time)")
     p.add_argument("--every", default="1", help="materialise every N new checkpoints (default 1)")
-    p.add_argument("--interval", default="30s", help="time between polls (default 30s)")
     p.add_argument(
-        "--settle", default="10s", help="a checkpoint must be unchanged this long (default 10s)"
+        "--interval", default="30s", help="time between polls (default 30s, at least 100ms)"
+    )
+    p.add_argument(
+        "--settle", default="10s",
+        help="a checkpoint must be unchanged this long (default 10s; 0 takes it once complete)",
     )
     p.add_argument("--until", help="stop after appending a checkpoint at or past this step")
     p.add_argument("--method", default="relex", help="prediction method for the drift (relex)")
@@ -283,7 +286,7 @@ def _watch(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .units import parse_step, parse_targets
-    from .watch import WatchOptions, run_watch
+    from .watch import MIN_POLL_INTERVAL_S, WatchOptions, run_watch
 
     options = WatchOptions(
         runs=Path(args.runs),
@@ -292,8 +295,8 @@ def _watch(args: argparse.Namespace) -> None:
         base=Path(args.base) if args.base else None,
         out=Path(args.out) if args.out else None,
         every=parse_positive_int(args.every, "--every", 1_000_000),
-        interval_s=parse_duration(args.interval, "--interval"),
-        settle_s=parse_duration(args.settle, "--settle") if args.settle != "0" else 0.0,
+        interval_s=parse_duration(args.interval, "--interval", minimum=MIN_POLL_INTERVAL_S),
+        settle_s=parse_duration(args.settle, "--settle", zero=True),
         until=parse_step(args.until, "--until") if args.until is not None else None,
         method=args.method,
         holdout=parse_positive_int(args.holdout, "--holdout", 1_000_000),

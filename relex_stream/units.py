@@ -218,18 +218,26 @@ def parse_count(text: str | int, flag: str, maximum: int) -> int:
     return parse_positive_int(text, flag, maximum)
 
 
-def parse_duration(text: str, flag: str, maximum: float = MAX_DURATION_S) -> float:
+def parse_duration(
+    text: str, flag: str, maximum: float = MAX_DURATION_S, minimum: float = 0.0,
+    zero: bool = False,
+) -> float:
     """Seconds from '30s', '2m', '1h', '500ms', '1.5s' or a bare number of seconds.
 
-    More than 0 and at most `maximum` (a week by default).
+    At least `minimum` (and more than 0) and at most `maximum` (a week by default); with
+    `zero`, a zero in any spelling ('0', '0s', '0.0ms') is also accepted.
     """
     match = _DURATION_RE.fullmatch(text.strip(_SPACE)) if isinstance(text, str) else None
     if not match or len(match.group(1)) > _MAX_DIGITS:
         raise RelexError(f"{flag} {text!r} is not a duration; give one like 30s, 2m, 1h or 500ms")
     seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if not 0 < seconds <= maximum:
+    if zero and seconds == 0:
+        return 0.0
+    if not (0 < seconds and minimum <= seconds <= maximum):
+        lowest = f"at least {minimum:g}" if minimum > 0 else "more than 0"
         raise RelexError(
-            f"{flag} {text!r} must be more than 0 and at most {maximum:g} seconds; e.g. 30s"
+            f"{flag} {text!r} must be {lowest}{' (or 0)' if zero else ''} and at most "
+            f"{maximum:g} seconds; e.g. 30s"
         )
     return seconds
 

@@ -48,6 +48,10 @@ MAX_TIMELINE_BYTES = 64 * 2**20
 NULL_SAMPLES = 200
 
 
+# Polls closer than this only list the runs directory over and over: checkpoints take minutes.
+MIN_POLL_INTERVAL_S = 0.1
+
+
 @dataclass(frozen=True)
 class WatchOptions:
     """What `watch` was asked for."""

@@ -385,6 +385,19 @@ def test_watch_refuses_what_it_can_before_appending(traj, tmp_path: Path, what: 
     assert not (tmp_path / "w.zarr").exists() and not (tmp_path / "pred").exists()
 
 
+@pytest.mark.parametrize("flags", [("--interval", "10ms"), ("--interval", "0.000001s"),
+                                   ("--settle", "-1s"), ("--settle", "0 d")])  # fmt: skip
+def test_watch_refuses_a_busy_poll_or_a_bad_settle(traj, tmp_path: Path, flags) -> None:
+    """--interval 0.000001s polled the runs directory in a tight loop for ever: polls are at
+    least 100 ms apart. --settle takes 0 in any spelling, nothing below."""
+    args = {"--interval": "1s", "--settle": "1s"} | dict([flags])
+    proc = run_cli("watch", "--runs", traj.runs, "--cache", tmp_path / "w.zarr", "--base",
+                   traj.base, "--target", 100, *[x for kv in args.items() for x in kv],
+                   expect_rc=2)
+    assert proc.stderr.count("\n") == 1 and flags[0] in proc.stderr, proc.stderr
+    assert not (tmp_path / "w.zarr").exists()
+
+
 def test_output_exists_without_overwrite(traj, out_with_existing) -> None:
     out, existing = out_with_existing
     proc = run_cli(*run_args(traj.base, traj.runs, out), expect_rc=None)

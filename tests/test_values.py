@@ -20,10 +20,10 @@ from relex_stream.errors import RelexError
 NON_ASCII_DIGITS = ["١٠", "１０", "१०", "٣"]
 
 
-def refuses(fn, *args) -> str:
-    """fn(*args) must raise a one-line RelexError; its message."""
+def refuses(fn, *args, **kwargs) -> str:
+    """fn(*args, **kwargs) must raise a one-line RelexError; its message."""
     with pytest.raises(RelexError) as info:
-        fn(*args)
+        fn(*args, **kwargs)
     assert "\n" not in str(info.value)
     return str(info.value)
 
@@ -215,6 +215,21 @@ def test_parse_duration_accepts(text: str, seconds: float) -> None:
 )  # fmt: skip
 def test_parse_duration_refuses(text: str) -> None:
     assert "--interval" in refuses(units.parse_duration, text, "--interval")
+
+
+@pytest.mark.parametrize("text", ["0", "0s", "0ms", "0.0s", " 0 h"])
+def test_parse_duration_takes_zero_in_any_spelling_only_when_asked(text: str) -> None:
+    assert units.parse_duration(text, "--settle", zero=True) == 0.0
+    assert "--settle" in refuses(units.parse_duration, text, "--settle")
+
+
+@pytest.mark.parametrize("text, ok", [("0.1s", True), ("100ms", True), ("99ms", False),
+                                      ("0.001s", False), ("0.05", False)])  # fmt: skip
+def test_parse_duration_minimum(text: str, ok: bool) -> None:
+    if ok:
+        assert units.parse_duration(text, "--interval", minimum=0.1) == pytest.approx(0.1)
+    else:
+        assert "at least 0.1" in refuses(units.parse_duration, text, "--interval", minimum=0.1)
 
 
 def test_parse_windows() -> None:

@@ -247,7 +247,7 @@ def test_timeline_rows_are_reused_only_for_the_data_they_were_computed_from(
             (copy / "timeline").mkdir()
             (copy / "timeline" / "timeline.json").write_text(json.dumps(timeline))
         assert_ok(call("watch", "--runs", source.runs, "--cache", copy, "--target", TARGET,
-                       "--interval", "0.1s", "--settle", "0", "--until", STEPS[-1],
+                       "--interval", "0.1s", "--settle", "0s", "--until", STEPS[-1],
                        "--device", "cpu", "--quiet"))
         results[case] = json.loads((copy / "timeline" / "timeline.json").read_text())["rows"]
 
