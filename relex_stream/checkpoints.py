@@ -171,15 +171,22 @@ class ModelFiles:
                 )
             total += len(data)
             files[name] = data
+        if "config.json" not in files and os.path.lexists(self.config_dir / "config.json"):
+            log.warning("%s is not a readable file here (a directory, a FIFO, a dangling link "
+                        "or one left out): the output has no config.json and the config's "
+                        "tie_word_embeddings is taken as absent", self.config_dir / "config.json")
         for name in JSON_AUX:
             if name in files:
                 _check_json_object(files[name], self.config_dir / name)
         return files
 
     def _aux_homes(self) -> set[Path]:
-        """Folders an aux file may lie in: the config folder, and where weight files lead."""
+        """Folders an aux file may lie in: the config folder, and where weight files lead.
+
+        Not where config.json leads: a config.json linked to ~/.docker/config.json would make
+        that folder, and every link into it, trusted."""
         homes = {self.config_dir.resolve()}
-        for path in (self.config_dir / "config.json", *self.files):
+        for path in self.files:
             try:
                 homes.add(path.resolve(strict=False).parent)
             except (OSError, RuntimeError):
@@ -321,6 +328,13 @@ def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
     if index_path.is_file():
         shard_names, weight_map = _read_index(index_path)
         sharded = True
+        if SINGLE_NAME not in shard_names and os.path.lexists(model_dir / SINGLE_NAME):
+            # transformers loads the single file, this would read the index: two models
+            raise RelexError(
+                f"{model_dir} holds both {SINGLE_NAME} and {INDEX_NAME} (with other shards): "
+                f"which one is the model is ambiguous (transformers loads {SINGLE_NAME}); "
+                "remove the one that is left over"
+            )
     else:
         weight_map, shard_names, sharded = None, [SINGLE_NAME], False
     tensors: dict[str, TensorInfo] = {}

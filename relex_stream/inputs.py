@@ -127,7 +127,7 @@ def gather_inputs(
 def _build(sources: Sources, store_path: Path, state: str, current: Generation | None,
            pending: Generation | None, steps, window, codec: str,
            layout: ModelLayout) -> RunInputs:
-    aux = sources.base.aux_files()
+    aux = sources.base_aux
     chosen = select_steps(sources.steps, steps, window)
     number = (current.generation + 1) if current is not None else (
         pending.generation if pending is not None else 1)

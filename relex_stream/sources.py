@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,7 @@ class Sources:
     base: ModelFiles | None  # None: appending to a store, which holds the base
     checkpoints: list[Checkpoint]  # sorted by step
     row_dtypes: dict[str, str]  # float tensor -> the widest dtype of its checkpoints
+    base_aux: dict[str, bytes] = field(default_factory=dict)  # the base's config, tokenizer
 
     @property
     def steps(self) -> list[int]:
@@ -145,10 +146,12 @@ def open_sources(
         _check_base_is_not_a_checkpoint(Path(base), found)
         base_model = open_model(Path(base))
         layout, where, config_dir = base_model.layout(), "the base", base_model.config_dir
-        config = config_of(base_model.aux_files(), str(base_model.config_dir))
+        base_aux = base_model.aux_files()  # read once: what decides the tie is what is kept
+        config = config_of(base_aux, str(base_model.config_dir))
         tied = config.get("tie_word_embeddings") is True and TIED_HEAD not in layout.tensors
     elif stored is not None:
         base_model, layout, where, config_dir = None, stored, "the store", None
+        base_aux = {}
         tied = TIED_HEAD in (stored_aliases or {})
         layout = ModelLayout({n: v for n, v in stored.tensors.items()
                               if n not in (stored_aliases or {})}, {}, stored.sharded)
@@ -177,7 +180,7 @@ def open_sources(
     for name, (dtype, _) in layout.tensors.items():
         if dtype in FLOAT_CODES and name not in row_dtypes:
             row_dtypes[name] = dtype  # no checkpoint chosen here (all rows in the store)
-    return Sources(base_model, checkpoints, row_dtypes)
+    return Sources(base_model, checkpoints, row_dtypes, base_aux)
 
 
 @dataclass(frozen=True)

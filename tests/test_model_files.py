@@ -3,6 +3,7 @@ and only the model's own small files (found by a hostile-input hunt; each failed
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -119,6 +120,55 @@ def test_a_link_beside_the_base_is_not_copied_out_of_its_folder(trajectory: Path
     assert (out / "merges.txt").read_text() == "plain"
     store_bytes = b"".join(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert b"not for OUT" not in store_bytes
+
+
+def test_a_linked_config_does_not_make_its_folder_trusted(trajectory: Path,
+                                                          tmp_path: Path) -> None:
+    """config.json -> ~/.docker/config.json made that folder a trusted home: the linked config
+    and tokenizer.model -> a key file beside it were copied into OUT and the store, unwarned.
+    Now both are left out, each warned of once (the base's files were read, and warned
+    about, twice), and the missing config is said."""
+    root = _copy(trajectory, tmp_path)
+    home = tmp_path / "home" / ".docker"
+    home.mkdir(parents=True)
+    (home / "config.json").write_text('{"auths": {"x": {"auth": "SECRET-AUTH"}}}')
+    (home / "key.pem").write_text("SECRET-KEY")
+    base = root / "base"
+    (base / "config.json").unlink()
+    (base / "config.json").symlink_to(home / "config.json")
+    (base / "tokenizer.model").symlink_to(home / "key.pem")
+    result = _run(root, "--base", base, "--runs", root / "runs", "--out", tmp_path / "out")
+    assert_ok(result)
+    assert result.stderr.count("tokenizer.model: left out of the output") == 1, result.stderr
+    assert result.stderr.count("config.json: left out of the output") == 1, result.stderr
+    assert "the output has no config.json" in result.stderr
+    written = b"".join(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert b"SECRET-AUTH" not in written and b"SECRET-KEY" not in written
+
+
+@pytest.mark.parametrize("where", ["base", "step"])
+def test_a_single_file_beside_an_index_of_other_shards_is_refused(trajectory: Path,
+                                                                   tmp_path: Path,
+                                                                   where: str) -> None:
+    """A folder with model.safetensors and an index of other shards was read by the index,
+    while transformers loads model.safetensors: every tensor of the prediction changed,
+    silently. An index that lists model.safetensors itself is one model, and fine."""
+    root = _copy(trajectory, tmp_path)
+    folder = root / "base" if where == "base" else root / "runs" / "checkpoint-20"
+    other = root / "runs" / "checkpoint-40" / "model.safetensors"
+    shutil.copy(other, folder / "model-00001-of-00001.safetensors")
+    names = list(load_file(other))
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, "model-00001-of-00001.safetensors")}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    before = snapshot(root)
+    assert_error(_run(root, "--base", root / "base", "--runs", root / "runs",
+                      "--out", tmp_path / "out"), "ambiguous", str(folder.name))
+    assert snapshot(root) == before and not (tmp_path / "out").exists()
+    (folder / "model-00001-of-00001.safetensors").unlink()
+    index["weight_map"] = dict.fromkeys(names, "model.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_ok(_run(root, "--base", root / "base", "--runs", root / "runs",
+                   "--out", tmp_path / "out"))
 
 
 def test_a_huge_config_is_refused_before_it_is_parsed(trajectory: Path, tmp_path: Path) -> None:
