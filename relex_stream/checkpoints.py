@@ -112,6 +112,7 @@ class ModelFiles:
     config_dir: Path  # where config and tokenizer files are
     fsdp: object | None = None  # the fsdp.FsdpCheckpoint when read from verl FSDP shards
     predicted: bool = False  # written by relex_stream (a prediction), not saved by training
+    identities: tuple[tuple[int, ...], ...] = ()  # per file: file_identity before its header
 
     def layout(self) -> ModelLayout:
         return ModelLayout(
@@ -207,7 +208,28 @@ class ModelFiles:
         shard_tensors = {f: tuple(n for n in names if n != name)
                          for f, names in self.shard_tensors.items()}
         return ModelFiles(self.directory, tensors, shard_tensors, self.sharded, self.files,
-                          self.config_dir, self.fsdp, self.predicted)
+                          self.config_dir, self.fsdp, self.predicted, self.identities)
+
+    def check_unchanged(self) -> None:
+        """RelexError when a weight file is no longer the one whose header was read: replaced
+        (a trainer re-saving the step), rewritten, or gone. Called after the reads, before a
+        store commit or an output is finalised, so rows of two files never mix."""
+        for path, before in zip(self.files, self.identities, strict=True):
+            if file_identity(path) != before:
+                raise RelexError(
+                    f"{path} changed while it was read (replaced, rewritten or removed); "
+                    "nothing was kept: rerun once whatever writes it has finished"
+                )
+
+
+def file_identity(path: Path) -> tuple[int, ...]:
+    """(device, inode, size, mtime, ctime) of a file; () when it cannot be stat-ed. ctime moves
+    with every write, rename or link, and no user can set it back."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return ()
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _read_regular(path: Path, limit: int) -> bytes | None:
@@ -340,6 +362,7 @@ def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
     tensors: dict[str, TensorInfo] = {}
     shard_tensors: dict[str, tuple[str, ...]] = {}
     predicted = False
+    identities: list[tuple[int, ...]] = []
     for shard in shard_names:
         # A shard must be named by a plain file name in the model's own directory. Its file
         # may be a link (the Hugging Face cache links snapshots into blobs/): the directory's
@@ -352,6 +375,7 @@ def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
         path = model_dir / shard
         if not path.is_file():
             raise RelexError(f"{index_path} names shard {shard!r}, which is missing")
+        identities.append(file_identity(path))  # before the header: a swap after it shows
         header, data_start, raw = read_header(path)
         predicted = predicted or is_prediction(raw)
         order = sorted(header, key=lambda n: (int(header[n]["data_offsets"][0]), n))
@@ -376,7 +400,7 @@ def open_model(directory: Path, config_dir: Path | None = None) -> ModelFiles:
             raise RelexError(f"{index_path} does not list tensor {extra[0]!r} of its shards")
     files = tuple(model_dir / s for s in shard_names)
     model = ModelFiles(model_dir, tensors, shard_tensors, sharded, files, model_dir,
-                       predicted=predicted)
+                       predicted=predicted, identities=tuple(identities))
     check_layout(model.layout(), str(model_dir))
     return model
 
@@ -404,8 +428,11 @@ def _open_fsdp(actor_dir: Path, config_dir: Path | None) -> ModelFiles:
         shard_tensors = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": tuple(part)
                          for i, part in enumerate(shards)}
     found = ckpt.config_dir or config_dir or actor_dir
+    # after the rank files' directories were parsed (their names come from the parse): a swap
+    # during the parse itself goes unseen, one during the reads does not
+    identities = tuple(file_identity(p) for p in ckpt.files)
     return ModelFiles(actor_dir, dict(ckpt.tensors), shard_tensors, len(shards) > 1,
-                      tuple(ckpt.files), found, ckpt)
+                      tuple(ckpt.files), found, ckpt, identities=identities)
 
 
 def _read_index(index_path: Path) -> tuple[list[str], dict[str, str]]:

@@ -22,7 +22,7 @@ import torch
 from .block_pool import BlockPool
 from .distributed import Ranks, barrier, broadcast, device_for, gather, init_from_env, shutdown
 from .envvars import omp_num_threads_is_set
-from .errors import RelexError
+from .errors import RelexError, SourceChanged
 from .fit import GAP_WARNING
 from .inputs import RunInputs, gather_inputs
 from .jsonfile import show
@@ -237,9 +237,15 @@ def _run_on_store(request: RunRequest, ranks: Ranks, inputs: RunInputs, store: T
             (reader.bytes_from_sources, reader.bytes_from_store, stats.bytes_written,
              stats.store_bytes_written, stats.support_observed, stats.elements_observed,
              summary.ill_conditioned, _peak_rss_bytes(), reader.bytes_decoded,
-             stats.nonfinite),
+             stats.nonfinite, _changed_sources(inputs, reader)),
             ranks,
         )
+        changed = next((r[10] for r in per_rank if r[10] is not None), None)
+        if changed is not None:
+            # rows of a file swapped during the reads are neither kept nor predicted from
+            if ranks.is_main and inputs.kind is not None:
+                store.abandon()
+            raise SourceChanged(changed)
         if ranks.is_main:
             nonfinite = [name for r in per_rank for name in r[9]]
             if inputs.kind is not None and nonfinite:
@@ -256,6 +262,17 @@ def _run_on_store(request: RunRequest, ranks: Ranks, inputs: RunInputs, store: T
     finally:
         abort_all(writers)
     return summary, per_rank
+
+
+def _changed_sources(inputs: RunInputs, reader: RowReader) -> str | None:
+    """The message of a source file this rank read that changed since it was opened, if any."""
+    if inputs.sources is None:
+        return None
+    try:
+        inputs.sources.check_unchanged(reader.base_read, reader.steps_read)
+    except RelexError as exc:
+        return str(exc)
+    return None
 
 
 def _add_totals(summary: RunSummary, per_rank: list[tuple], ranks: Ranks) -> None:

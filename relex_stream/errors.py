@@ -10,3 +10,7 @@ class RelexError(Exception):
 
 class StoreBusy(RelexError):
     """The store is locked by another process: `watch` waits for the next poll instead."""
+
+
+class SourceChanged(RelexError):
+    """A checkpoint file changed while it was read: `watch` takes the step again once settled."""

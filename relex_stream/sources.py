@@ -67,6 +67,15 @@ class Sources:
     def checkpoint(self, step: int) -> ModelFiles:
         return next(c.model for c in self.checkpoints if c.step == step)
 
+    def check_unchanged(self, base: bool, steps: set[int]) -> None:
+        """RelexError when a file read from (the base when `base`, the checkpoints of `steps`)
+        changed since it was opened. Files not read may come and go (a trainer's rotation)."""
+        if base and self.base is not None:
+            self.base.check_unchanged()
+        for checkpoint in self.checkpoints:
+            if checkpoint.step in steps:
+                checkpoint.model.check_unchanged()
+
     def fingerprints(self, steps: list[int] | None = None) -> dict:
         wanted = self.steps if steps is None else steps
         return {
@@ -208,6 +217,8 @@ class RowReader:
         self._store_reader: StoreReader | None = store.reader() if store is not None else None
         self._record_steps: dict[int, tuple[int, ...]] = {}
         self.bytes_from_sources = 0
+        self.base_read = False  # whether the base's files were read (Sources.check_unchanged)
+        self.steps_read: set[int] = set()  # checkpoints whose files were read
         self.bytes_decoded = 0  # raw bytes of the rows and bases decoded from the store
         self._io: ThreadPoolExecutor | None = None  # reads checkpoint rows side by side
 
@@ -247,6 +258,7 @@ class RowReader:
             self._store_reader.read_base(self._gen, steps, group, name, start, base, live)
             self.bytes_decoded += base.nbytes
         else:
+            self.base_read = True
             read_into(self._sources.base.tensors[name], start, base)
             self.bytes_from_sources += base.nbytes
             if self._store_reader is not None:
@@ -256,6 +268,7 @@ class RowReader:
             self._store_reader.read_rows(self._gen, self._steps_for(group), group, name, start,
                                          list(origin.store_rows), base, rows[:n_store], live)
             self.bytes_decoded += rows[:n_store].nbytes
+        self.steps_read.update(origin.source_steps)
         infos = [self._sources.checkpoint(step).tensors[name] for step in origin.source_steps]
         targets = [rows[n_store + i] for i in range(len(infos))]
         if len(infos) > 1 and width * infos[0].itemsize >= PARALLEL_READ_BYTES:

@@ -33,7 +33,7 @@ from .backtest import reach
 from .checkpoints import discover_runs, open_model
 from .diagnostics import prediction_drift, tensor_stats
 from .engine import extrapolate, update_store
-from .errors import RelexError, StoreBusy
+from .errors import RelexError, SourceChanged, StoreBusy
 from .jsonfile import loads_strict
 from .methods import MethodSpec, combination_weights, parse_method
 from .report import StoreGrams, load_grams
@@ -150,6 +150,11 @@ class Watcher:
                     log.warning("the store is in use by another process; watch appends once "
                                 "it is free")
                     self.busy_reported = True
+                break
+            except SourceChanged as exc:  # rewritten while read: nothing of it was kept
+                log.warning("%s; watch takes the step again once it has settled", exc)
+                for step in batch:
+                    self.seen.pop(step, None)
                 break
             except RelexError:
                 runs = self.options.runs

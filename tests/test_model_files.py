@@ -171,6 +171,50 @@ def test_a_single_file_beside_an_index_of_other_shards_is_refused(trajectory: Pa
                    "--out", tmp_path / "out"))
 
 
+@pytest.mark.parametrize("how", ["renamed-over", "rewritten-in-place"])
+def test_a_checkpoint_replaced_while_it_is_read_leaves_nothing(trajectory: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               how: str) -> None:
+    """A trainer re-saving a step while `run` read it (a rename over the file, or a rewrite in
+    place) gave a prediction mixing tensors of both files, exit 0, and the store kept the
+    mixed rows for later runs. Now the run stops with one line, writes no output, and keeps
+    nothing: a rerun on the restored file equals a run that never saw the swap."""
+    from relex_stream import sources
+
+    root = _copy(trajectory, tmp_path)
+    weights = (root / "runs" / "checkpoint-20" / "model.safetensors").resolve()
+    other = root / "runs" / "checkpoint-30" / "model.safetensors"
+    original = weights.read_bytes()
+    real_read = sources.read_into
+    swapped = []
+
+    def read_then_swap(info, start, out):  # the swap lands after this file's first read
+        real_read(info, start, out)
+        if not swapped and info.pieces[0].file.resolve() == weights:
+            swapped.append(info.name)
+            if how == "renamed-over":
+                shutil.copy(other, weights.with_suffix(".tmp"))
+                os.replace(weights.with_suffix(".tmp"), weights)
+            else:
+                with open(weights, "r+b") as f:
+                    f.write(other.read_bytes())
+
+    monkeypatch.setattr(sources, "read_into", read_then_swap)
+    args = ("--base", root / "base", "--runs", root / "runs", "--cache", tmp_path / "s.zarr")
+    assert_error(_run(root, *args, "--out", tmp_path / "out"), "changed while it was read",
+                 "checkpoint-20")
+    assert swapped and not (tmp_path / "out").exists()
+    monkeypatch.setattr(sources, "read_into", real_read)
+    weights.write_bytes(original)
+    assert_ok(_run(root, *args, "--out", tmp_path / "again"))
+    assert_ok(_run(root, "--base", root / "base", "--runs", root / "runs",
+                   "--cache", tmp_path / "clean.zarr", "--out", tmp_path / "clean"))
+    again = load_file(tmp_path / "again" / "step-100" / "model.safetensors")
+    clean = load_file(tmp_path / "clean" / "step-100" / "model.safetensors")
+    assert again.keys() == clean.keys()
+    assert all(torch.equal(again[n], clean[n]) for n in clean)
+
+
 def test_a_huge_config_is_refused_before_it_is_parsed(trajectory: Path, tmp_path: Path) -> None:
     """A 40 MiB config.json took 36 s and 1.5 GB (and was written out again, twice as large):
     config files are held to the 4 MiB that load_json_object allows everywhere else."""

@@ -416,3 +416,39 @@ def test_a_checkpoint_removed_before_its_append_is_left_out(watched, tmp_path: P
     watcher.ready_steps()  # first sight of checkpoint-70
     assert watcher.poll() == [] and 70 in watcher.passed_over
     assert TrajectoryStore.open(copy).steps[-1] == STEPS[-1]
+
+
+def test_a_checkpoint_rewritten_while_it_is_appended_is_taken_again(watched, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """A checkpoint the trainer rewrites while watch reads it is not kept (its rows could mix
+    two files); watch says so and appends it once it has settled again, instead of ending."""
+    from relex_stream import sources
+    from relex_stream import watch as watch_module
+
+    traj, store, _, _, root = watched
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for step in STEPS:
+        (runs / f"checkpoint-{step}").symlink_to(root / "live" / f"checkpoint-{step}")
+    shutil.copytree(traj.runs / f"checkpoint-{STEPS[-1]}", runs / "checkpoint-70")
+    weights = (runs / "checkpoint-70" / "model.safetensors").resolve()
+    real_read = sources.read_into
+    rewrites = []
+
+    def read_then_rewrite(info, start, out):
+        real_read(info, start, out)
+        if not rewrites and info.pieces[0].file.resolve() == weights:
+            rewrites.append(info.name)
+            weights.write_bytes(weights.read_bytes())  # the same bytes, written again
+
+    monkeypatch.setattr(sources, "read_into", read_then_rewrite)
+    watcher = watch_module.Watcher(watch_module.WatchOptions(
+        runs=runs, cache=copy, targets=(TARGET,), settle_s=0.0, until=70))
+    watcher.ready_steps()  # first sight of checkpoint-70
+    assert watcher.poll() == [] and rewrites
+    assert TrajectoryStore.open(copy).steps[-1] == STEPS[-1]
+    watcher.ready_steps()  # seen again, unchanged since
+    assert len(watcher.poll()) == 1
+    assert TrajectoryStore.open(copy).steps[-1] == 70
