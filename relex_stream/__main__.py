@@ -36,11 +36,13 @@ try:
     omp_num_threads()
     gomp_cpu_affinity()
     import_library("tqdm")
-    import_library("torch")
+    import_library("torch")  # seconds: a Ctrl-C often lands here
+    from .cli import main
 except RelexError as exc:
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(2)
-
-from .cli import main  # noqa: E402
+except KeyboardInterrupt:
+    print("error: interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

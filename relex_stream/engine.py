@@ -22,7 +22,7 @@ import torch
 from .block_pool import BlockPool
 from .distributed import Ranks, barrier, broadcast, device_for, gather, init_from_env, shutdown
 from .envvars import omp_num_threads_is_set
-from .errors import RelexError, SourceChanged
+from .errors import RelexError, SourceChanged, StoreBusy
 from .fit import GAP_WARNING
 from .inputs import RunInputs, gather_inputs
 from .jsonfile import show
@@ -61,6 +61,7 @@ class RunSummary:
     observed_steps: list[int]
     tensors: int = 0
     appended_steps: list[int] = field(default_factory=list)
+    store_change: str | None = None  # 'build', 'append', or None: the store was only read
     input_bytes: int = 0  # bytes of base + observed rows that the run needed
     bytes_from_sources: int = 0
     bytes_from_store: int = 0  # stored bytes read from the store
@@ -226,6 +227,7 @@ def _run_on_store(request: RunRequest, ranks: Ranks, inputs: RunInputs, store: T
     summary.rank = ranks.rank
     summary.compute_threads = budget.workspaces
     summary.appended_steps = inputs.new_steps if inputs.kind == "append" else []
+    summary.store_change = inputs.kind
     all_groups = gen.groups()
     summary.tensors = sum(len(g.tensors) for g in all_groups) + len(gen.aliases)
     summary.input_bytes = _input_bytes(all_groups, len(inputs.observed))
@@ -250,6 +252,7 @@ def _run_on_store(request: RunRequest, ranks: Ranks, inputs: RunInputs, store: T
             nonfinite = [name for r in per_rank for name in r[9]]
             if inputs.kind is not None and nonfinite:
                 store.abandon()  # a store keeps finite Grams only (--allow-nonfinite got here)
+                summary.store_change = None
                 log.warning("the store at %s is left as it was: %s holds NaN or Inf values, and "
                             "a store keeps finite values only", request.store_path,
                             show(nonfinite[0]))
@@ -353,7 +356,7 @@ def _open_store(inputs: RunInputs, ranks: Ranks) -> TrajectoryStore:
             store = TrajectoryStore.open(path, lock="shared")
             if store.manifest.current != inputs.target:  # an append committed meanwhile
                 store.close()
-                raise RelexError(
+                raise StoreBusy(  # watch polls again; run says to
                     f"the store at {path} changed while this run started; run it again"
                 )
         elif inputs.store_state in ("absent", "empty", "old"):
@@ -371,7 +374,7 @@ def _open_store(inputs: RunInputs, ranks: Ranks) -> TrajectoryStore:
                     inputs.store_state in ("absent", "empty")
                     or current.generation >= inputs.target.generation)
                 if changed:
-                    raise RelexError(
+                    raise StoreBusy(  # watch polls again; run says to
                         f"the store at {path} changed while this run started; run it again"
                     )
                 store.begin(inputs.kind, inputs.target)

@@ -9,7 +9,8 @@ class RelexError(Exception):
 
 
 class StoreBusy(RelexError):
-    """The store is locked by another process: `watch` waits for the next poll instead."""
+    """The store is locked by another process, or was changed by one since this run looked at
+    it: `watch` tries again at the next poll instead."""
 
 
 class SourceChanged(RelexError):

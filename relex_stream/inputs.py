@@ -100,7 +100,9 @@ def gather_inputs(
                 "that exists can take new checkpoints without it)"
             )
         found = find_checkpoints(runs, list(ckpts) if ckpts else None)
-        sources = open_sources(None, found, steps, window, also=list(current.steps),
+        # no window here: the store takes every new checkpoint (_append), the window only
+        # picks the steps the outputs use
+        sources = open_sources(None, found, steps, None, also=list(current.steps),
                                stored=current.layout, stored_aliases=current.aliases)
         return _append(sources, store_path, state, current, steps, window, current.layout,
                        stored_aux)
@@ -116,8 +118,9 @@ def gather_inputs(
         return RunInputs(None, store_path, state, None, current, current.steps, observed,
                          [current.steps.index(s) for s in observed], stored_aux)
     found = find_checkpoints(runs, list(ckpts) if ckpts else None)
-    stored = list(current.steps) if current is not None and not rebuild else []
-    sources = open_sources(base, found, steps, window, also=stored)
+    appending = current is not None and not rebuild
+    stored = list(current.steps) if appending else []
+    sources = open_sources(base, found, steps, None if appending else window, also=stored)
     layout = sources.base.layout()
     if current is None or rebuild:
         return _build(sources, store_path, state, current, pending, steps, window, codec, layout)
@@ -165,7 +168,11 @@ def _append(sources: Sources, store_path: Path, state: str, current: Generation,
             "another --cache"
         )
     stored = list(current.steps)
-    chosen = select_steps(sorted(set(stored) | set(sources.steps)), steps, window)
+    available = sorted(set(stored) | set(sources.steps))
+    chosen = select_steps(available, steps, window)
+    # every new checkpoint --steps keeps enters the store, also those --window leaves out of
+    # this prediction: a step skipped now could never be appended later (it would be early)
+    taken = select_steps(available, steps, None) if window is not None else chosen
     prints = sources.fingerprints()
     if prints["base"] is not None and prints["base"] != current.sources["base"]:
         changed = _first_change(current.sources["base"], prints["base"])
@@ -182,7 +189,9 @@ def _append(sources: Sources, store_path: Path, state: str, current: Generation,
                     f"{_first_change(old, new)} differs); use --rebuild to rebuild it, or "
                     "another --cache"
                 )
-    new_steps = [s for s in chosen if s not in stored]
+    new_steps = [s for s in taken if s not in stored]
+    _check_not_stored_already(store_path, current, {s: prints["steps"][str(s)]
+                                                    for s in new_steps}, sources)
     early = [s for s in new_steps if s < stored[-1]]
     if early:
         path = sources.checkpoint(early[0]).directory
@@ -210,6 +219,24 @@ def _append(sources: Sources, store_path: Path, state: str, current: Generation,
                          sources={"base": current.sources["base"], "steps": merged})
     return RunInputs(sources, store_path, state, kind, target, current.steps, chosen,
                      [observed_rows.index(s) for s in chosen], aux)
+
+
+def _check_not_stored_already(store_path: Path, current: Generation, new: dict[int, dict],
+                              sources: Sources) -> None:
+    """A new checkpoint whose weight files are the base's or a stored step's (same names'
+    sizes, mtimes and headers: a link, a copy keeping times, a step directory renamed) would
+    be a zero delta or a repeated row. With --base the files themselves are compared
+    (sources._check_distinct_weights); without it, this is what the store knows of them."""
+    known = {"the base": current.sources.get("base")}
+    known |= {f"stored step {s}": p for s, p in current.sources.get("steps", {}).items()}
+    for step, prints in new.items():
+        for what, stored in known.items():
+            if prints and prints == stored:
+                raise RelexError(
+                    f"the checkpoint of step {step} ({sources.checkpoint(step).directory}) "
+                    f"has the same weight files as {what} of the store at {store_path} (same "
+                    "sizes, times and headers); give each step its own checkpoint"
+                )
 
 
 def _first_change(old: dict, new: dict) -> str:

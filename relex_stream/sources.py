@@ -13,6 +13,7 @@ header and mtime included) stops the run, naming the file.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from .store import GroupWriter, StoreReader, TrajectoryStore
 from .store_layout import Generation, Group
 from .tensor_files import TensorInfo, read_into, word_dtype
 from .units import StepSelection
+
+log = logging.getLogger(__name__)
 
 TIED_HEAD = "lm_head.weight"
 # A read past the page cache (direct_reads.py) waits for the device and then for the GIL; one
@@ -174,7 +177,16 @@ def open_sources(
         )
     checkpoints = []
     for step in chosen:
-        model = open_model(found[step], config_dir)
+        try:
+            model = open_model(found[step], config_dir)
+        except RelexError:
+            if step not in (also or []):
+                raise
+            # in the store already and only opened to compare fingerprints: a trainer's
+            # retention may be removing it right now, and a removed one is fine
+            log.info("step %d is in the store and its checkpoint %s does not open (being "
+                     "removed?): its stored rows are used", step, found[step])
+            continue
         if model.predicted:
             raise RelexError(
                 f"{found[step]} was written by relex_stream (an extrapolated checkpoint), not "

@@ -130,7 +130,7 @@ class Watcher:
     def poll(self) -> list[str]:
         """Append what is ready (one checkpoint at a time; the first two build the store);
         returns the lines printed."""
-        lines = []
+        lines = self._catch_up()
         stored = self._stored_steps()
         last = stored[-1] if stored else None
         if self.options.until is not None and last is not None and last >= self.options.until:
@@ -144,8 +144,8 @@ class Watcher:
                 break  # a store needs two checkpoints
             ready = ready[len(batch):]
             try:
-                self._append(batch, building)
-            except StoreBusy:  # a reader (report, run --cache) holds the store: next poll
+                changed = self._append(batch, building)
+            except StoreBusy:  # another process holds the store, or appended meanwhile
                 if not self.busy_reported:
                     log.warning("the store is in use by another process; watch appends once "
                                 "it is free")
@@ -169,15 +169,34 @@ class Watcher:
                 break
             self.busy_reported = False
             building = False
+            if not changed:
+                continue  # another process stored it first: not this watch's append
             self.appended += 1
-            lines.append(self._record_timeline())
+            # the prediction before the timeline: a restart finding the timeline behind the
+            # store (killed in between) materialises again (_catch_up)
             if self.options.out is not None and self.appended % self.options.every == 0:
                 self._materialise()
+            lines.append(self._record_timeline())
             if self.options.until is not None and batch[-1] >= self.options.until:
                 self.stop_requested = True
         return lines
 
-    def _append(self, steps: list[int], building: bool) -> None:
+    def _catch_up(self) -> list[str]:
+        """When the timeline's last row is not the store's last step (a watch killed between
+        its append and the timeline, or another process appended), --out is materialised and
+        the timeline recorded now, not only after the next new checkpoint; the line printed."""
+        stored = self._stored_steps()
+        if len(stored) < 2:
+            return []
+        rows = _load_rows(self.options)
+        if rows and rows[-1]["step"] == stored[-1]:
+            return []
+        if self.options.out is not None:
+            self._materialise()
+        return [self._record_timeline()]
+
+    def _append(self, steps: list[int], building: bool) -> bool:
+        """Build the store from `steps` or append them; False when the store held them all."""
         options = self.options
         selection = None
         if not building:
@@ -188,9 +207,10 @@ class Watcher:
             raise RelexError(f"no store at {options.cache} yet: give --base to build it")
         # the base is checked against the store's on appends too (another run's checkpoints
         # would otherwise land on this run's base)
-        update_store(cache=options.cache, base=options.base,
-                     runs=options.runs, steps=selection if selection else _exact(steps),
-                     max_memory=options.max_memory, device=options.device, quiet=True)
+        summary = update_store(cache=options.cache, base=options.base, runs=options.runs,
+                               steps=selection if selection else _exact(steps),
+                               max_memory=options.max_memory, device=options.device, quiet=True)
+        return summary.store_change is not None
 
     def _materialise(self) -> None:
         options = self.options
@@ -212,18 +232,29 @@ def _exact(steps: list[int]) -> StepSelection:
 
 
 def _snapshot(directory: Path) -> tuple:
-    """(relative path, size, mtime) of every file below a step directory (links not followed)."""
+    """(relative path, size, mtime) of every file below a step directory (links not followed;
+    walked with a stack of its own: a directory nested thousands deep is just files)."""
     files = []
-    for root, dirs, names in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            path = Path(root) / name
+    pending = [directory]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as found:
+                entries = sorted(found, key=lambda e: e.name)
+        except OSError:
+            continue  # removed or unreadable while we looked: the next poll sees it
+        for entry in entries:
             try:
-                info = path.lstat()
-            except FileNotFoundError:
-                continue  # replaced while we looked: the next poll sees it
-            files.append((str(path.relative_to(directory)), info.st_size, info.st_mtime_ns))
-    return tuple(files)
+                if entry.is_dir(follow_symlinks=False):
+                    if not entry.name.startswith("."):
+                        pending.append(Path(entry.path))
+                    continue
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            files.append((os.path.relpath(entry.path, directory), info.st_size,
+                          info.st_mtime_ns))
+    return tuple(sorted(files))
 
 
 def _opens(directory: Path) -> bool:

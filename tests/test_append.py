@@ -109,6 +109,36 @@ def test_append_after_deleting_old_checkpoints_reads_only_new_ones(traj, at_once
     assert _weights(tmp_path / "second") == _weights(at_once / "out")
 
 
+def test_a_stored_step_half_removed_does_not_stop_an_append(traj, at_once: Path,
+                                                              tmp_path: Path) -> None:
+    """A trainer's retention removes the oldest checkpoint right after saving the next one:
+    a stored step's directory caught half removed ended the append (and watch with it)."""
+    copy = tmp_path / "traj"
+    shutil.copytree(traj.root, copy)
+    store = tmp_path / "store.zarr"
+    common = ("--target", TARGET, "--cache", store, "--device", "cpu", "--quiet")
+    run_cli("run", "--base", copy / "base", "--runs", copy / "runs", "--steps", FIRST,
+            "--out", tmp_path / "first", *common)
+    (copy / "runs" / "checkpoint-10" / "model.safetensors").unlink()
+    run_cli("run", "--runs", copy / "runs", "--out", tmp_path / "second", *common)
+    assert _weights(tmp_path / "second") == _weights(at_once / "out")
+
+
+def test_a_windowed_append_stores_every_new_checkpoint(traj, at_once: Path,
+                                                       tmp_path: Path) -> None:
+    """`--window 3` on an append stored only the last 3 new steps: the ones between could
+    never be appended afterwards (they would come before the store's last step). The store
+    takes them all; the window picks what the prediction uses."""
+    store = tmp_path / "store.zarr"
+    _run(traj, tmp_path / "first", store, "--steps", FIRST, "--quiet")
+    _run(traj, tmp_path / "windowed", store, "--window", "3", "--quiet", base=False)
+    with TrajectoryStore.open(store) as opened:
+        assert opened.steps == list(STEPS)
+    run_cli("run", "--cache", at_once / "store.zarr", "--window", "3", "--target", TARGET,
+            "--out", tmp_path / "reference", "--device", "cpu", "--quiet")
+    assert _weights(tmp_path / "windowed") == _weights(tmp_path / "reference")
+
+
 def _summary_bytes(stdout: str, what: str) -> float:
     units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
     match = re.search(r"([\d.]+) (B|KiB|MiB|GiB) " + what, stdout)
@@ -116,8 +146,12 @@ def _summary_bytes(stdout: str, what: str) -> float:
     return float(match.group(1)) * units[match.group(2)]
 
 
-@pytest.mark.parametrize("case", ["missing-middle", "changed-old", "new-shape"])
+@pytest.mark.parametrize("case", ["missing-middle", "changed-old", "new-shape",
+                                  "base-as-a-new-step", "stored-step-renamed"])
 def test_refused_append_leaves_store_unchanged(traj, tmp_path: Path, case: str) -> None:
+    """Appends without --base. A new step whose files are the base's or a stored step's (a
+    link, a renamed directory) was appended as a zero delta or a repeated row: the store's
+    fingerprints of them are what an append without the base can compare."""
     copy = tmp_path / "traj"
     shutil.copytree(traj.root, copy)
     runs = copy / "runs"
@@ -133,6 +167,12 @@ def test_refused_append_leaves_store_unchanged(traj, tmp_path: Path, case: str) 
         tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
         save_file(tensors, str(path), metadata={"format": "pt"})
         needle = "step 50"
+    elif case == "base-as-a-new-step":  # hard links of the base's files (cp -al)
+        shutil.copytree(copy / "base", runs / "checkpoint-220", copy_function=os.link)
+        needle = "step 220"
+    elif case == "stored-step-renamed":  # the store's step 130, moved to a new name
+        (runs / "checkpoint-130").rename(runs / "checkpoint-220")
+        needle = "step 220"
     else:  # a new checkpoint of another shape
         path = runs / "checkpoint-150" / "model.safetensors"
         tensors = load_file(str(path))

@@ -456,3 +456,19 @@ def test_a_full_standard_output_is_named_as_such(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot write to standard output" in lines[0], proc.stderr
     assert (tmp_path / "o" / "step-9" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("module", ["torch", "tqdm"])
+def test_a_ctrl_c_while_starting_is_one_line(tmp_path: Path, module: str) -> None:
+    """Importing torch takes seconds, and a Ctrl-C then printed a 20-40 line traceback (the
+    command's own handler was not installed yet). A stand-in module that is interrupted as it
+    loads makes the moment exact."""
+    fake = tmp_path / "fake" / module
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    checkout = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-m", "relex_stream", "report", "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=f"{tmp_path / 'fake'}:{checkout}"))
+    assert proc.returncode == 130
+    assert proc.stderr.splitlines() == ["error: interrupted while starting; nothing was written"]

@@ -432,7 +432,9 @@ def test_a_checkpoint_rewritten_while_it_is_appended_is_taken_again(watched, tmp
     runs.mkdir()
     for step in STEPS:
         (runs / f"checkpoint-{step}").symlink_to(root / "live" / f"checkpoint-{step}")
-    shutil.copytree(traj.runs / f"checkpoint-{STEPS[-1]}", runs / "checkpoint-70")
+    # new times: a copy keeping them would be refused as stored step 60's files
+    shutil.copytree(traj.runs / f"checkpoint-{STEPS[-1]}", runs / "checkpoint-70",
+                    copy_function=shutil.copy)
     weights = (runs / "checkpoint-70" / "model.safetensors").resolve()
     real_read = sources.read_into
     rewrites = []
@@ -452,3 +454,108 @@ def test_a_checkpoint_rewritten_while_it_is_appended_is_taken_again(watched, tmp
     watcher.ready_steps()  # seen again, unchanged since
     assert len(watcher.poll()) == 1
     assert TrajectoryStore.open(copy).steps[-1] == 70
+
+
+def _runs_beyond(traj, root: Path, where: Path) -> Path:
+    """A runs directory of the watched steps plus two new ones, 70 and 80 (copies of 50 and
+    60 made now: new times, so not taken for the stored steps' own files)."""
+    runs = where / "runs"
+    runs.mkdir()
+    for step in STEPS:
+        (runs / f"checkpoint-{step}").symlink_to(root / "live" / f"checkpoint-{step}")
+    for new, old in ((70, 50), (80, 60)):
+        shutil.copytree(traj.runs / f"checkpoint-{old}", runs / f"checkpoint-{new}",
+                        copy_function=shutil.copy)
+    return runs
+
+
+def _timeline_steps(store: Path) -> list[int]:
+    return [r["step"] for r in json.loads((store / "timeline" / "timeline.json").read_text())
+            ["rows"]]
+
+
+def test_another_appender_is_neither_fatal_nor_counted(watched, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    """Another process appending between watch's look at the store and its lock ended watch
+    ("the store changed while this run started"); one that stored a step watch was about to
+    append had it counted and printed as watch's own ("appended 9" for 3). Now watch waits
+    for the next poll, counts only its own appends, and still brings the timeline up to date."""
+    from relex_stream import engine
+    from relex_stream import watch as watch_module
+    from relex_stream.units import StepSelection
+
+    traj, store, _, _, root = watched
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    runs = _runs_beyond(traj, root, tmp_path)
+
+    def other_appends(step: int) -> None:
+        engine.update_store(cache=copy, runs=runs, quiet=True, device="cpu",
+                            steps=StepSelection((), (*STEPS, 70, 80)[: STEPS.index(60) + 1 +
+                                                (step // 10 - 6)], str(step)))
+
+    real_gather = engine.gather_inputs
+    raced = []
+
+    def gather_then_race(*args, **kwargs):  # the other commits after this run's look
+        inputs = real_gather(*args, **kwargs)
+        if not raced:
+            raced.append(70)
+            other_appends(70)
+        return inputs
+
+    monkeypatch.setattr(engine, "gather_inputs", gather_then_race)
+    watcher = watch_module.Watcher(watch_module.WatchOptions(
+        runs=runs, cache=copy, targets=(TARGET,), settle_s=0.0, until=80))
+    watcher.ready_steps()
+    assert watcher.poll() == [] and raced and watcher.appended == 0 and watcher.busy_reported
+    monkeypatch.setattr(engine, "gather_inputs", real_gather)
+    append = watch_module.Watcher._append
+
+    def other_first(self, steps, building):
+        other_appends(steps[-1])  # stored by the other just before watch's own append
+        return append(self, steps, building)
+
+    monkeypatch.setattr(watch_module.Watcher, "_append", other_first)
+    lines = watcher.poll()  # 70 is the other's: only the timeline catches up
+    assert len(lines) == 1 and watcher.appended == 0
+    assert _timeline_steps(copy)[-1] == 70
+    lines = watcher.poll()  # 80: stored by the other just before watch's append
+    assert watcher.appended == 0 and TrajectoryStore.open(copy).steps[-1] == 80
+    assert _timeline_steps(copy)[-1] == 80 and len(lines) == 1
+
+
+def test_a_restart_brings_the_timeline_and_out_up_to_date(watched, tmp_path: Path) -> None:
+    """watch killed between committing an append and writing its timeline row (and --out)
+    was, when started again, "appended 0" with the timeline and the prediction left behind
+    for good (until a new checkpoint came, never at the end of training)."""
+    traj, store, _, _, _ = watched
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    timeline = copy / "timeline" / "timeline.json"
+    data = json.loads(timeline.read_text())
+    data["rows"] = data["rows"][:-1]  # the last append's row was never written
+    timeline.write_text(json.dumps(data))
+    proc = run_cli("watch", "--runs", traj.runs, "--cache", copy, "--target", TARGET,
+                   "--interval", "0.1s", "--settle", "0.1s", "--until", STEPS[-1],
+                   "--device", "cpu", "--out", tmp_path / "pred")
+    assert "appended 0 checkpoint(s)" in proc.stdout
+    assert _timeline_steps(copy) == list(STEPS[1:])
+    assert (tmp_path / "pred" / f"step-{TARGET}" / "model.safetensors").is_file()
+
+
+def test_a_deeply_nested_folder_in_a_step_is_just_files(tmp_path: Path) -> None:
+    """os.walk recursed once per level: a step directory holding a folder 1,200 deep ended
+    watch with a RecursionError traceback."""
+    from relex_stream.watch import _snapshot
+
+    deep = tmp_path / "checkpoint-10"
+    leaf = str(deep)
+    os.mkdir(leaf)
+    for _ in range(1200):  # one level at a time: makedirs recurses too
+        leaf += "/a"
+        os.mkdir(leaf)
+    Path(leaf, "x").write_text("x")
+    (deep / "model.safetensors").write_text("y")
+    found = _snapshot(deep)
+    assert [entry[0] for entry in found] == ["/".join(["a"] * 1200 + ["x"]), "model.safetensors"]
