@@ -404,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     except RelexError as exc:
         _print_error(str(exc))
         return 2
+    except MemoryError:
+        # an allocation the budget did not foresee (a limit set by ulimit or a cgroup below
+        # what the machine shows, or a store whose metadata asks for more than it holds)
+        logging.getLogger(__name__).debug("out of memory", exc_info=True)
+        _print_error("out of memory: lower --max-memory (or raise the job's memory limit) and "
+                     "rerun")
+        return 2
     except OSError as exc:
         # a failure of the system the code did not foresee (a full disk, an I/O error): the
         # user's to fix, said in one line; the traceback stays available with --verbose

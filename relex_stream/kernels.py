@@ -327,9 +327,26 @@ def combine_block(
     return out.cpu()
 
 
+# A Gram matrix D Dᵀ has no negative eigenvalue; rounding leaves ones of ~K·ε·λ_max. One
+# below -PSD_TOLERANCE·λ_max cannot come from deltas: a matrix forged with its checksums
+# recomputed passes every cheaper check (finite, symmetric, Cauchy-Schwarz), not this one.
+PSD_TOLERANCE = 1e-6
+
+
 def eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (K,) clipped at 0 and eigenvectors (K, K) as columns, largest first; float64."""
+    """Eigenvalues (K,) clipped at 0 and eigenvectors (K, K) as columns, largest first; float64.
+
+    RelexError for a matrix no deltas give (an eigenvalue below -PSD_TOLERANCE·λ_max): only a
+    damaged or forged store can hand one over.
+    """
     eigenvalues, eigenvectors = torch.linalg.eigh(gram.detach().to("cpu", torch.float64))
+    if eigenvalues.numel() and float(eigenvalues[0]) < -PSD_TOLERANCE * max(
+            float(eigenvalues[-1]), 0.0):
+        raise RelexError(
+            f"a Gram matrix has a negative eigenvalue ({float(eigenvalues[0]):.3g} against a "
+            f"largest of {float(eigenvalues[-1]):.3g}), which no checkpoints give: the store it "
+            "comes from is damaged or forged; rebuild it with --rebuild (or use another --cache)"
+        )
     order = torch.arange(eigenvalues.numel() - 1, -1, -1)
     return eigenvalues[order].clamp_min(0.0), eigenvectors[:, order]
 

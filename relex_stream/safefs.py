@@ -128,14 +128,20 @@ def write_atomic(dir_fd: int, name: str, data: bytes, sync: bool = True) -> None
         os.fsync(dir_fd)
 
 
-def remove_tree(dir_fd: int, name: str, owned: Callable[[str], bool] | None = None) -> int:
+# The trees relex_stream makes are a few levels deep; anything deeper was put there by someone
+# else (a store is shared), and is left rather than walked (one fd and one frame per level).
+MAX_REMOVE_DEPTH = 32
+
+
+def remove_tree(dir_fd: int, name: str, owned: Callable[[str], bool] | None = None,
+                depth: int = 0) -> int:
     """Delete `name` in `dir_fd` and everything below it; links are removed, never followed.
 
     owned: when given, only entries whose names it accepts are removed (with what lies below
-    them); others are left, and so are the directories holding them. Returns how many entries
-    were left.
+    them); others are left, and so are the directories holding them. Directories more than
+    MAX_REMOVE_DEPTH levels down are left too. Returns how many entries were left.
     """
-    if owned is not None and not owned(name):
+    if (owned is not None and not owned(name)) or depth > MAX_REMOVE_DEPTH:
         return 1
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -147,8 +153,9 @@ def remove_tree(dir_fd: int, name: str, owned: Callable[[str], bool] | None = No
     child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     left = 0
     try:
-        for entry in os.scandir(child):
-            left += remove_tree(child, entry.name, owned)
+        with os.scandir(child) as found:
+            for entry in found:
+                left += remove_tree(child, entry.name, owned, depth + 1)
     finally:
         os.close(child)
     if left == 0:

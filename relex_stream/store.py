@@ -42,12 +42,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from . import shards
 from .checkpoints import JSON_AUX
 from .errors import RelexError, StoreBusy
 from .jsonfile import JsonProblem, loads_strict, show
+from .kernels import PSD_TOLERANCE
 from .row_codec import (
     bytes_to_chunk,
     chunk_to_bytes,
@@ -74,6 +76,7 @@ from .store_layout import (
     Manifest,
     parse_manifest,
 )
+from .units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -452,6 +455,8 @@ class TrajectoryStore:
             return self._grams[key]
         record = self.record(group, gen, steps)
         k, t = len(steps), len(group.tensors)
+        _check_fits_memory(self.path, t * k * k * 8 * 2, f"the Gram matrices of "
+                           f"{_tensors_of(group)} ({t} of {k} × {k} steps)")
         name = f"g{group.index}-k{k}"
         try:
             with opened_dir(self._root_fd, (f"gen{gen.generation}", "gram", name, "c", "0", "0"),
@@ -744,6 +749,15 @@ def _read_manifest(path: Path, root_fd: int) -> Manifest:
     return parse_manifest(body)
 
 
+def _check_fits_memory(path: Path, nbytes: int, what: str) -> None:
+    """RelexError before a read the store's metadata sizes that this machine could not hold
+    (a forged step count asks T·K²·8 bytes of a file a sparse one can fake)."""
+    available = psutil.virtual_memory().available
+    if nbytes > available:
+        raise _store_error(path, f"claims {what}, which take {format_bytes(nbytes)} to read, "
+                                 f"more than the {format_bytes(available)} of memory available")
+
+
 def gram_problem(gram: np.ndarray) -> str | None:
     """Why a stored (K, K) float64 matrix cannot be a Gram matrix D Dᵀ, or None.
 
@@ -761,13 +775,21 @@ def gram_problem(gram: np.ndarray) -> str | None:
     tolerance = 1e-9 * max(float(diagonal.max(initial=0.0)), 0.0) + 1e-300
     if (diagonal < -tolerance).any():
         return "a negative diagonal"
-    clipped = np.clip(diagonal, 0.0, None)
-    bound = np.sqrt(clipped[:, None] * clipped[None, :])  # (K, K)
+    root = np.sqrt(np.clip(diagonal, 0.0, None))  # (K,)
+    bound = root[:, None] * root[None, :]  # (K, K); the product of the roots cannot overflow
     slack = 1e-6 * bound + tolerance
     if (np.abs(gram - gram.T) > slack).any():
         return "it is not symmetric"
     if (np.abs(gram) > bound + slack).any():
         return "entries larger than its diagonal allows"
+    # positive semi-definite up to rounding: G + τ·max(diag)·I must factor (a Cholesky costs a
+    # third of an eigh); it fails iff an eigenvalue lies below -τ·max(diag), and rounding
+    # leaves ones of ~K·ε·λ_max, far above that (λ_max <= K·max(diag)).
+    shift = PSD_TOLERANCE * float(diagonal.max(initial=0.0)) + 1e-300
+    try:
+        np.linalg.cholesky((gram + gram.T) / 2 + shift * np.eye(gram.shape[0]))
+    except np.linalg.LinAlgError:
+        return "a negative eigenvalue, which no deltas give"
     return None
 
 

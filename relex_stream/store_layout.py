@@ -16,9 +16,16 @@ import math
 import re
 from dataclasses import dataclass
 
-from .checkpoints import AUX_EXCLUDE_SUFFIXES, MAX_AUX_FILES, ModelLayout, check_layout
+from .checkpoints import (
+    AUX_EXCLUDE_SUFFIXES,
+    AUX_MAX_BYTES,
+    JSON_AUX,
+    MAX_AUX_FILES,
+    ModelLayout,
+    check_layout,
+)
 from .errors import RelexError
-from .jsonfile import show
+from .jsonfile import MAX_CONFIG_BYTES, show
 from .row_codec import TRANSFORMS, default_transform
 from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME, MAX_DIM, MAX_NDIM
 
@@ -363,9 +370,15 @@ def parse_generation(value: object, codecs: dict) -> Generation:
         if item[0] == INDEX_NAME or item[0].endswith(AUX_EXCLUDE_SUFFIXES):
             # a model file of an output never takes the name of its weights or their index
             raise _fail(f"the store keeps a model file named {show(item[0])}, which no base has")
-        aux.append(AuxFile(item[0], _int(item[1], "a model file's size", 0, 2**31), item[2]))
+        # the limits a base's own files are read with (checkpoints.ModelFiles.aux_files): a
+        # claim beyond them would be read whole before its checksum could refuse it
+        limit = MAX_CONFIG_BYTES if item[0] in JSON_AUX else AUX_MAX_BYTES
+        aux.append(AuxFile(item[0], _int(item[1], "a model file's size", 0, limit), item[2]))
     if len({a.name for a in aux}) != len(aux):
         raise _fail("the store names a model file twice")
+    if sum(a.size for a in aux) > AUX_MAX_BYTES:
+        raise _fail(f"the store's model files add up to more than {AUX_MAX_BYTES >> 20} MiB, "
+                    "more than relex_stream takes from a base")
     if not isinstance(data["codec"], str) or data["codec"] not in codecs:
         raise _fail(f"the store's codec {show(data['codec'])} is not one relex_stream writes")
     transforms = _dict(data["transforms"], "the store's row transforms")

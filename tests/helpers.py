@@ -152,3 +152,31 @@ def group_dir(store: Path, kind: str, tensor: str) -> Path:
         group = opened.group_of(tensor)
         generation = opened.current.generation
     return store / f"gen{generation}" / kind / f"g{group.index}"
+
+
+def make_deep_dir(root: Path, depth: int) -> Path:
+    """root/a/a/.../a, `depth` levels below root, made one level at a time (os.makedirs and
+    Path.mkdir recurse once per level); returns the deepest folder."""
+    leaf = str(root)
+    os.makedirs(leaf, exist_ok=True)
+    for _ in range(depth):
+        leaf += "/a"
+        os.mkdir(leaf)
+    return Path(leaf)
+
+
+def remove_deep_dir(root: Path) -> None:
+    """Remove what make_deep_dir made (files in its folders too) without recursion: pytest's
+    own clean-up of old temporary folders recurses, and would fail on it in a later session."""
+    pending, folders = [str(root)], []
+    while pending:
+        folder = pending.pop()
+        folders.append(folder)
+        with os.scandir(folder) as found:
+            for entry in found:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                else:
+                    os.unlink(entry.path)
+    for folder in reversed(folders):
+        os.rmdir(folder)

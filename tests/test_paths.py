@@ -170,3 +170,24 @@ def test_paths_of_undecodable_bytes_and_empty_out(tmp_path: Path) -> None:
     for command in (("report", text_store), ("backtest", text_store, "--holdout", "1")):
         assert_error(call(*command, "--out", ""), "is not a usable path")
     assert sorted(os.listdir(tmp_path)) == ["b\udcff", "o\udcff", "r\udcff", "t"]
+
+
+def test_remove_tree_leaves_what_is_deeper_than_it_ever_makes(tmp_path: Path) -> None:
+    """remove_tree recursed once per level with a descriptor open per level: a folder 500
+    deep planted in a store's generation (stores are shared) made a removal end in a
+    RecursionError traceback. What lies deeper than the tool's own trees is left."""
+    from relex_stream.safefs import MAX_REMOVE_DEPTH, remove_tree
+    from tests.helpers import make_deep_dir, remove_deep_dir
+
+    tree = tmp_path / "gen2"
+    (make_deep_dir(tree, 500) / "planted").write_text("x")
+    (tree / "rows.bin").write_text("ours")
+    (make_deep_dir(tmp_path / "ours", MAX_REMOVE_DEPTH - 1) / "f").write_text("y")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert remove_tree(fd, "gen2") == 1
+        assert remove_tree(fd, "ours") == 0
+    finally:
+        os.close(fd)
+    assert not (tree / "rows.bin").exists() and not (tmp_path / "ours").exists()
+    remove_deep_dir(tree)

@@ -678,6 +678,14 @@ GRAM_FORGERIES: dict[str, Callable[[np.ndarray], None]] = {
     "asymmetric": lambda g: g.__setitem__((0, 3), g[0, 3] + 0.5 * abs(g[0, 3]) + 1.0),
     "larger-than-its-diagonal": lambda g: (g.__setitem__((1, 2), 3 * g[1, 1] + 3 * g[2, 2]),
                                            g.__setitem__((2, 1), 3 * g[1, 1] + 3 * g[2, 2])),
+    # a diagonal past ~1.3e154 made √(G_ii G_jj) overflow to inf: every check below it passed
+    "asymmetric-past-the-overflow": lambda g: (
+        np.fill_diagonal(g, 1e200), g.__setitem__((0, 1), 1e249),
+        g.__setitem__((1, 0), -1e249)),
+    # finite, symmetric, within Cauchy-Schwarz, and still no D Dᵀ: eigenvalues below zero
+    "negative-eigenvalues": lambda g: g.__setitem__(
+        slice(None), np.where(np.eye(len(g), dtype=bool), g,
+                              -0.99 * np.sqrt(np.outer(np.diag(g), np.diag(g))))),
 }
 
 
@@ -737,6 +745,49 @@ def test_fully_forged_model_file_is_refused(case: Case, content: bytes) -> None:
     forge_records(case.store)
     case.freeze()
     assert_error(case.from_store(), "config.json", "--rebuild")
+    case.assert_untouched()
+
+
+@pytest.mark.parametrize("claim", ["one-of-2-GiB", "a-config-of-5-MiB", "100-MiB-in-all"])
+def test_model_file_sizes_beyond_what_a_base_gives_are_refused(case: Case, claim: str) -> None:
+    """c. The manifest may claim 2 GiB per model file (of 256): a 650 KB store with one sparse
+    file made run, an append and watch read 2 GiB and take 4.4 GB before the checksum said
+    no. Its files are held to the limits a base's are read with (4 MiB for a config, 96 MiB
+    in all), so a claim beyond them is refused before anything is read."""
+    sizes = {"one-of-2-GiB": [("tokenizer.model", 2**31)],
+             "a-config-of-5-MiB": [("generation_config.json", 5 * 2**20)],
+             "100-MiB-in-all": [("a.txt", 50 * 2**20), ("b.txt", 50 * 2**20)]}[claim]
+    edit_manifest(case.store, lambda b: _gen(b)["aux"].extend(
+        [name, size, "0" * 64] for name, size in sizes))
+    forge_records(case.store)
+    needle = "add up to" if claim == "100-MiB-in-all" else "a model file's size"
+    refused_from_store(case, needle, "--rebuild")
+
+
+def test_gram_matrices_larger_than_memory_are_refused_before_the_read(
+        case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """c. A forged step count asks T·K²·8 bytes of the Gram file (a sparse file makes it on
+    a few KB of disk): 2.3 GB for report, backtest and run, then a MemoryError traceback
+    under a memory limit. A claim the machine cannot hold is refused before the read, and an
+    allocation that fails anyway is one line."""
+    from relex_stream import store as store_module
+
+    class Little:
+        available = 1000
+
+    monkeypatch.setattr(store_module.psutil, "virtual_memory", lambda: Little)
+    case.freeze()
+    for result in (call("report", case.store, "--no-plots"),
+                   call("backtest", case.store, "--holdout", "2", "--no-plots"),
+                   case.from_store()):
+        assert_error(result, "memory available", "--rebuild")
+    monkeypatch.undo()
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(store_module.TrajectoryStore, "grams", no_memory)
+    assert_error(call("report", case.store, "--no-plots"), "out of memory")
     case.assert_untouched()
 
 

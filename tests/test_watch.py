@@ -18,7 +18,7 @@ import torch
 
 from relex_stream.store import TrajectoryStore
 from tests.fixtures import Spec, build_trajectory
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, make_deep_dir, remove_deep_dir, run_cli
 from tests.reference import is_float, load_model_dir, reference_predict
 
 STEPS = (10, 20, 30, 40, 50, 60)
@@ -550,12 +550,10 @@ def test_a_deeply_nested_folder_in_a_step_is_just_files(tmp_path: Path) -> None:
     from relex_stream.watch import _snapshot
 
     deep = tmp_path / "checkpoint-10"
-    leaf = str(deep)
-    os.mkdir(leaf)
-    for _ in range(1200):  # one level at a time: makedirs recurses too
-        leaf += "/a"
-        os.mkdir(leaf)
-    Path(leaf, "x").write_text("x")
-    (deep / "model.safetensors").write_text("y")
-    found = _snapshot(deep)
+    try:
+        (make_deep_dir(deep, 1200) / "x").write_text("x")
+        (deep / "model.safetensors").write_text("y")
+        found = _snapshot(deep)
+    finally:
+        remove_deep_dir(deep)
     assert [entry[0] for entry in found] == ["/".join(["a"] * 1200 + ["x"]), "model.safetensors"]
