@@ -37,7 +37,7 @@ from .request import RunRequest, make_request
 from .safefs import open_root, paths_overlap, remove_tree
 from .safetensors_io import DTYPES
 from .sources import RowOrigin, RowReader
-from .store import TrajectoryStore, compressed_sample_fraction
+from .store import TrajectoryStore, compressed_sample_fraction, stored_row_fraction
 from .store_layout import Generation, Group
 from .units import DEFAULT_MAX_MEMORY, format_bytes, step_label
 from .writer import (
@@ -632,6 +632,9 @@ def _check_disk(request: RunRequest, inputs: RunInputs, outputs: list[OutputSpec
     largest = sorted(candidates, key=lambda c: -c[0])[:4]
     if largest and inputs.kind == "build":
         fraction = max(_sample_fraction(inputs, group, name) for _, group, name in largest)
+    elif inputs.kind == "append":  # the rows appended last are the best guess of the next
+        measured = stored_row_fraction(request.store_path, gen, len(inputs.committed_steps))
+        fraction = 1.0 if measured is None else measured
     _require_space(request.store_path, int(raw * min(1.0, fraction * 1.25)), "the store")
 
 

@@ -749,6 +749,34 @@ def _read_manifest(path: Path, root_fd: int) -> Manifest:
     return parse_manifest(body)
 
 
+def stored_row_fraction(path: Path, gen: Generation, k: int, last_rows: int = 3) -> float | None:
+    """Bytes on disk ÷ raw bytes of the last `last_rows` of the first k rows of `gen` (all
+    groups): what an append's rows will likely take, or None when there are none to measure
+    (sizes only, no link followed; a store that lies here only makes the disk check looser)."""
+    rows = range(max(1, k - last_rows), k)  # row 0 is against the base: not typical
+    stored = raw = 0
+    try:
+        root = open_root(path)
+    except OSError:
+        return None
+    try:
+        for group in gen.groups():
+            if not group.has_rows:
+                continue
+            row_bytes = sum(group.numels) * DTYPES[group.row_dtype][1].itemsize
+            for row in rows:
+                try:
+                    with opened_dir(root, (f"gen{gen.generation}", "rows", f"g{group.index}",
+                                           "c", str(row)), False, str(path)) as fd:
+                        stored += os.stat("0", dir_fd=fd, follow_symlinks=False).st_size
+                except (OSError, RelexError):
+                    return None
+                raw += row_bytes
+    finally:
+        os.close(root)
+    return stored / raw if raw else None
+
+
 def _check_fits_memory(path: Path, nbytes: int, what: str) -> None:
     """RelexError before a read the store's metadata sizes that this machine could not hold
     (a forged step count asks T·K²·8 bytes of a file a sparse one can fake)."""

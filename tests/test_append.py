@@ -263,3 +263,29 @@ def test_appended_store_reads_back_in_zarr(big) -> None:
     assert rows.shape == (k, group.width)
     codes = rows[k - 1, : group.chunk_cols]
     assert codes.dtype.itemsize == 2 and codes.shape == (group.chunk_cols,)
+
+
+def test_the_disk_check_of_an_append_counts_rows_as_the_store_keeps_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An append asked for the raw size of its new rows: on realistic bf16 RL the store keeps
+    a few percent of that, so `watch` on a tight disk stopped with a false "takes about
+    37 MiB but 12 MiB free". The rows appended last say what the next ones take."""
+    from relex_stream import engine
+    from tests.untrusted import assert_error, assert_ok, call
+
+    traj = tmp_path / "t"
+    assert_ok(call("synth", "--out", traj, "--steps", "10-90:10", "--profile", "drift",
+                   "--hidden", "64", "--layers", "2", "--vocab", "5000"))
+    store = tmp_path / "s.zarr"
+    common = ("--target", "200", "--cache", store, "--device", "cpu", "--quiet")
+    assert_ok(call("run", "--base", traj / "base", "--runs", traj / "runs", "--steps", "10-60",
+                   "--out", tmp_path / "first", *common))
+    model_bytes = (traj / "runs" / "checkpoint-10" / "model.safetensors").stat().st_size
+    free = {"bytes": 2 * model_bytes}  # the output fits; 3 raw rows would not, stored ones do
+    monkeypatch.setattr(engine, "_free_bytes", lambda path: (path, free["bytes"]))
+    assert_ok(call("run", "--runs", traj / "runs", "--out", tmp_path / "second", *common))
+    with TrajectoryStore.open(store) as opened:
+        assert opened.steps == list(range(10, 100, 10))
+    free["bytes"] = model_bytes  # the store measured, then still too little: refused
+    assert_error(call("run", "--base", traj / "base", "--runs", traj / "runs", "--rebuild",
+                      "--out", tmp_path / "third", "--overwrite", *common), "free")
