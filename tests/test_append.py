@@ -281,11 +281,13 @@ def test_the_disk_check_of_an_append_counts_rows_as_the_store_keeps_them(
     assert_ok(call("run", "--base", traj / "base", "--runs", traj / "runs", "--steps", "10-60",
                    "--out", tmp_path / "first", *common))
     model_bytes = (traj / "runs" / "checkpoint-10" / "model.safetensors").stat().st_size
-    free = {"bytes": 2 * model_bytes}  # the output fits; 3 raw rows would not, stored ones do
-    monkeypatch.setattr(engine, "_free_bytes", lambda path: (path, free["bytes"]))
-    assert_ok(call("run", "--runs", traj / "runs", "--out", tmp_path / "second", *common))
+    free = {"store": model_bytes * 3 // 2}  # 2 raw rows would not fit; stored ones do
+    monkeypatch.setattr(engine, "_free_bytes", lambda path: (path, free["store"] if (
+        path == store) else 10 * model_bytes))
+    assert_ok(call("run", "--runs", traj / "runs", "--steps", "10-80", "--out",
+                   tmp_path / "second", *common))
+    free["store"] = model_bytes // 100  # measured, and still more than there is: refused
+    assert_error(call("run", "--runs", traj / "runs", "--out", tmp_path / "third", *common),
+                 "the store", "free")
     with TrajectoryStore.open(store) as opened:
-        assert opened.steps == list(range(10, 100, 10))
-    free["bytes"] = model_bytes  # the store measured, then still too little: refused
-    assert_error(call("run", "--base", traj / "base", "--runs", traj / "runs", "--rebuild",
-                      "--out", tmp_path / "third", "--overwrite", *common), "free")
+        assert opened.steps == list(range(10, 90, 10))
