@@ -24,6 +24,8 @@ from .safetensors_io import (
     FLOAT_CODES,
     INDEX_NAME,
     SINGLE_NAME,
+    HeaderProblem,
+    check_tensor,
     header_fingerprint,
     is_prediction,
     read_header,
@@ -313,6 +315,9 @@ def _explain_non_safetensors(directory: Path) -> str:
     return f"{directory} holds no model.safetensors, {INDEX_NAME} or verl FSDP shards"
 
 
+_WARNED_BOTH: set[Path] = set()  # steps holding safetensors and FSDP shards, warned about
+
+
 def find_model_dir(directory: Path) -> tuple[str, Path]:
     """('safetensors', DIR[/huggingface|/actor/huggingface]) or ('fsdp', DIR/actor or DIR)."""
     from .fsdp import find_fsdp_dir
@@ -321,6 +326,10 @@ def find_model_dir(directory: Path) -> tuple[str, Path]:
     # more precise than the bf16 copy verl's hf_model option saves in huggingface/); then that.
     for sub in MODEL_SUBDIRS[:1]:
         if _has_safetensors(directory / sub):
+            if find_fsdp_dir(directory) is not None and directory not in _WARNED_BOTH:
+                _WARNED_BOTH.add(directory)  # once: watch opens a step on every poll
+                log.warning("%s holds a safetensors model and verl FSDP shards: the safetensors "
+                            "model is read; move it out if it is not this step's", directory)
             return "safetensors", (directory / sub).resolve()
     fsdp_dir = find_fsdp_dir(directory)
     if fsdp_dir is not None:
@@ -413,6 +422,12 @@ def _open_fsdp(actor_dir: Path, config_dir: Path | None) -> ModelFiles:
     from .fsdp import open_fsdp_checkpoint
 
     ckpt = open_fsdp_checkpoint(actor_dir)
+    for info in ckpt.tensors.values():  # what a safetensors header would have refused
+        try:
+            check_tensor(info.name, info.dtype, info.shape)
+        except HeaderProblem as exc:
+            raise RelexError(f"{actor_dir}: {exc}; the rank files are corrupt or crafted, "
+                             "re-copy them from the training run") from None
     names = list(ckpt.tensors)
     shards: list[list[str]] = [[]]
     size = 0
@@ -431,8 +446,10 @@ def _open_fsdp(actor_dir: Path, config_dir: Path | None) -> ModelFiles:
     # after the rank files' directories were parsed (their names come from the parse): a swap
     # during the parse itself goes unseen, one during the reads does not
     identities = tuple(file_identity(p) for p in ckpt.files)
-    return ModelFiles(actor_dir, dict(ckpt.tensors), shard_tensors, len(shards) > 1,
-                      tuple(ckpt.files), found, ckpt, identities=identities)
+    model = ModelFiles(actor_dir, dict(ckpt.tensors), shard_tensors, len(shards) > 1,
+                       tuple(ckpt.files), found, ckpt, identities=identities)
+    check_layout(model.layout(), str(actor_dir))
+    return model
 
 
 def _read_index(index_path: Path) -> tuple[list[str], dict[str, str]]:

@@ -66,7 +66,9 @@ from .safetensors_io import DTYPES, MAX_DIM, MAX_NDIM, TORCH_TO_CODE
 from .tensor_files import Piece, TensorInfo
 
 FSDP_CONFIG = "fsdp_config.json"
-RANK_FILE_RE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
+# the names verl writes (f"model_world_size_{W}_rank_{r}.pt") and nothing else: rank_01.pt,
+# a trailing newline or another script's digits would otherwise stand in for rank 1
+RANK_FILE_RE = re.compile(r"model_world_size_(0|[1-9][0-9]*)_rank_(0|[1-9][0-9]*)\.pt", re.ASCII)
 # Ranks of one save: far above any training job (the largest run on ~10^5 GPUs); a world size
 # from a file is a count of files to look for, so it is bounded before anything is listed.
 MAX_WORLD_SIZE = 1 << 20
@@ -451,8 +453,14 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, path: P
 def _open_archive(path: Path) -> _Archive:
     """Read a rank file's zip directory and data.pkl (no weight bytes)."""
     try:
-        size = path.stat().st_size
-        with zipfile.ZipFile(path) as zf:
+        # never waited on: a FIFO swapped in for a rank file after it was listed
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        handle = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            handle.close()
+            raise RelexError(f"{path} is not a regular file; a torch rank file is expected")
+        size = os.fstat(fd).st_size
+        with handle, zipfile.ZipFile(handle) as zf:
             prefix, pkl = _pickle_member(zf, path)
             data = _read_member(zf, pkl, _MAX_PICKLE_BYTES, path)
             members = {i.filename: i for i in zf.infolist()}
@@ -682,8 +690,8 @@ def _rank_files(directory: Path, world_size: int) -> dict[int, Path]:
     found: dict[int, Path] = {}
     sizes: set[int] = set()
     for path in directory.iterdir():
-        match = RANK_FILE_RE.match(path.name)
-        if match:
+        match = RANK_FILE_RE.fullmatch(path.name)
+        if match and path.is_file():  # a FIFO under a rank file's name is not one
             sizes.add(int(match.group(1)))
             found[int(match.group(2))] = path
     if not found:
@@ -839,7 +847,8 @@ def _piece(shard: _Shard, numel: int, archive: _Archive, starts: dict[str, int])
     if shard.local.offset + numel > storage.numel or storage.numel * itemsize > info.file_size:
         raise RelexError(
             f"{path}: tensor {_quoted(name)} points outside its stored data (offset "
-            f"{shard.local.offset}, {numel} elements, {info.file_size} bytes stored); the file "
+            f"{_printable(shard.local.offset)}, {numel} elements, {info.file_size} bytes "
+            "stored); the file "
             "is corrupt or crafted; re-copy it from the training run"
         )
     return Piece(path, starts[storage.key] + shard.local.offset * itemsize, numel)
@@ -938,7 +947,7 @@ def find_fsdp_dir(step_dir: Path) -> Path | None:
     """
     for candidate in (Path(step_dir) / "actor", Path(step_dir)):
         if candidate.is_dir() and any(
-            RANK_FILE_RE.match(p.name) for p in candidate.glob("model_world_size_*_rank_*.pt")
+            RANK_FILE_RE.fullmatch(p.name) for p in candidate.glob("model_world_size_*_rank_*.pt")
         ):
             return candidate
     return None

@@ -18,6 +18,14 @@ from __future__ import annotations
 import pickletools
 
 MAX_KEY_NODES = 1 << 16
+# Keys that are not strings or bytes hash the same on every run (ints k·(2^61 − 1) all hash
+# to 0), so many of them can make building one dict quadratic, in C; a state dict has none.
+MAX_OTHER_KEYS = 1 << 12
+# Every object the pickle machine holds is memory: 8 MiB of one-byte EMPTY_SETs took 2.2 GB.
+# A state dict's stack stays a few thousand deep (dicts are built in batches of 1,000 pairs);
+# its memo holds ~15 objects per tensor (~1.4M for a 90k-tensor MoE rank file).
+MAX_STACK = 1 << 17
+MAX_MEMO = 1 << 22
 _CAP = 1 << 62  # node counts are capped so that they stay small ints
 
 # argument layouts (pickletools' ArgumentDescriptor.n): bytes to skip, or how to find them
@@ -43,18 +51,29 @@ def _table() -> dict[int, tuple[str, int, int, int, int]]:
 
 _OPS = _table()
 _TUPLES = {"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
+# their hash is randomized per process (SipHash): no input makes them collide on purpose
+_STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+            "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"}
 _OBJECTS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "BUILD"}
 
 
 def costly_key(data: bytes) -> str | None:
-    """None when no dict key or set element of the pickle `data` exceeds MAX_KEY_NODES nodes,
-    else a short reason. A malformed pickle is checked up to where it breaks (the unpickler
-    stops there too)."""
-    stack: list[int] = []  # node bounds of the objects on the pickle machine's stack
+    """None when loading the pickle `data` is bounded in time and memory, else a short reason:
+    a dict key or set element of more than MAX_KEY_NODES nodes, more than MAX_OTHER_KEYS keys
+    that are not strings, a stack or memo beyond MAX_STACK or MAX_MEMO objects, a memo index
+    out of sequence (the C unpickler sizes its memo by the largest index), or a negative
+    length. A malformed pickle is checked up to where it breaks (the unpickler stops there
+    too)."""
+    # node bounds of the objects on the pickle machine's stack; negative for a string or
+    # bytes (one node, hashed unpredictably)
+    stack: list[int] = []
     marks: list[int] = []  # stack depths at each MARK
     memo: dict[int, int] = {}
+    other_keys = 0
     pos, end = 0, len(data)
     while pos < end:
+        if len(stack) > MAX_STACK or len(memo) > MAX_MEMO:
+            return "it holds more objects at once than a state dict does"
         spec = _OPS.get(data[pos])
         if spec is None:
             return None
@@ -79,8 +98,10 @@ def costly_key(data: bytes) -> str | None:
             pos = stop + 1
         elif layout < 0:
             width = {_LEN1: 1, _LEN4S: 4, _LEN4U: 4, _LEN8: 8}[layout]
-            pos += width + int.from_bytes(data[pos : pos + width], "little",
-                                          signed=layout == _LEN4S)
+            length = int.from_bytes(data[pos : pos + width], "little", signed=layout == _LEN4S)
+            if length < 0:
+                return "a negative length"
+            pos += width + length
         if name == "MARK":
             marks.append(len(stack))
             continue
@@ -88,8 +109,10 @@ def costly_key(data: bytes) -> str | None:
             stack.append(memo.get(arg, 1))
             continue
         if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            if stack:
-                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            index = len(memo) if name == "MEMOIZE" else arg
+            if index > len(memo):  # picklers number the memo 0, 1, 2, ...
+                return "a memo index out of sequence"
+            memo[index] = stack[-1] if stack else 1
             continue
         if name == "DUP":
             if stack:
@@ -115,9 +138,13 @@ def costly_key(data: bytes) -> str | None:
             if any(k > MAX_KEY_NODES for k in keys):
                 return (f"a dict key or set element would take more than {MAX_KEY_NODES} steps "
                         "to hash (a deeply shared structure)")
+            other_keys += sum(1 for k in keys if k >= 0)
+            if other_keys > MAX_OTHER_KEYS:
+                return (f"more than {MAX_OTHER_KEYS} dict keys or set elements that are not "
+                        "strings (a state dict's keys are)")
         if name in _TUPLES or name in _OBJECTS:
-            weight = min(_CAP, 1 + sum(popped) + sum(under))
+            weight = min(_CAP, 1 + sum(map(abs, popped)) + sum(map(abs, under)))
         else:
-            weight = 1
+            weight = -1 if name in _STRINGS else 1
         stack.extend([weight] * n_push)
     return None

@@ -278,6 +278,15 @@ def _all_usize(values: list) -> bool:
     return not values or (min(values) >= 0 and max(values) <= _USIZE_MAX)
 
 
+def check_tensor(name: str, dtype: str, shape: tuple[int, ...]) -> None:
+    """HeaderProblem when a tensor from elsewhere (a verl rank file) could not be written into
+    a safetensors header that readers take: an empty or reserved name, a size that overflows."""
+    if not name or name == "__metadata__":
+        raise HeaderProblem(f"it has a tensor named {show(name)}, which safetensors reserves "
+                            "or refuses")
+    _byte_size(name, dtype, list(shape))
+
+
 def _byte_size(name: str, dtype: str, shape: list[int]) -> int:
     """numel x width in bytes, refusing what the parser's checked 64-bit arithmetic refuses.
 

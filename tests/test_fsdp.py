@@ -340,6 +340,7 @@ def _crafted(
     compress: tuple[str, ...] = (),
     zip64: bool = False,
     drop_storage: bool = False,
+    name: str = "w",
 ) -> tuple[Path, torch.Tensor]:
     """A `world`-rank checkpoint of one (rows, 3) DTensor, crafted from scratch; and its value.
 
@@ -370,7 +371,7 @@ def _crafted(
         stored_bytes = (bytes(offset * full.element_size()) + data)[:stored]
         write_rank_file(
             actor / f"model_world_size_{world}_rank_{rank}.pt",
-            dtensor_pickle({"w": value}),
+            dtensor_pickle({name: value}),
             {"mesh": bytes(4 * world), **({} if drop_storage else {"0": stored_bytes})},
             compress=compress,
             zip64=zip64,
@@ -670,3 +671,104 @@ def test_a_fingerprint_without_serialization_id_is_read_back() -> None:
 
     entry = {"model_world_size_1_rank_0.pt": {"size": 10, "serialization_id": None}}
     assert _fingerprints(entry, "the base's fingerprints") == entry
+
+
+def _raw_rank_file(tmp_path: Path, data: bytes) -> Path:
+    actor = tmp_path / "actor"
+    write_fsdp_config(actor, 1)
+    write_rank_file(actor / "model_world_size_1_rank_0.pt", data, {})
+    return actor
+
+
+_COLLIDING = b"".join(  # ints k·(2^61 − 1) all hash to 0: building the dict is quadratic
+    b"\x8a" + bytes([len(v)]) + v + b"N"
+    for v in ((k * (2**61 - 1)).to_bytes(((k * (2**61 - 1)).bit_length() + 8) // 8, "little",
+                                          signed=True) for k in range(1, 5001)))
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"\x80\x02\x8b" + (-5).to_bytes(4, "little", signed=True), "a negative length"),
+    (b"\x80\x02T" + (-5).to_bytes(4, "little", signed=True), "a negative length"),
+    (b"\x80\x02\x8b" + (-100).to_bytes(4, "little", signed=True), "a negative length"),
+    (b"\x80\x02Nr" + (0x10000000).to_bytes(4, "little") + b".", "memo index out of sequence"),
+    (b"\x80\x02}(" + _COLLIDING + b"u.", "that are not strings"),
+    (b"\x80\x04" + b"\x8f" * (2**17 + 8) + b".", "more objects at once"),
+], ids=["long4-back-onto-itself", "binstring-back", "long4-before-the-start", "memo-4-GB",
+        "colliding-int-keys", "a-flood-of-sets"])  # fmt: skip
+def test_pickles_that_would_hang_or_flood_memory_are_refused_first(tmp_path: Path, data: bytes,
+                                                                   expected: str) -> None:
+    """A 7-byte data.pkl looped the guard for ever (a negative length walked back onto its own
+    opcode) or raised IndexError; 10 bytes made the unpickler size its memo at 4.4 GB; 1.9 MB
+    of colliding int keys hung the load in C; 8 MiB of EMPTY_SETs took 2.2 GB. The opcode
+    pass refuses each before the unpickler sees it; torch.save's own pickles pass it."""
+    from relex_stream.pickle_guard import costly_key
+
+    assert expected in refused(_raw_rank_file(tmp_path, data))
+    for protocol in (2, 4):
+        state = {f"layer.{i}.weight": (i, "x", [1.5]) for i in range(3000)}
+        assert costly_key(pickle.dumps(state, protocol=protocol)) is None
+
+
+@pytest.mark.parametrize("alias", [
+    "model_world_size_2_rank_01.pt", "model_world_size_2_rank_1.pt\n",
+    "model_world_size_2_rank_\u0661.pt", "model_world_size_02_rank_1.pt"])
+def test_names_that_only_look_like_a_rank_file_are_not_one(tmp_path: Path, alias: str) -> None:
+    """rank_01.pt, a name ending in a newline, or another script's digit stood in for rank 1
+    (the last one listed won): a stale copy gave another step's piece, silently. verl writes
+    one spelling, and only that one is a rank file."""
+    actor, full = _crafted(tmp_path)
+    (actor / alias).write_bytes(b"not a rank file")
+    assert bits(read_all(open_fsdp_checkpoint(actor).tensors["w"])) == bits(full)
+    (actor / "model_world_size_2_rank_1.pt").unlink()
+    assert "model_world_size_2_rank_1.pt" in refused(actor)
+
+
+def test_a_fifo_for_a_rank_file_is_not_waited_on(tmp_path: Path) -> None:
+    """zipfile opened a rank file in blocking mode: a FIFO under its name hung the run."""
+    from relex_stream import fsdp
+
+    actor, _ = _crafted(tmp_path)
+    fifo = actor / "model_world_size_2_rank_1.pt"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    assert "model_world_size_2_rank_1.pt" in refused(actor)
+    with pytest.raises(RelexError, match="not a regular file"):
+        fsdp._open_archive(fifo)  # listed as a file, swapped for a FIFO before it is opened
+
+
+@pytest.mark.parametrize("name", ["", "__metadata__"])
+def test_tensor_names_no_safetensors_header_takes_are_refused(tmp_path: Path, name: str) -> None:
+    """A rank file's tensor named '' or '__metadata__' went into the output header: neither the
+    safetensors library nor relex_stream could open the prediction (exit 0)."""
+    from relex_stream.checkpoints import open_model
+    from relex_stream.safetensors_io import HeaderProblem, check_tensor
+
+    _crafted(tmp_path, name=name)
+    with pytest.raises(RelexError, match="safetensors reserves or refuses"):
+        open_model(tmp_path)
+    with pytest.raises(HeaderProblem, match="overflows"):
+        check_tensor("w", "F32", (2**62, 2**62, 0))
+    check_tensor("w", "F32", (0, 2**62, 2**62))  # the parser's left-to-right product
+
+
+def test_an_offset_too_long_to_print_is_one_line(tmp_path: Path) -> None:
+    """A storage offset of 10**5000 made the refusal itself raise (str() stops at 4,300
+    digits): a traceback, exit 1."""
+    actor, _ = _crafted(tmp_path, claim_offset=10**5000)
+    assert "points outside its stored data (offset <an integer" in refused(actor)
+
+
+def test_a_safetensors_model_beside_fsdp_shards_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A step holding model.safetensors and actor/ shards was read from the safetensors file
+    without a word (a merge into the step is fine; a stray copy is another model)."""
+    from safetensors.torch import save_file
+
+    from relex_stream.checkpoints import find_model_dir
+
+    _, full = _crafted(tmp_path)
+    save_file({"w": full}, str(tmp_path / "model.safetensors"))
+    with caplog.at_level("WARNING"):
+        assert find_model_dir(tmp_path)[0] == "safetensors"
+        find_model_dir(tmp_path)
+    assert sum("verl FSDP shards" in r.getMessage() for r in caplog.records) == 1
