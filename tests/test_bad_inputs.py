@@ -476,7 +476,9 @@ def test_store_built_from_other_inputs(built_store, tmp_path: Path, other: str) 
     if other == "other-steps":  # the same run, plus a step 15 the store never saw
         shutil.copytree(original_traj.root, tmp_path / "b")  # copy2 keeps the mtimes
         runs = tmp_path / "b" / "runs"
-        shutil.copytree(runs / "checkpoint-20", runs / "checkpoint-15")
+        # new times: a copy keeping them would be refused as stored step 20's own files
+        shutil.copytree(runs / "checkpoint-20", runs / "checkpoint-15",
+                        copy_function=shutil.copy)
         traj = replace(original_traj, root=tmp_path / "b", base=tmp_path / "b" / "base", runs=runs)
     else:
         spec = {
