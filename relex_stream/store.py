@@ -568,7 +568,12 @@ class TrajectoryStore:
         self._write_manifest(new)
         self._records.clear()
         self._grams.clear()
-        self._collect_garbage(old)
+        try:
+            self._collect_garbage(old)
+        except OSError as exc:  # committed: what is left over costs disk, not correctness
+            log.warning("the store at %s is committed, but removing what the change replaced "
+                        "failed (%s); it reads correctly, and the next change removes them",
+                        self.path, exc.strerror or exc)
 
     def abandon(self) -> None:
         """Drop the pending change: the committed generation stays current (or none, for a

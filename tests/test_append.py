@@ -291,3 +291,26 @@ def test_the_disk_check_of_an_append_counts_rows_as_the_store_keeps_them(
                  "the store", "free")
     with TrajectoryStore.open(store) as opened:
         assert opened.steps == list(range(10, 90, 10))
+
+
+def test_a_committed_append_whose_clean_up_fails_still_writes_its_outputs(
+        traj, at_once: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removing what an append superseded (an older Gram version) failed on a directory made
+    read-only after the commit: the run said "error: Permission denied" and wrote no output,
+    though the store was committed and correct. It is a warning now."""
+    from relex_stream.store import TrajectoryStore as Store
+    from tests.untrusted import assert_ok, call
+
+    store = tmp_path / "store.zarr"
+    common = ("--target", TARGET, "--cache", store, "--device", "cpu", "--quiet")
+    assert_ok(call("run", "--base", traj.base, "--runs", traj.runs, "--steps", FIRST, "--out",
+                   tmp_path / "first", *common))
+
+    def refused(self, old):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Store, "_collect_garbage", refused)
+    result = call("run", "--runs", traj.runs, "--out", tmp_path / "second", *common)
+    assert_ok(result)
+    assert "is committed, but removing what the change replaced failed" in result.stderr
+    assert _weights(tmp_path / "second") == _weights(at_once / "out")
