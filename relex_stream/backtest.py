@@ -51,6 +51,11 @@ class BacktestRow:
         return f"{self.method} [window {self.window}]" if with_window else self.method
 
 
+def _shown(error: float) -> str:
+    """A relative error for a sentence; NaN when the held-out step's delta is zero (0 / 0)."""
+    return "undefined (the held-out delta is zero)" if math.isnan(error) else f"{error:.3f}"
+
+
 def verdict(
     label: str, distances: Sequence[float], errors: Sequence[float], threshold: float
 ) -> tuple[float | None, str]:
@@ -63,7 +68,7 @@ def verdict(
     if reach is None:
         return None, (
             f"{label}: do not extrapolate: even the nearest held-out step (+{distances[0]:g} "
-            f"steps) has error {errors[0]:.3f}, above the threshold {threshold:g}"
+            f"steps) has error {_shown(errors[0])}, not under the threshold {threshold:g}"
         )
     if reach == distances[-1]:
         return reach, (
@@ -73,7 +78,7 @@ def verdict(
     after = len([d for d in distances if d <= reach])
     return reach, (
         f"{label}: error stays under {threshold:g} up to +{reach:g} steps ahead; at "
-        f"+{distances[after]:g} it is {errors[after]:.3f}"
+        f"+{distances[after]:g} it is {_shown(errors[after])}"
     )
 
 

@@ -400,3 +400,16 @@ def test_plots_write_nothing_under_home_nor_leave_temporary_files(synth_store: P
                    env=env | {"MPLCONFIGDIR": str(own)}, check=True, capture_output=True,
                    timeout=300)
     assert any(own.iterdir())  # the user's choice: matplotlib's cache is there
+
+
+def test_a_verdict_on_a_held_out_step_that_did_not_move_says_so() -> None:
+    """A held-out step whose delta is zero has no relative error (0 / 0): the verdict read
+    "has error nan, above the threshold 0.3"."""
+    import math
+
+    from relex_stream.backtest import verdict
+
+    reach, line = verdict("relex", [10, 20], [math.nan, 0.1], 0.3)
+    assert reach is None and "nan" not in line and "undefined" in line
+    reach, line = verdict("relex", [10, 20], [0.1, math.nan], 0.3)
+    assert reach == 10 and "nan" not in line and "undefined" in line
