@@ -26,6 +26,13 @@ def _reopen_closed_standard_streams() -> None:
 
 _reopen_closed_standard_streams()
 
+try:  # torch's libraries fail to load, with a FATAL line of their own, from a deleted cwd
+    os.getcwd()
+except OSError:
+    print("error: the current directory no longer exists; cd to one that does and rerun",
+          file=sys.stderr)
+    sys.exit(2)
+
 from .envvars import gomp_cpu_affinity, import_library, omp_num_threads  # noqa: E402
 from .errors import RelexError  # noqa: E402
 

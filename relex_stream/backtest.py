@@ -146,6 +146,8 @@ def _specs(methods: Sequence[str | MethodSpec] | None) -> list[MethodSpec]:
                 f"{spec} reconstructs observed steps and cannot predict held-out ones; "
                 "backtest extrapolating methods (relex, raw-ols, two-point, expo)"
             )
+    if len(set(specs)) != len(specs):  # as run refuses it: every row would come twice
+        raise RelexError("the same method is given twice in --methods; give each once")
     return specs
 
 
@@ -220,8 +222,8 @@ def backtest(
             f"{n_steps - 2} so at least two remain to fit"
         )
     if out_dir is not None:
-        make_out_dir(Path(out_dir), data.path, BACKTEST_FILES if plots else BACKTEST_FILES[:2],
-                     overwrite)
+        make_out_dir(Path(out_dir), data.path, BACKTEST_FILES, overwrite,
+                     writes=BACKTEST_FILES if plots else BACKTEST_FILES[:2])
     train = n_steps - holdout
     targets = list(range(train, n_steps))
     rows = [

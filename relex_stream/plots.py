@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +34,16 @@ def _private_config_dir() -> None:
     path = tempfile.mkdtemp(prefix="relex-stream-matplotlib-")
     atexit.register(shutil.rmtree, path, True)
     os.environ["MPLCONFIGDIR"] = path
+    # atexit does not run when SIGTERM kills the process (a job's time limit): remove the
+    # folder, then die of the signal as before
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        def remove_then_die(signum: int, frame: object) -> None:
+            shutil.rmtree(path, True)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+        signal.signal(signal.SIGTERM, remove_then_die)
 
 
 def pyplot():
@@ -39,6 +51,9 @@ def pyplot():
     _private_config_dir()
     # its INFO lines ("generated new fontManager") are not the user's business
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    # Agg is used whatever MPLBACKEND says; a value matplotlib does not know made its import
+    # raise ValueError (a traceback)
+    os.environ.pop("MPLBACKEND", None)
     try:
         import matplotlib
     except ImportError:

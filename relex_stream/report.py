@@ -340,8 +340,8 @@ def report(
         pyplot()  # fail before the work if matplotlib is missing
     data = load_grams(store_path)
     if out_dir is not None:
-        make_out_dir(Path(out_dir), data.path, REPORT_FILES if plots else REPORT_FILES[:3],
-                     overwrite)
+        make_out_dir(Path(out_dir), data.path, REPORT_FILES, overwrite,
+                     writes=REPORT_FILES if plots else REPORT_FILES[:3])
     steps = torch.tensor(data.steps, dtype=torch.float64)
     tensors = [
         TensorReport(
@@ -371,10 +371,13 @@ REPORT_FILES = ("report.json", "report.csv", "summary.txt", "coefficients.png",
                 "histograms.png", "by_layer.png", "by_module.png")
 
 
-def make_out_dir(out: Path, store: Path, names: tuple[str, ...], overwrite: bool) -> None:
-    """The directory report or backtest writes `names` to, made; RelexError when it is not one,
-    lies inside the store (the store holds only what a run wrote; beside it, as in a run's OUT,
-    is fine), or already holds one of `names` and `overwrite` is off (it may be the user's)."""
+def make_out_dir(out: Path, store: Path, names: tuple[str, ...], overwrite: bool,
+                 writes: tuple[str, ...] | None = None) -> None:
+    """The directory report or backtest writes `writes` (of its files `names`; all by default)
+    to, made; RelexError when it is not one, lies inside the store (the store holds only what a
+    run wrote; beside it, as in a run's OUT, is fine), or already holds one of `names` and
+    `overwrite` is off (it may be the user's). With `overwrite`, a file of `names` this run
+    does not write (a PNG, with --no-plots) is removed: it would describe another store."""
     if out.resolve().is_relative_to(store.resolve()):
         raise RelexError(f"--out {out} is inside the store {store}; give --out a directory "
                          "outside the store")
@@ -387,6 +390,16 @@ def make_out_dir(out: Path, store: Path, names: tuple[str, ...], overwrite: bool
     if present and not overwrite:
         raise RelexError(f"--out {out} already holds {', '.join(present)}; pass --overwrite to "
                          "replace them, or give another --out")
+    for name in present:
+        if name not in (writes or names):
+            try:
+                os.unlink(out / name)  # a link is removed, never followed
+            except IsADirectoryError:
+                raise RelexError(f"--out {out} holds a directory {name}; move it away or give "
+                                 "another --out") from None
+            except OSError as exc:
+                raise RelexError(f"cannot remove the old {out / name}: "
+                                 f"{exc.strerror or exc}") from None
 
 
 def write_report(result: ReportResult, out: Path, plots: bool = True) -> list[Path]:

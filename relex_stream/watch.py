@@ -227,6 +227,27 @@ class Watcher:
         return _line(rows[-1], self.options.targets) if rows else ""
 
 
+def _check_watch_output(options: WatchOptions, directory: Path) -> None:
+    """Before the first append: OUT/step-T must be writable, apart from the store, and either
+    absent or a prediction relex_stream wrote (watch replaces it each time, without asking:
+    a user's own model there would be lost)."""
+    from .writer import check_output_dir
+
+    if paths_overlap(options.cache, directory):
+        raise RelexError(f"--cache {options.cache} and the prediction {directory} overlap; keep "
+                         "the store outside --out's step directories")
+    check_output_dir(directory, overwrite=True)  # a link in its place, an unwritable OUT
+    if directory.exists():
+        try:
+            ours = open_model(directory).predicted
+        except RelexError:
+            ours = False
+        if not ours:
+            raise RelexError(f"{directory} exists and is not a prediction relex_stream wrote; "
+                             "watch replaces it at every prediction: move it away or choose "
+                             "another --out")
+
+
 def _exact(steps: list[int]) -> StepSelection:
     return StepSelection((), tuple(steps), ",".join(map(str, steps)))
 
@@ -480,6 +501,9 @@ def run_watch(options: WatchOptions, printer: Callable[[str], None] = print) -> 
             # an output inside the run directory would be taken for a checkpoint (step-T)
             raise RelexError(f"--out {options.out} and the input {path} overlap; give --out a "
                              "directory outside the checkpoints")
+    if options.out is not None:
+        for target in options.targets:
+            _check_watch_output(options, options.out / f"step-{step_label(target)}")
     watcher = Watcher(options)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 

@@ -16,6 +16,7 @@ import pickle
 import shutil
 import struct
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -396,6 +397,47 @@ def test_watch_refuses_a_busy_poll_or_a_bad_settle(traj, tmp_path: Path, flags) 
                    expect_rc=2)
     assert proc.stderr.count("\n") == 1 and flags[0] in proc.stderr, proc.stderr
     assert not (tmp_path / "w.zarr").exists()
+
+
+@pytest.mark.parametrize("case", ["users-model-in-step-dir", "cache-is-the-step-dir",
+                                  "out-under-a-file"])
+def test_watch_refuses_an_out_it_cannot_use_before_building(traj, tmp_path: Path,
+                                                            case: str) -> None:
+    """watch replaced a user's OUT/step-T (their model.safetensors and config.json) without
+    asking, and built the store before an --out under a file or around the store failed."""
+    out, store = tmp_path / "pred", tmp_path / "w.zarr"
+    if case == "users-model-in-step-dir":
+        (out / "step-100").mkdir(parents=True)
+        shutil.copy(traj.ckpt_dirs[20] / "model.safetensors", out / "step-100")
+        (out / "step-100" / "config.json").write_text("{}")
+        needle = "not a prediction relex_stream wrote"
+    elif case == "cache-is-the-step-dir":
+        store = out / "step-100"
+        needle = "overlap"
+    else:
+        (tmp_path / "a-file").write_text("x")
+        out = tmp_path / "a-file" / "pred"
+        needle = "a-file"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    proc = run_cli("watch", "--runs", traj.runs, "--cache", store, "--base", traj.base,
+                   "--target", 100, "--out", out, "--interval", "1s", "--settle", "1s",
+                   expect_rc=2)
+    assert proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_deleted_working_directory_is_one_line(tmp_path: Path) -> None:
+    """From a deleted cwd torch's libraries failed to load: an 'Intel oneMKL FATAL ERROR'
+    line, no error: line."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    proc = subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$0" -m relex_stream --help', sys.executable,
+         str(gone)], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: the current directory no longer exists; cd to one that does and rerun"]
 
 
 def test_output_exists_without_overwrite(traj, out_with_existing) -> None:

@@ -413,3 +413,44 @@ def test_a_verdict_on_a_held_out_step_that_did_not_move_says_so() -> None:
     assert reach is None and "nan" not in line and "undefined" in line
     reach, line = verdict("relex", [10, 20], [0.1, math.nan], 0.3)
     assert reach == 10 and "nan" not in line and "undefined" in line
+
+
+def test_a_bad_mplbackend_and_a_sigterm_leave_no_trace(synth_store: Path, tmp_path: Path) -> None:
+    """MPLBACKEND=foo made matplotlib's import raise ValueError (a traceback, exit 1; watch only
+    after building its store); SIGTERM during a report left $TMPDIR/relex-stream-matplotlib-*
+    behind (atexit does not run on a signal)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MPL")}
+    env |= {"TMPDIR": str(scratch), "CUDA_VISIBLE_DEVICES": "", "MPLBACKEND": "foo",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "relex_stream", "report", str(synth_store),
+                           "--out", str(tmp_path / "rep"), "--null-samples", "5"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "rep" / "coefficients.png").is_file()
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal\nfrom relex_stream import plots\n"
+         "plots.pyplot()\nos.kill(os.getpid(), signal.SIGTERM)\n"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -15, killed.stderr
+    assert list(scratch.iterdir()) == []
+
+
+def test_no_plots_with_overwrite_removes_the_old_plots(synth_store: Path, tmp_path: Path) -> None:
+    """report --overwrite --no-plots kept the PNGs of the report before beside the new JSON:
+    one folder describing two stores."""
+    out = tmp_path / "rep"
+    cli("report", synth_store, "--out", out, "--null-samples", "5")
+    cli("backtest", synth_store, "--holdout", "2", "--out", out)
+    assert (out / "by_layer.png").is_file() and (out / "backtest.png").is_file()
+    cli("report", synth_store, "--out", out, "--null-samples", "5", "--no-plots", "--overwrite")
+    cli("backtest", synth_store, "--holdout", "2", "--out", out, "--no-plots", "--overwrite")
+    assert not list(out.glob("*.png"))
+    assert (out / "summary.txt").is_file() and (out / "backtest.json").is_file()
+
+
+def test_a_method_given_twice_to_backtest_is_refused(synth_store: Path) -> None:
+    """`backtest --methods relex relex` printed every row twice; run refuses a repeat."""
+    with pytest.raises(RelexError, match="twice"):
+        backtest(synth_store, holdout=2, methods=["relex", "raw-ols", "relex"])
