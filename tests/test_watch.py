@@ -428,13 +428,7 @@ def test_a_checkpoint_rewritten_while_it_is_appended_is_taken_again(watched, tmp
     traj, store, _, _, root = watched
     copy = tmp_path / "store.zarr"
     shutil.copytree(store, copy)
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    for step in STEPS:
-        (runs / f"checkpoint-{step}").symlink_to(root / "live" / f"checkpoint-{step}")
-    # new times: a copy keeping them would be refused as stored step 60's files
-    shutil.copytree(traj.runs / f"checkpoint-{STEPS[-1]}", runs / "checkpoint-70",
-                    copy_function=shutil.copy)
+    runs = _runs_beyond(traj, root, tmp_path)
     weights = (runs / "checkpoint-70" / "model.safetensors").resolve()
     real_read = sources.read_into
     rewrites = []
