@@ -456,10 +456,11 @@ def _open_archive(path: Path) -> _Archive:
         # never waited on: a FIFO swapped in for a rank file after it was listed
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         handle = os.fdopen(fd, "rb")
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             handle.close()
             raise RelexError(f"{path} is not a regular file; a torch rank file is expected")
-        size = os.fstat(fd).st_size
+        size = info.st_size
         with handle, zipfile.ZipFile(handle) as zf:
             prefix, pkl = _pickle_member(zf, path)
             data = _read_member(zf, pkl, _MAX_PICKLE_BYTES, path)
@@ -848,8 +849,7 @@ def _piece(shard: _Shard, numel: int, archive: _Archive, starts: dict[str, int])
         raise RelexError(
             f"{path}: tensor {_quoted(name)} points outside its stored data (offset "
             f"{_printable(shard.local.offset)}, {numel} elements, {info.file_size} bytes "
-            "stored); the file "
-            "is corrupt or crafted; re-copy it from the training run"
+            "stored); the file is corrupt or crafted; re-copy it from the training run"
         )
     return Piece(path, starts[storage.key] + shard.local.offset * itemsize, numel)
 

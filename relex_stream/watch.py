@@ -40,6 +40,7 @@ from .report import StoreGrams, load_grams
 from .safefs import open_root, opened_dir, paths_overlap, read_small, write_atomic
 from .store import TrajectoryStore
 from .units import DEFAULT_MAX_MEMORY, StepSelection, step_label
+from .writer import check_output_dir
 
 log = logging.getLogger("relex_stream")
 
@@ -130,8 +131,8 @@ class Watcher:
     def poll(self) -> list[str]:
         """Append what is ready (one checkpoint at a time; the first two build the store);
         returns the lines printed."""
-        lines = self._catch_up()
         stored = self._stored_steps()
+        lines = self._catch_up(stored)
         last = stored[-1] if stored else None
         if self.options.until is not None and last is not None and last >= self.options.until:
             self.stop_requested = True  # the store already holds the step asked for
@@ -181,11 +182,11 @@ class Watcher:
                 self.stop_requested = True
         return lines
 
-    def _catch_up(self) -> list[str]:
-        """When the timeline's last row is not the store's last step (a watch killed between
-        its append and the timeline, or another process appended), --out is materialised and
-        the timeline recorded now, not only after the next new checkpoint; the line printed."""
-        stored = self._stored_steps()
+    def _catch_up(self, stored: tuple[int, ...]) -> list[str]:
+        """When the timeline's last row is not the store's last step (`stored`: a watch killed
+        between its append and the timeline, or another process appended), --out is
+        materialised and the timeline recorded now, not only after the next new checkpoint;
+        the line printed."""
         if len(stored) < 2:
             return []
         rows = _load_rows(self.options)
@@ -231,8 +232,6 @@ def _check_watch_output(options: WatchOptions, directory: Path) -> None:
     """Before the first append: OUT/step-T must be writable, apart from the store, and either
     absent or a prediction relex_stream wrote (watch replaces it each time, without asking:
     a user's own model there would be lost)."""
-    from .writer import check_output_dir
-
     if paths_overlap(options.cache, directory):
         raise RelexError(f"--cache {options.cache} and the prediction {directory} overlap; keep "
                          "the store outside --out's step directories")
@@ -261,7 +260,7 @@ def _snapshot(directory: Path) -> tuple:
         folder = pending.pop()
         try:
             with os.scandir(folder) as found:
-                entries = sorted(found, key=lambda e: e.name)
+                entries = list(found)  # the whole list is sorted at the end
         except OSError:
             continue  # removed or unreadable while we looked: the next poll sees it
         for entry in entries:
