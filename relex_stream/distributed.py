@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import logging
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,15 @@ import torch.distributed as dist
 
 from .envvars import master_address, torchrun_env
 from .errors import RelexError
+
+log = logging.getLogger(__name__)
+
+# How long a rank waits for the others to join. torchrun starts every rank of a job within
+# seconds of each other (and stops the job when one fails), so a longer wait means a rank that
+# will never come: WORLD_SIZE and RANK left in the environment of a single process, say.
+JOIN_TIMEOUT_S = 300.0
+# After this long alone a rank says what it waits for (a stray WORLD_SIZE looks like a hang).
+JOIN_NOTICE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -74,8 +86,50 @@ def init_from_env(device_name: str) -> Ranks:
             torch.cuda.set_device(device)
             if "device_id" in inspect.signature(dist.init_process_group).parameters:
                 options["device_id"] = device  # torch >= 2.3
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **options)
+        _join(ranks, address, port, backend="nccl" if use_cuda else "gloo", **options)
     return ranks
+
+
+def _join(ranks: Ranks, address: str, port: int, **options) -> None:
+    """dist.init_process_group, waited for at most JOIN_TIMEOUT_S and stoppable with Ctrl-C.
+
+    torch's wait for the other ranks is one C++ call that lasts the group's whole timeout (two
+    hours here, for collectives) and does not see signals; it runs on a helper thread, which a
+    rank that gives up leaves behind as it exits.
+    """
+    failure: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            dist.init_process_group(**options)
+        except BaseException as exc:  # noqa: BLE001 (re-raised on the calling thread)
+            failure.append(exc)
+
+    fix = "launch every rank with torchrun, or unset WORLD_SIZE, RANK and LOCAL_RANK for a " \
+          "single process"
+    helper = threading.Thread(target=join, name="relex-join", daemon=True)
+    started = time.monotonic()
+    helper.start()
+    helper.join(JOIN_NOTICE_S)
+    if helper.is_alive():
+        log.warning("rank %d of %d: waiting for the other ranks at %s:%d (at most %.0f s; "
+                    "Ctrl-C stops); %s", ranks.rank, ranks.world_size, address, port,
+                    JOIN_TIMEOUT_S, fix)
+    while helper.is_alive() and time.monotonic() - started < JOIN_TIMEOUT_S:
+        helper.join(0.25)  # short waits, so that Ctrl-C reaches this thread
+    if helper.is_alive():
+        raise RelexError(
+            f"rank {ranks.rank} of {ranks.world_size}: the other ranks did not join at "
+            f"{address}:{port} within {JOIN_TIMEOUT_S:.0f} s; {fix}"
+        )
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, dist.DistError):  # a port in use, a refused connection, a timeout
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise RelexError(f"rank {ranks.rank} of {ranks.world_size}: could not join the job "
+                             f"at {address}:{port} ({first}); check MASTER_ADDR and "
+                             f"MASTER_PORT (a free port), or {fix}") from None
+        raise exc
 
 
 def device_for(device_name: str, ranks: Ranks) -> str:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.fixtures import LM_HEAD, Spec, build_trajectory
@@ -62,3 +66,70 @@ def test_a_failing_rank_fails_the_job_with_its_message(tmp_path: Path) -> None:
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "lm_head.weight" in errors[0] and "step 30" in errors[0]
     assert not (tmp_path / "out" / "step-100").exists()
+
+
+# A single process with WORLD_SIZE, RANK and LOCAL_RANK left in its environment: torch would
+# wait two hours for rank 1, deaf to Ctrl-C. The join's time limit is lowered for the test.
+_JOIN_LIMITED = (
+    "import sys\n"
+    "from relex_stream import cli, distributed\n"
+    "distributed.JOIN_TIMEOUT_S = float(sys.argv[1])\n"
+    "distributed.JOIN_NOTICE_S = 0.2\n"
+    "sys.exit(cli.main(sys.argv[2:]))\n"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _alone(tmp_path: Path, join_timeout_s: float, port: int, rank: int = 0) -> subprocess.Popen:
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", WORLD_SIZE="2", RANK=str(rank),
+               LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-c", _JOIN_LIMITED, str(join_timeout_s), "run", "--base", traj.base,
+           "--runs", traj.runs, "--target", "100", "--out", tmp_path / "out", "--device", "cpu",
+           "--quiet"]
+    return subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_left_alone_gives_up_with_one_error_line(tmp_path: Path, rank: int) -> None:
+    proc = _alone(tmp_path, 3.0, _free_port(), rank)
+    _, stderr = proc.communicate(timeout=120)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert len(errors) == 1 and "did not join" in errors[0] and "unset WORLD_SIZE" in errors[0]
+    assert "waiting for the other ranks" in stderr  # said while it waited
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_stops_a_rank_waiting_for_the_others(tmp_path: Path) -> None:
+    proc = _alone(tmp_path, 600.0, _free_port())
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "waiting for the other ranks" not in seen and time.monotonic() < deadline:
+        seen += proc.stderr.readline()
+    assert "waiting for the other ranks" in seen
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130, seen + rest
+    assert "Traceback" not in rest and rest.count("error:") == 1
+
+
+def test_a_master_port_in_use_is_one_error_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = _alone(tmp_path, 60.0, taken.getsockname()[1])
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "MASTER_PORT" in errors[0], stderr[-2000:]
