@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # checkpoint-N (HF Trainer, TRL), global_step_N / global_stepN (verl, DeepSpeed),
 # global_stepN_hf (OpenRLHF), step_N, step-N
 STEP_DIR_RE = re.compile(r"^(?:checkpoint-|global_step_?|step[_-])([0-9]{1,15})(?:_hf)?$", re.ASCII)
+# A name that starts like a step directory but is not one (checkpoint-100.tmp, global_step_1e3):
+# most likely a checkpoint the user meant, so skipping it is said, once per directory.
+_NEAR_STEP_DIR_RE = re.compile(r"^(?:checkpoint|global_step|step)[-_]?[0-9]", re.ASCII)
+_WARNED_SKIPPED: set[Path] = set()
 MODEL_SUBDIRS = (".", "huggingface", "actor/huggingface")
 AUX_EXCLUDE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5")
 # all of them together (held in memory while the outputs are written): a tokenizer.json is 7-35
@@ -470,6 +474,12 @@ def discover_runs(runs_dir: Path, allow_none: bool = False) -> dict[int, Path]:
     for child in sorted(runs_dir.iterdir()):
         match = STEP_DIR_RE.match(child.name)
         if not match or not child.is_dir():
+            if not match and _NEAR_STEP_DIR_RE.match(child.name) and child.is_dir() \
+                    and child not in _WARNED_SKIPPED:
+                _WARNED_SKIPPED.add(child)  # once: watch lists the directory on every poll
+                log.warning("skipping %r in %s: not named like a step directory (checkpoint-N, "
+                            "global_step_N, global_stepN[_hf], step_N or step-N); rename it or "
+                            "pass it with --ckpt STEP=PATH", child.name, runs_dir)
             continue
         step = int(match.group(1))
         if step in found:

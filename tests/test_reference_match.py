@@ -174,3 +174,19 @@ def test_api_overwrite_rerun(make_traj, tmp_path: Path) -> None:
     relex_stream.extrapolate(**kwargs, device="cpu")
     relex_stream.extrapolate(**kwargs, device="cpu", overwrite=True)
     check_against_reference(traj, out, [40])
+
+
+def test_a_near_step_directory_is_skipped_with_a_warning(make_traj, tmp_path: Path) -> None:
+    """checkpoint-40.tmp looks like a step the user meant: it is skipped, and the run says so;
+    a folder with another kind of name (logs) is skipped quietly. The result is the others'."""
+    traj = make_traj(steps=(10, 20, 30))
+    (traj.runs / "checkpoint-40.tmp").mkdir()
+    (traj.runs / "global_step_1e3").mkdir()
+    (traj.runs / "logs").mkdir()
+    proc = run_traj(traj, tmp_path / "out", [100])
+    warned = [line for line in proc.stderr.splitlines() if "skipping" in line]
+    assert len(warned) == 2, proc.stderr
+    assert any("'checkpoint-40.tmp'" in line for line in warned)
+    assert any("'global_step_1e3'" in line for line in warned)
+    assert "logs" not in proc.stderr
+    check_against_reference(traj, tmp_path / "out", [100])
