@@ -53,6 +53,41 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# float32 bits a float32 → dtype rounding drops, and the pattern of a midpoint among them
+_MIDPOINT_BITS = {torch.bfloat16: (0xFFFF, 0x8000), torch.float16: (0x1FFF, 0x1000)}
+_FLOAT16_SMALLEST_NORMAL = 2.0**-14  # below it float16 drops more bits: every value is checked
+
+
+def round_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 `values` rounded to nearest even into `dtype`, once; any shape, same device.
+
+    torch converts float64 to bfloat16 and float16 through float32, rounding twice: 1 + 2⁻⁸ +
+    2⁻²⁶ came out 1.0, not 1.0078125. The second rounding goes wrong only where the first lands
+    exactly on a midpoint of `dtype` (all of them are float32 values). There, the float32 is
+    rounded *to odd* instead (toward zero, last bit set when inexact), which never lands on a
+    midpoint; float32 keeps at least two more bits than either dtype, so its rounding to `dtype`
+    is then the correct one (Boldo and Melquiond, IEEE Trans. Computers 57(4), 2008).
+    """
+    if values.dtype != torch.float64 or dtype not in _MIDPOINT_BITS:
+        return values.to(dtype)
+    single = values.to(torch.float32).contiguous()
+    bits = single.view(torch.int32).view(-1)
+    mask, midpoint = _MIDPOINT_BITS[dtype]
+    suspects = (bits & mask) == midpoint
+    if dtype == torch.float16:
+        suspects |= single.view(-1).abs() < _FLOAT16_SMALLEST_NORMAL
+    where = torch.nonzero(suspects).flatten()
+    if where.numel():
+        exact = values.reshape(-1)[where]  # float64
+        nearest = bits[where]
+        back = nearest.view(torch.float32).to(torch.float64)
+        inexact = back != exact  # a NaN too: its bits stay a NaN
+        # toward zero: one float32 ulp down in magnitude where rounding went away from zero
+        nearest -= (back.abs() > exact.abs()).to(torch.int32)
+        bits[where] = nearest | inexact.to(torch.int32)
+    return single.to(dtype)
+
+
 def exact_matmul() -> None:
     """TF32 would round the deltas to 10 mantissa bits before the Gram product."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -308,7 +343,7 @@ def combine_block(
     """
     n_out, width = weights.shape[0], block.width
     out = Workspace.view(ws.out, (n_out, width), out_dtype)
-    out.copy_(base.expand(n_out, -1))  # the base's values, cast to the output dtype
+    out.copy_(round_to(base, out_dtype).expand(n_out, -1))  # the base's values, in out_dtype
     if block.support == 0:
         return out.cpu()
     m = block.deltas.shape[1]
@@ -321,10 +356,22 @@ def combine_block(
     predicted = Workspace.view(ws.predicted, (n_out, m), torch.float64)
     torch.addmm(base_support.expand(n_out, -1), weights, block.deltas, out=predicted)
     if block.columns is None:
-        out.copy_(predicted)
+        out.copy_(round_to(predicted, out_dtype))
+        _keep_negative_zeros(out, base64, block.deltas)
     else:
-        out[:, block.columns] = predicted.to(out_dtype)
+        out[:, block.columns] = round_to(predicted, out_dtype)
     return out.cpu()
+
+
+def _keep_negative_zeros(out: torch.Tensor, base64: torch.Tensor, deltas: torch.Tensor) -> None:
+    """In a dense block an unchanged -0.0 of the base came out +0.0 (-0.0 + 0.0): put the base's
+    bits back there, as a sparse block leaves them. out: (T, s); base64: (s,); deltas: (K, s)."""
+    negative_zero = (base64 == 0) & torch.signbit(base64)  # (s,)
+    if not bool(negative_zero.any()):
+        return
+    columns = torch.nonzero(negative_zero).flatten()
+    unchanged = columns[(deltas[:, columns] == 0).all(dim=0)]
+    out[:, unchanged] = base64[unchanged].to(out.dtype)
 
 
 # A Gram matrix D Dᵀ has no negative eigenvalue; rounding leaves ones of ~K·ε·λ_max. One

@@ -32,6 +32,7 @@ from .kernels import (
     gram_panels,
     panel_masks,
     randomized_gram,
+    round_to,
     symmetric,
 )
 from .progress import Progress
@@ -465,7 +466,7 @@ def _materialise_chunk(chunk: Chunk, w: TensorWork, ctx: PassContext,
                 changed = _changed(rows_t[:, a:b], base_b, w, ws)
                 block = block_deltas(rows_t[:, a:b], base_b, changed, ws)
             if w.keep_base:
-                out = base_b.to(out_dtype).expand(weights.shape[0], -1).cpu()
+                out = round_to(base_b, out_dtype).expand(weights.shape[0], -1).cpu()
                 return _Emitted(out, True, block.support, block.width)
             out = combine_block(weights, block, base_b, out_dtype, ws)  # (T, s) host
             return _Emitted(out, bool(torch.isfinite(out).all()), block.support, block.width)
