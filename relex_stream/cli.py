@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 from .envvars import message_rank
@@ -397,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sys.stdout = _GuardedOutput(stdout)
         try:
-            handlers[args.command](args)
+            with _sigterm_stops():
+                handlers[args.command](args)
             sys.stdout.flush()
         finally:
             sys.stdout = stdout
@@ -419,11 +422,35 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(f"{exc.strerror or exc}{where}: check the disk and the paths, then rerun "
                      "(--verbose shows where it happened)")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        how = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         print(
-            "error: interrupted; finished tensors are kept in the store, so the same command "
+            f"error: {how}; finished tensors are kept in the store, so the same command "
             "continues where it stopped",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job's time limit, torchrun stopping a failed job's other ranks): unwinds like
+    Ctrl-C, so temporary outputs are removed and the store is left as it was committed."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """SIGTERM raises Terminated in the main thread while a command runs; a command that
+    handles it itself (watch stops between checkpoints) installs its own handler inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

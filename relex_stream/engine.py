@@ -44,6 +44,7 @@ from .writer import (
     ModelWriter,
     abort_all,
     check_output_dir,
+    new_run_id,
     output_dtypes,
     output_names,
     remove_leftovers,
@@ -438,8 +439,9 @@ def _input_bytes(groups: list[Group], n_observed: int) -> int:
     return total
 
 
-def _run_id(ranks: Ranks) -> int:
-    return broadcast(os.getpid(), ranks) if ranks.distributed else os.getpid()
+def _run_id(ranks: Ranks) -> str:
+    """Rank 0's name part for the temporary outputs, shared by every rank."""
+    return broadcast(new_run_id(), ranks) if ranks.distributed else new_run_id()
 
 
 def _write_outputs(
@@ -474,10 +476,10 @@ def _write_outputs(
     owner = ranks.is_main
     try:
         for spec in outputs if owner else []:
-            writers.append(ModelWriter.create(spec.directory, run_id, gen.layout, dtypes))
+            ModelWriter.create(spec.directory, run_id, gen.layout, dtypes, made=writers)
         barrier(ranks)
         for spec in [] if owner else outputs:
-            writers.append(ModelWriter.attach(spec.directory, run_id, gen.layout, dtypes))
+            ModelWriter.attach(spec.directory, run_id, gen.layout, dtypes, made=writers)
         for gw in works:
             if gw.write:
                 gw.open_writer = _writer_factory(store, gen, gw.group, inputs)

@@ -7,33 +7,39 @@ temporary directory that only `finalize` turns into a loadable model. Temporary 
 carry a marker file, and only directories with that marker are ever removed as leftovers: a
 directory of the user's that happens to look like one is left alone. The marker is removed
 only after the rename into place, so that a run stopped at any point leaves nothing unmarked.
+
+OUT may be shared by runs in other containers or on other hosts, where process ids say nothing:
+a temporary directory's name carries a random part (two runs never share one), and its run
+holds an flock on the marker while it lives. A leftover is a marked directory whose marker
+nobody holds; where the file system has no locks, nothing is removed as a leftover.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
+import secrets
 import stat
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 
-from .checkpoints import ModelLayout
+from .checkpoints import ModelLayout, open_model
 from .errors import RelexError
 from .jsonfile import show
-from .safefs import open_root, read_small_at, remove_tree
+from .safefs import open_root, remove_tree
 from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME, PREDICTION_KEY, PREDICTION_VALUE
 
 log = logging.getLogger(__name__)
 
 _CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
-MARKER = ".relex-stream-tmp"  # inside every temporary directory: "pid\n"
+MARKER = ".relex-stream-tmp"  # inside every temporary directory: "pid\n", flocked by its run
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,55 @@ def output_dtypes(layout: ModelLayout, float_dtype: str | None) -> dict[str, str
     }
 
 
-def tmp_dir(final_dir: Path, run_id: int) -> Path:
+def new_run_id() -> str:
+    """A name part no other run shares, whatever its host or PID namespace: pid-random hex."""
+    return f"{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def tmp_dir(final_dir: Path, run_id: str) -> Path:
     return final_dir.with_name(f".{final_dir.name}.tmp-{run_id}")
+
+
+def _hold_marker(directory: Path) -> int:
+    """Mark `directory` as a live temporary directory of this run: the marker appears already
+    locked (written under another name, then renamed), and stays locked until its descriptor
+    is closed. Returns that descriptor."""
+    staging = directory / f"{MARKER}.new"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    try:
+        with contextlib.suppress(OSError):  # a file system without locks: see _abandoned
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.fsync(fd)
+        os.rename(staging, directory / MARKER)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _abandoned(marker: Path) -> bool:
+    """Whether no live run holds this marker (its run is gone: the directory is a leftover).
+    False when that cannot be told: the file system has no locks, or it is not a plain file."""
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False  # a live run, maybe in another container or on another host
+    except OSError as exc:
+        log.warning("cannot tell whether %s belongs to a live run (%s: the file system has no "
+                    "locks); it is left alone: remove it once no run writes there",
+                    marker.parent, exc.strerror or exc)
+        return False
+    finally:
+        os.close(fd)  # releases the lock taken above
 
 
 def _header(
@@ -81,20 +134,27 @@ def _header(
 class ModelWriter:
     """An output model under construction in a temporary directory; `finalize` renames it."""
 
-    def __init__(self, final_dir: Path, run_id: int, layout: ModelLayout, dtypes: dict[str, str],
-                 owner: bool):
+    def __init__(self, final_dir: Path, run_id: str, layout: ModelLayout, dtypes: dict[str, str],
+                 owner: bool, made: list[ModelWriter] | None = None):
         self.final_dir, self.layout, self.dtypes = final_dir, layout, dtypes
+        self.run_id = run_id
         self.tmp_dir = tmp_dir(final_dir, run_id)
         self.owner = owner
+        self._marker_fd: int | None = None  # its flock says the directory is in use
         self.slots: dict[str, OutputSlot] = {}
         self._fds: dict[str, int] = {}
         self.total_bytes = 0
         self._made_tmp_dir = False  # abort() removes only a directory this writer made
+        if made is not None:
+            # the caller aborts every writer it made, all their files closed first: with many
+            # outputs open, this one alone could not even open its directory to remove it
+            made.append(self)
         try:
             with self._errors():
                 self._lay_out()
         except BaseException:
-            abort_all([self])  # never hides why the layout failed
+            if made is None:
+                abort_all([self])  # never hides why the layout failed
             raise
 
     def _lay_out(self) -> None:
@@ -102,7 +162,7 @@ class ModelWriter:
         if owner:
             self.tmp_dir.mkdir()
             self._made_tmp_dir = True
-            _write_synced(self.tmp_dir / MARKER, f"{os.getpid()}\n".encode())
+            self._marker_fd = _hold_marker(self.tmp_dir)
         for shard, names in layout.shard_tensors.items():
             header, info = _header(names, layout, dtypes)
             path = self.tmp_dir / shard
@@ -119,16 +179,17 @@ class ModelWriter:
                 )
 
     @classmethod
-    def create(cls, final_dir: Path, run_id: int, layout: ModelLayout,
-               dtypes: dict[str, str]) -> ModelWriter:
-        """Lay out the shards (rank 0)."""
-        return cls(final_dir, run_id, layout, dtypes, owner=True)
+    def create(cls, final_dir: Path, run_id: str, layout: ModelLayout, dtypes: dict[str, str],
+               made: list[ModelWriter] | None = None) -> ModelWriter:
+        """Lay out the shards (rank 0). With `made`, the writer joins that list first, and the
+        caller's abort_all(made) cleans up after a failure."""
+        return cls(final_dir, run_id, layout, dtypes, owner=True, made=made)
 
     @classmethod
-    def attach(cls, final_dir: Path, run_id: int, layout: ModelLayout,
-               dtypes: dict[str, str]) -> ModelWriter:
+    def attach(cls, final_dir: Path, run_id: str, layout: ModelLayout, dtypes: dict[str, str],
+               made: list[ModelWriter] | None = None) -> ModelWriter:
         """Open the shards rank 0 laid out (other torchrun ranks)."""
-        return cls(final_dir, run_id, layout, dtypes, owner=False)
+        return cls(final_dir, run_id, layout, dtypes, owner=False, made=made)
 
     def write(self, name: str, start_element: int, data: np.ndarray) -> None:
         """Write flattened elements [start_element, start_element + data.size) of a tensor."""
@@ -199,26 +260,38 @@ class ModelWriter:
             check_replaceable(self.final_dir, output_names(self.layout, aux_files))
             # Park the previous output in a marked directory of ours, so that a run killed
             # between the two renames leaves something the next run may remove.
-            replaced = self.final_dir.with_name(f".{self.final_dir.name}.replaced-{os.getpid()}")
+            replaced = self.final_dir.with_name(f".{self.final_dir.name}.replaced-{self.run_id}")
             replaced.mkdir()
-            _write_synced(replaced / MARKER, f"{os.getpid()}\n".encode())
+            replaced_marker = _hold_marker(replaced)
             os.rename(self.final_dir, replaced / "previous")
         # The marker goes only once the directory has its final name: removed before the
         # rename, a run killed in between (or refused above) left a temporary directory no
         # later run may remove. Killed between these two lines, a complete output keeps it.
         os.rename(self.tmp_dir, self.final_dir)
         (self.final_dir / MARKER).unlink()
+        self._release_marker()
         _fsync_dir(self.final_dir)
         _fsync_dir(self.final_dir.parent)
         if replaced is not None:
-            _remove_marked(replaced)
+            try:
+                _remove_marked(replaced)
+            finally:
+                os.close(replaced_marker)
+
+    def _release_marker(self) -> None:
+        if self._marker_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._marker_fd)
+            self._marker_fd = None
 
     def release_files(self) -> None:
-        """Close the shard files without syncing them (the output is being given up)."""
+        """Close the shard files without syncing them (the output is being given up), and the
+        marker's lock: what is left is a leftover, for this run or the next to remove."""
         for fd in self._fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
+        self._release_marker()
 
     def abort(self) -> None:
         """Close files and, for the writer that laid it out, remove the temporary directory."""
@@ -226,6 +299,9 @@ class ModelWriter:
         if self._made_tmp_dir:
             _remove_marked(self.tmp_dir)
             # made, but its marker could not be written (EMFILE, a full disk): still empty
+            # (or holding the marker's staging name only)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp_dir / f"{MARKER}.new")
             with contextlib.suppress(OSError):
                 os.rmdir(self.tmp_dir)
 
@@ -270,10 +346,13 @@ def output_names(layout: ModelLayout, aux_names: Iterable[str]) -> frozenset[str
 
 def check_replaceable(directory: Path, own_names: Collection[str]) -> None:
     """Refuse to replace an existing output that holds anything an output of ours would not
-    (a file of another name, a directory, a link): --overwrite replaces outputs, never a
+    (a file of another name, a directory, a link), or whose weights relex_stream did not write
+    (a training checkpoint has the same file names): --overwrite replaces outputs, never a
     user's files that happen to sit at OUT/step-T."""
     try:
-        foreign = sorted(entry.name for entry in os.scandir(directory)
+        with os.scandir(directory) as listing:
+            entries = list(listing)
+        foreign = sorted(entry.name for entry in entries
                          if entry.name not in own_names
                          or not entry.is_file(follow_symlinks=False))
     except OSError as exc:
@@ -286,6 +365,20 @@ def check_replaceable(directory: Path, own_names: Collection[str]) -> None:
             "holds; --overwrite replaces only outputs: move those files away or choose "
             "another --out"
         )
+    if entries and not _is_our_prediction(directory):
+        raise RelexError(
+            f"{directory} holds a model relex_stream did not write (a checkpoint saved by "
+            "training, say); --overwrite replaces only predictions: move it away or choose "
+            "another --out"
+        )
+
+
+def _is_our_prediction(directory: Path) -> bool:
+    """Whether `directory` holds a model whose weights carry relex_stream's prediction mark."""
+    try:
+        return open_model(directory).predicted
+    except RelexError:
+        return False
 
 
 def check_output_dir(directory: Path, overwrite: bool,
@@ -323,13 +416,8 @@ def remove_leftovers(directory: Path) -> None:
     for entry in directory.iterdir():
         if not entry.name.startswith(".step-") or entry.is_symlink() or not entry.is_dir():
             continue
-        try:
-            pid = int(read_small_at(entry / MARKER, 64).decode("ascii").strip())
-        except (OSError, ValueError):
-            continue  # not ours
-        if pid != os.getpid() and psutil.pid_exists(pid):
-            continue  # another live run writing into the same OUT
-        _remove_marked(entry)
+        if _abandoned(entry / MARKER):  # not ours (no marker), or a live run's: left alone
+            _remove_marked(entry)
 
 
 def _remove_marked(directory: Path) -> None:

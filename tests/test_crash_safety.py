@@ -463,3 +463,27 @@ def test_damaged_store_chunk_names_tensor(small, tmp_path: Path, case: str) -> N
     assert "--rebuild" in line, f"the message does not say how to rebuild: {line}"
     assert not step_dir(out, 100).exists(), "output written from a damaged store"
     assert _tmp_dirs(out) == []
+
+
+def test_sigterm_leaves_no_temporary_output_and_the_rerun_finishes(big, tmp_path: Path) -> None:
+    """A job's time limit sends SIGTERM: the run stops with one error line and exit 143, its
+    temporary outputs are removed (SIGTERM killed it outright and left model-sized hidden
+    directories in OUT), and the same command then finishes byte-identically."""
+    traj, ref, _ = big
+    out = tmp_path / "out"
+    args = _run_args(traj, out)
+    proc = _start(args, tmp_path / "logs", "terminated")
+    caught = _wait_for(proc, _phase_condition("writing", out), "phase writing")
+    proc.send_signal(signal.SIGTERM)
+    rc, _, stderr = _finish(proc)
+    if not caught:
+        pytest.fail(f"the run finished (rc={rc}) before it wrote outputs:\n{stderr}")
+    assert rc == 143, f"rc={rc}\n{stderr}"
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "SIGTERM" in errors[0], stderr
+    assert _tmp_dirs(out) == [], f"temporary outputs left: {_tmp_dirs(out)}"
+    rc, _, stderr = _finish(_start(args, tmp_path / "logs", "rerun"))
+    assert rc == 0, stderr
+    for target in TARGETS:
+        _assert_identical(step_dir(out, target), step_dir(ref, target))

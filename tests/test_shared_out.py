@@ -1,0 +1,134 @@
+"""OUT shared by runs in other containers or on other hosts: a live run's temporary output is
+never taken for a leftover, two runs never share a temporary name, and --overwrite never
+replaces a model relex_stream did not write."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from relex_stream import writer
+from relex_stream.checkpoints import open_model
+
+from .fixtures import Spec, build_trajectory
+from .helpers import REPO_ROOT, run_cli
+
+# Holds an flock on argv[1] until its stdin closes: a run alive in another PID namespace or on
+# another host, whose pid (written in the marker) means nothing here.
+_HOLDER = (
+    "import fcntl, os, sys\n"
+    "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "print('held', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def _run(traj, out: Path, target: int, *extra: object, expect_rc: int = 0):
+    return run_cli("run", "--base", traj.base, "--runs", traj.runs, "--target", target, "--out",
+                   out, "--device", "cpu", "--quiet", *extra, expect_rc=expect_rc)
+
+
+def _fake_temporary_output(out: Path, pid: str) -> Path:
+    """A marked temporary output whose marker names `pid` (another namespace's, say)."""
+    directory = out / ".step-100.tmp-elsewhere"
+    directory.mkdir(parents=True)
+    (directory / writer.MARKER).write_text(f"{pid}\n")
+    (directory / "model.safetensors").write_bytes(b"half written")
+    return directory
+
+
+def test_a_live_run_elsewhere_keeps_its_temporary_output(tmp_path: Path) -> None:
+    """Its pid is not alive here (another host, another container), but it holds the marker:
+    a run writing another target into the same OUT must leave it alone."""
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    out = tmp_path / "out"
+    live = _fake_temporary_output(out, "4194304")  # above any pid_max: no such process here
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(live / writer.MARKER)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        _run(traj, out, 200)
+        assert (live / "model.safetensors").read_bytes() == b"half written"
+    finally:
+        holder.communicate("", timeout=30)
+    # once nobody holds it, it is a leftover, and the next run removes it
+    _run(traj, out, 300)
+    assert not live.exists()
+    assert (out / "step-200").is_dir() and (out / "step-300").is_dir()
+
+
+def test_two_live_writers_in_one_process_have_their_own_temporary_outputs(tmp_path) -> None:
+    """Two runs with the same pid (each pid 1 in its container) used the same temporary name:
+    the second removed the first's and the first renamed the second's into place."""
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    layout = open_model(traj.base).layout()
+    dtypes = writer.output_dtypes(layout, None)
+    final = tmp_path / "out" / "step-100"
+    final.parent.mkdir()
+    first = writer.ModelWriter.create(final, writer.new_run_id(), layout, dtypes)
+    second = None
+    try:
+        writer.remove_leftovers(final.parent)  # what the second run does first
+        assert first.tmp_dir.is_dir()
+        second = writer.ModelWriter.create(final, writer.new_run_id(), layout, dtypes)
+        assert second.tmp_dir != first.tmp_dir and first.tmp_dir.is_dir()
+    finally:
+        writer.abort_all([w for w in (first, second) if w is not None])
+    assert list(final.parent.iterdir()) == []
+
+
+def test_a_marker_nobody_holds_is_a_leftover_even_with_a_live_pid(tmp_path: Path) -> None:
+    """The marker's pid is this test's own, alive: a pid says nothing across namespaces, the
+    lock does."""
+    out = tmp_path / "out"
+    stale = _fake_temporary_output(out, str(os.getpid()))
+    writer.remove_leftovers(out)
+    assert not stale.exists()
+
+
+def test_a_file_system_without_locks_removes_no_leftover(tmp_path, monkeypatch, caplog) -> None:
+    out = tmp_path / "out"
+    unknown = _fake_temporary_output(out, "4194304")
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(37, "No locks available")  # ENOLCK, as an NFS mount without lockd
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    writer.remove_leftovers(out)
+    assert unknown.is_dir()
+    assert "no locks" in caplog.text
+
+
+@pytest.mark.parametrize("planted", ["checkpoint", "other-model"])
+def test_overwrite_never_replaces_a_model_relex_stream_did_not_write(tmp_path: Path,
+                                                                     planted: str) -> None:
+    """A training checkpoint at OUT/step-T has exactly an output's file names; --overwrite
+    replaced it without a word."""
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    out = tmp_path / "out"
+    source = sorted(traj.runs.iterdir())[-1] if planted == "checkpoint" else traj.base
+    shutil.copytree(source, out / "step-100")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in (out / "step-100").iterdir()}
+    proc = _run(traj, out, 100, "--overwrite", expect_rc=2)
+    assert proc.stderr.count("error:") == 1 and "did not write" in proc.stderr, proc.stderr
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in (out / "step-100").iterdir()}
+    assert after == before
+    # a prediction there is replaced as before
+    shutil.rmtree(out / "step-100")
+    _run(traj, out, 100)
+    first = (out / "step-100" / "model.safetensors").stat().st_mtime_ns
+    time.sleep(0.01)
+    _run(traj, out, 100, "--overwrite")
+    assert (out / "step-100" / "model.safetensors").stat().st_mtime_ns != first
+    assert REPO_ROOT.is_dir()
