@@ -44,13 +44,20 @@ class MethodSpec:
     alpha: float | None = None  # expo: extrapolation strength
 
     def __str__(self) -> str:
+        return self._spelled(None if self.alpha is None else f"{self.alpha:g}")
+
+    def exact(self) -> str:
+        """The label with alpha at full precision: what tells apart two methods one label names."""
+        return self._spelled(None if self.alpha is None else repr(self.alpha))
+
+    def _spelled(self, alpha: str | None) -> str:
         options = []
         if "rank" in _OPTIONS[self.name] and self.rank != 1:
             options.append(f"rank={self.rank}")
         if "fit" in _OPTIONS[self.name] and self.fit != "linear":
             options.append(f"fit={self.fit}")
-        if self.alpha is not None:
-            options.append(f"alpha={self.alpha:g}")
+        if alpha is not None:
+            options.append(f"alpha={alpha}")
         if self.from_step is not None:
             options.append(f"from={self.from_step}")
         if self.to_step is not None:

@@ -55,9 +55,25 @@ def plan_outputs(
                     else (out / f"step-{step_label(target)}")
                 )
                 specs.append(OutputSpec(target, method, window, directory))
-    if len({s.directory for s in specs}) != len(specs):
-        raise RelexError("--target lists the same step twice")
+    _check_distinct(specs)
     return specs
+
+
+def _check_distinct(specs: list[OutputSpec]) -> None:
+    """No two outputs share a directory: a target given twice, or two methods whose labels are
+    the same (alpha is written with 6 significant digits: 0.5 and 0.5000001 are one label)."""
+    seen: dict[Path, OutputSpec] = {}
+    for spec in specs:
+        first = seen.setdefault(spec.directory, spec)
+        if first is spec:
+            continue
+        if (first.method, first.window) == (spec.method, spec.window):
+            raise RelexError("--target lists the same step twice")
+        raise RelexError(
+            f"--method {first.method.exact()} and --method {spec.method.exact()} would both "
+            f"write {spec.directory.parent}; give methods that differ in their first 6 "
+            "significant digits, or run them one at a time with different --out"
+        )
 
 
 def output_weights(

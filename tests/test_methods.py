@@ -220,3 +220,22 @@ def test_build_spec_modes() -> None:
 def test_impossible_requests_raise(trajectory, spec: str, targets, needle: str) -> None:
     with pytest.raises(RelexError, match=needle):
         predict(spec, trajectory, targets)
+
+
+def test_two_methods_with_one_label_are_refused_naming_them(tmp_path) -> None:
+    """expo alpha is labelled with 6 significant digits: alpha=0.5 and alpha=0.5000001 map to
+    one output folder. That was refused as "--target lists the same step twice", with a single
+    --target given; the message now names the two methods."""
+    from pathlib import Path
+
+    from relex_stream.outputs import plan_outputs
+
+    methods = [parse_method("expo:alpha=0.5,from=40"), parse_method("expo:alpha=0.5000001,from=40")]
+    with pytest.raises(RelexError) as caught:
+        plan_outputs(Path("OUT"), [100.0], methods, [None])
+    message = str(caught.value)
+    assert "--target" not in message
+    assert "expo:alpha=0.5,from=40" in message and "expo:alpha=0.5000001,from=40" in message
+    with pytest.raises(RelexError, match="--target lists the same step twice"):
+        plan_outputs(Path("OUT"), [100.0, 100.0], methods[:1], [None])
+    assert str(methods[1]) == "expo:alpha=0.5,from=40"  # the label itself is unchanged
