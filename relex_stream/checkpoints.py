@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from .jsonfile import (
     get_str_map,
     load_json_object,
     loads_strict,
+    show,
 )
 from .safetensors_io import (
     FLOAT_CODES,
@@ -132,29 +134,20 @@ class ModelFiles:
 
         A link is followed only into the model's folder or a folder its weight files' links
         lead to (a Hugging Face cache's blobs/): a link to /etc/passwd beside a downloaded base
-        would otherwise be copied into OUT and into a shared store.
+        would otherwise be copied into OUT and into a shared store. Anything else left out (a
+        folder, a FIFO, a dangling link, an odd name) is named in a warning: the output then
+        lacks a file the base has.
         """
         files: dict[str, bytes] = {}
         total = 0
         homes = self._aux_homes()
         for path in sorted(self.config_dir.iterdir()):
             name = path.name
-            if (name == INDEX_NAME or name.endswith(AUX_EXCLUDE_SUFFIXES)
-                    or name.startswith(".") or not name.isprintable()):
-                continue
-            try:
-                target = path.resolve(strict=True)
-            except (OSError, RuntimeError):  # a dangling link or a loop
-                continue
-            if not target.is_file():
-                continue
-            if target.parent not in homes:
-                log.warning("%s: left out of the output (a link to %s, outside the model's "
-                            "folders)", path, target)
-                continue
-            if "\\" in name or len(name) > 255:  # the store keeps plain names only
-                log.warning("%s: left out of the output (a file name with a backslash, or "
-                            "longer than 255 characters)", path)
+            if name == INDEX_NAME or name.endswith(AUX_EXCLUDE_SUFFIXES) or name.startswith("."):
+                continue  # weights, and hidden files, are never side files
+            target, why = _aux_target(path, homes)
+            if target is None:
+                _warn_left_out(path, why)
                 continue
             if len(files) == MAX_AUX_FILES:
                 raise RelexError(
@@ -165,7 +158,8 @@ class ModelFiles:
             data = _read_regular(target, min(limit, MAX_CONFIG_BYTES) if name in JSON_AUX
                                  else limit)
             if data is None:
-                continue  # not a regular file once opened
+                _warn_left_out(path, "not a regular file once opened")
+                continue
             if name in JSON_AUX and len(data) > MAX_CONFIG_BYTES:
                 raise RelexError(
                     f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB, which no model's "
@@ -226,6 +220,49 @@ class ModelFiles:
                     f"{path} changed while it was read (replaced, rewritten or removed); "
                     "nothing was kept: rerun once whatever writes it has finished"
                 )
+
+
+# transformers (>= 4.52) saves every chat template but the default one there, and loads them
+# from there (CHAT_TEMPLATE_DIR)
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _aux_target(path: Path, homes: set[Path]) -> tuple[Path | None, str]:
+    """The file to copy for the side file at `path`, or None and why it is left out."""
+    name = path.name
+    if not name.isprintable():
+        return None, "a file name with characters that cannot be printed"
+    try:
+        target = path.resolve(strict=True)
+        mode = os.stat(target).st_mode
+    except RuntimeError:  # a loop of links (Python < 3.13)
+        return None, "a loop of links"
+    except OSError as exc:
+        missing = exc.errno in (errno.ENOENT, errno.ELOOP)
+        return None, "a dangling link, or a loop of links" if missing else (
+            f"cannot be read: {exc.strerror or exc}")
+    if target.parent not in homes:
+        return None, f"a link to {target}, outside the model's folders"
+    if stat.S_ISDIR(mode):
+        if name == CHAT_TEMPLATE_DIR:
+            return None, ("the extra chat templates in this folder are not copied: only files "
+                          "directly beside the model are; copy the folder into each output by "
+                          "hand")
+        return None, "a folder: only files directly beside the model are copied"
+    if not stat.S_ISREG(mode):
+        kind = next((what for test, what in _SPECIAL_FILES if test(mode)), "not a regular file")
+        return None, kind
+    if "\\" in name or len(name) > 255:  # the store keeps plain names only
+        return None, "a file name with a backslash, or longer than 255 characters"
+    return target, ""
+
+
+def _warn_left_out(path: Path, why: str) -> None:
+    """One warning line naming a side file that the outputs (and the store) will lack."""
+    shown = path if path.name.isprintable() else path.parent / show(path.name)
+    log.warning("%s: left out of the output (%s)", shown, why)
 
 
 def file_identity(path: Path) -> tuple[int, ...]:

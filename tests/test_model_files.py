@@ -146,6 +146,61 @@ def test_a_linked_config_does_not_make_its_folder_trusted(trajectory: Path,
     assert b"SECRET-AUTH" not in written and b"SECRET-KEY" not in written
 
 
+def _plant_odd_side_files(base: Path) -> dict[str, str]:
+    """Side files a run cannot copy, planted beside the base: how each is shown in a warning,
+    and what the warning says of it (device nodes and sockets only where they can be made)."""
+    import socket
+    import stat
+
+    (base / "tokenizer.json").symlink_to("../../blob_gone")  # a cache whose blob was deleted
+    os.mkfifo(base / "vocab.json")  # never opened: it would block
+    (base / "additional_chat_templates").mkdir()  # transformers' named chat templates
+    (base / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    (base / "extra").mkdir()
+    (base / "chat\u200btemplate.jinja").write_text("{{x}}")
+    (base / "tok\nen.json").write_text("{}")
+    planted = {
+        "tokenizer.json": "a dangling link",
+        "vocab.json": "a FIFO",
+        "additional_chat_templates": "copy the folder into each output by hand",
+        "extra": "a folder",
+        repr("chat\u200btemplate.jinja"): "cannot be printed",
+        repr("tok\nen.json"): "cannot be printed",
+    }
+    try:
+        os.mknod(base / "merges.txt", stat.S_IFCHR | 0o600, os.makedev(1, 5))
+        planted["merges.txt"] = "a character device"
+    except PermissionError:  # not root: no device node
+        pass
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.bind(str(base / "s.sock"))
+            planted["s.sock"] = "a socket"
+        except OSError:  # a path too long for a socket address
+            pass
+    return planted
+
+
+def test_every_side_file_left_out_is_named_once(trajectory: Path, tmp_path: Path) -> None:
+    """A dangling link, a FIFO, a device node, a socket, a non-printable name and a folder
+    (transformers' additional_chat_templates/, whose templates the output tokenizer then lacks)
+    beside the base were left out of the output without a word, exit 0. Each is now named in
+    one warning; the chat templates' says to copy the folder by hand."""
+    root = _copy(trajectory, tmp_path)
+    base = root / "base"
+    planted = _plant_odd_side_files(base)
+    result = _run(root, "--base", base, "--runs", root / "runs", "--out", tmp_path / "out")
+    assert_ok(result)
+    warnings = [line for line in result.stderr.splitlines() if "left out of the output" in line]
+    for shown, why in planted.items():
+        named = [line for line in warnings if f"{base / shown}: left out" in line]
+        assert len(named) == 1 and why in named[0], (shown, result.stderr)
+    assert len(warnings) == len(planted), result.stderr
+    out = tmp_path / "out" / "step-100"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+
+
 @pytest.mark.parametrize("where", ["base", "step"])
 def test_a_single_file_beside_an_index_of_other_shards_is_refused(trajectory: Path,
                                                                    tmp_path: Path,
