@@ -597,28 +597,44 @@ def _check_paths(request: RunRequest, outputs: list[OutputSpec]) -> None:
             )
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def _free_bytes(path: Path) -> tuple[Path, int]:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
+    """The nearest existing folder at or above `path`, and its file system's free bytes."""
+    probe = _nearest_existing(path)
     return probe, shutil.disk_usage(probe).free
 
 
 def _check_disk(request: RunRequest, inputs: RunInputs, outputs: list[OutputSpec],
                 dtypes: dict[str, str], budget: Budget) -> None:
-    """Refuse up front when the outputs or the store's new rows will not fit on disk.
+    """Refuse up front when the outputs and the store's new rows will not fit on disk.
 
+    Each output holds the tensors and a copy of the side files (a tokenizer.json is 7-35 MB).
     The store's size depends on the data (1% to 45% of the raw rows measured), so the first
     columns of the largest tensors are read and compressed as the store would.
     """
     gen = inputs.target
-    out_bytes = sum(
+    aux_bytes = sum(aux.size for aux in gen.aux)
+    tensor_bytes = sum(
         int(np.prod(shape, dtype=np.int64)) * DTYPES[dtypes[name]][1].itemsize
         for name, (_, shape) in gen.layout.tensors.items()
-    ) * len(outputs)
-    _require_space(request.out, out_bytes, "the outputs")
+    )
+    _require_space([
+        (request.out, (tensor_bytes + aux_bytes) * len(outputs), "the outputs"),
+        (request.store_path, _store_bytes(request, inputs, aux_bytes), "the store"),
+    ])
+
+
+def _store_bytes(request: RunRequest, inputs: RunInputs, aux_bytes: int) -> int:
+    """About how many bytes the store grows by: its new rows (and base and side files on a
+    build) as it keeps them; 0 when the run only reads it."""
     if inputs.kind is None or inputs.sources is None:
-        return
+        return 0
+    gen = inputs.target
     new_rows = len(gen.steps) - inputs.first_new_row
     raw = 0
     candidates = []
@@ -637,7 +653,8 @@ def _check_disk(request: RunRequest, inputs: RunInputs, outputs: list[OutputSpec
     elif inputs.kind == "append":  # the rows appended last are the best guess of the next
         measured = stored_row_fraction(request.store_path, gen, len(inputs.committed_steps))
         fraction = 1.0 if measured is None else measured
-    _require_space(request.store_path, int(raw * min(1.0, fraction * 1.25)), "the store")
+    kept_aux = aux_bytes if inputs.kind == "build" else 0  # the store keeps them uncompressed
+    return int(raw * min(1.0, fraction * 1.25)) + kept_aux
 
 
 def _sample_fraction(inputs: RunInputs, group: Group, name: str) -> float:
@@ -656,13 +673,40 @@ def _sample_fraction(inputs: RunInputs, group: Group, name: str) -> float:
     return compressed_sample_fraction(base, rows, group, inputs.target.codec)
 
 
-def _require_space(path: Path, needed: int, what: str) -> None:
-    probe, free = _free_bytes(path)
-    if needed > free:
-        raise RelexError(
-            f"writing {what} takes about {format_bytes(needed)} but {probe} has "
-            f"{format_bytes(free)} free; free space or choose another location"
-        )
+def _file_system(path: Path) -> int:
+    """The device number of the file system that `path` (or its nearest existing parent) is on."""
+    return os.stat(_nearest_existing(path)).st_dev
+
+
+@dataclass
+class _FileSystemNeed:
+    """What a run will write to one file system, and the least free space seen on it."""
+
+    probe: Path  # the first existing folder looked at on it
+    free: int
+    needed: int = 0
+    what: list[str] = field(default_factory=list)
+
+
+def _require_space(needs: list[tuple[Path, int, str]]) -> None:
+    """Refuse when what goes to one file system, (path, bytes, what) summed over the paths on
+    it, exceeds its free space: OUT and the store (OUT/trajectory.zarr by default) share one."""
+    by_device: dict[int, _FileSystemNeed] = {}
+    for path, needed, what in needs:
+        if needed <= 0:
+            continue
+        probe, free = _free_bytes(path)
+        need = by_device.setdefault(_file_system(path), _FileSystemNeed(probe, free))
+        need.free = min(need.free, free)
+        need.needed += needed
+        need.what.append(what)
+    for need in by_device.values():
+        if need.needed > need.free:
+            raise RelexError(
+                f"writing {' and '.join(need.what)} takes about {format_bytes(need.needed)} "
+                f"but {need.probe} has {format_bytes(need.free)} free; free space or choose "
+                "another location"
+            )
 
 
 def _peak_rss_bytes() -> int:
