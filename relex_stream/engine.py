@@ -183,7 +183,7 @@ def _execute(request: RunRequest, ranks: Ranks) -> RunSummary:
     created = _missing_dirs([request.store_path, *{o.directory.parent for o in outputs}])
     store_names = _names(request.store_path) if inputs.store_state == "empty" else None
     try:
-        store = _open_store(inputs, ranks)
+        store = _open_store(inputs, ranks, store_names)
         try:
             summary, per_rank = _run_on_store(request, ranks, inputs, store, outputs, dtypes,
                                               plan, device, budget, gpu_bytes)
@@ -349,8 +349,12 @@ def _cpu_threads(device: torch.device, compute_threads: int, cores: int) -> None
         torch.set_num_threads(max(1, (cores - 1) // compute_threads))
 
 
-def _open_store(inputs: RunInputs, ranks: Ranks) -> TrajectoryStore:
-    """Rank 0 creates or locks the store and records the pending change; the others follow."""
+def _open_store(inputs: RunInputs, ranks: Ranks, store_names: set[str] | None,
+                ) -> TrajectoryStore:
+    """Rank 0 creates or locks the store and records the pending change; the others follow.
+
+    store_names: what the store's folder held before, when it was an empty one (a lock);
+    a new store whose change cannot begin (a full disk) is removed, but for those."""
     path = inputs.store_path
     if ranks.is_main:
         if inputs.kind is None:
@@ -382,6 +386,7 @@ def _open_store(inputs: RunInputs, ranks: Ranks) -> TrajectoryStore:
                 if inputs.kind == "build":
                     store.write_aux(inputs.target, inputs.aux)
         except BaseException:
+            _remove_new_store(inputs, store, store_names)  # still locked
             store.close()
             raise
     barrier(ranks)

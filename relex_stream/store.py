@@ -315,6 +315,7 @@ class TrajectoryStore:
                 f"cannot create the store at {path}: {exc.strerror}; choose a writable --cache"
             ) from None
         try:
+            made_lock = LOCK_NAME not in entries(root_fd)
             lock_fd = _lock(path, root_fd, exclusive=True)
         except BaseException:
             os.close(root_fd)
@@ -326,7 +327,14 @@ class TrajectoryStore:
         manifest = Manifest(uuid.uuid4().hex, None, None, None)
         store = cls(path, root_fd, manifest, lock_fd)
         store.created = True
-        store._write_manifest(manifest)
+        try:
+            store._write_manifest(manifest)
+        except BaseException:
+            if made_lock:  # a full disk: nothing of the store is left (its folder is emptied)
+                with contextlib.suppress(OSError):
+                    os.unlink(LOCK_NAME, dir_fd=root_fd)
+            store.close()
+            raise
         return store
 
     def close(self) -> None:

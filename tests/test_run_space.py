@@ -141,3 +141,80 @@ def test_a_small_real_disk_is_refused_before_anything_is_written(
                       "100,200", "--out", mnt / "out", "--quiet", *extra)
         assert_error(result, "takes about", "free")
         assert list(mnt.iterdir()) == []
+
+
+def _failing_store_writes(monkeypatch: pytest.MonkeyPatch, where: str) -> list[str]:
+    """The store's writes fail with ENOSPC at `where`: its first manifest, the new generation's
+    folders, or the first side file; returns the names whose writes failed."""
+    import errno
+
+    from relex_stream import store as store_module
+
+    real = store_module.write_atomic
+    calls: list[str] = []
+    failed: list[str] = []
+
+    def write_atomic(dir_fd: int, name: str, data: bytes, sync: bool = True) -> None:
+        calls.append(name)
+        if (where == "manifest" and len(calls) == 1 or where == "generation" and len(calls) == 2
+                or where == "aux" and name == "0"):
+            failed.append(name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(dir_fd, name, data, sync)
+
+    monkeypatch.setattr(store_module, "write_atomic", write_atomic)
+    return failed
+
+
+@pytest.mark.parametrize("where", ["manifest", "generation", "aux"])
+@pytest.mark.parametrize("existing", ["absent", "empty-folder"])
+def test_a_new_store_whose_creation_fails_is_removed(trajectory: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     where: str, existing: str) -> None:
+    """A full disk (or no inodes left) while the new store was created, its change begun or
+    its side files written left S/zarr.json, S/lock and S/gen1/ behind: only a failure later
+    in the pass removed a refused new store. An empty folder given as --cache stays, empty."""
+    store = tmp_path / "s.zarr"
+    if existing == "empty-folder":
+        store.mkdir()
+    failed = _failing_store_writes(monkeypatch, where)
+    result = call("run", "--base", trajectory / "base", "--runs", trajectory / "runs",
+                  "--target", "100", "--out", tmp_path / "out", "--cache", store, "--quiet")
+    assert failed, "the failure was never reached"
+    assert_error(result, os.strerror(28))
+    if existing == "absent":
+        assert not store.exists()
+    else:
+        assert list(store.iterdir()) == []
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()  # the space is freed: the same command runs
+    assert_ok(call("run", "--base", trajectory / "base", "--runs", trajectory / "runs",
+                   "--target", "100", "--out", tmp_path / "out", "--cache", store, "--quiet"))
+
+
+def test_an_existing_store_is_kept_when_its_append_cannot_begin(
+        trajectory: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that holds a finished run is never removed, whatever fails."""
+    from relex_stream.store import TrajectoryStore
+
+    store = tmp_path / "s.zarr"
+    assert_ok(call("run", "--base", trajectory / "base", "--runs", trajectory / "runs",
+                   "--steps", "10-30", "--target", "100", "--out", tmp_path / "first",
+                   "--cache", store, "--quiet"))
+    _failing_store_writes(monkeypatch, "manifest")
+    assert_error(call("run", "--base", trajectory / "base", "--runs", trajectory / "runs",
+                      "--target", "100", "--out", tmp_path / "out", "--cache", store, "--quiet"),
+                 os.strerror(28))
+    with TrajectoryStore.open(store) as opened:
+        assert opened.steps == [10, 20, 30]
+
+
+@pytest.mark.parametrize("inodes", [5, 20])
+def test_a_store_on_a_disk_without_inodes_leaves_nothing(trajectory: Path, tmp_path: Path,
+                                                         inodes: int) -> None:
+    """The same on a real file system out of inodes (a tmpfs with a few)."""
+    with _tmpfs(tmp_path / "mnt", f"8m,nr_inodes={inodes}") as mnt:
+        assert_error(call("run", "--base", trajectory / "base", "--runs", trajectory / "runs",
+                          "--target", "100", "--out", tmp_path / "out", "--cache", mnt / "s",
+                          "--quiet"), "No space left on device")
+        assert list(mnt.iterdir()) == []
