@@ -259,8 +259,10 @@ def _run_on_store(request: RunRequest, ranks: Ranks, inputs: RunInputs, store: T
                             show(nonfinite[0]))
             elif inputs.kind is not None:
                 store.commit()
+            for writer in writers:  # all prepared before any is in place: a full disk
+                writer.prepare(aux)    # leaves none of the outputs, not the first few
             for writer in writers:
-                writer.finalize(aux, request.overwrite)
+                writer.put_in_place(aux, request.overwrite)
             writers = []
         barrier(ranks)
     finally:

@@ -230,10 +230,22 @@ class ModelWriter:
 
     def finalize(self, aux_files: dict[str, bytes], overwrite: bool) -> None:
         """Write index and aux files, fsync everything, then rename into place."""
-        with self._errors():
-            self._finalize(aux_files, overwrite)
+        self.prepare(aux_files)
+        self.put_in_place(aux_files, overwrite)
 
-    def _finalize(self, aux_files: dict[str, bytes], overwrite: bool) -> None:
+    def prepare(self, aux_files: dict[str, bytes]) -> None:
+        """Write index and aux files and fsync everything: where a full disk shows, so a run
+        prepares every output before it puts any in place (none appear, or all do)."""
+        with self._errors():
+            self._prepare(aux_files)
+
+    def put_in_place(self, aux_files: dict[str, bytes], overwrite: bool) -> None:
+        """Rename the prepared output into place (replacing an earlier prediction with
+        `overwrite`)."""
+        with self._errors():
+            self._put_in_place(aux_files, overwrite)
+
+    def _prepare(self, aux_files: dict[str, bytes]) -> None:
         self.close()
         if self.layout.sharded:
             index = {
@@ -250,6 +262,8 @@ class ModelWriter:
                 content = self._config_with_dtype(content)
             _write_synced(self.tmp_dir / file_name, content)
         _fsync_dir(self.tmp_dir)
+
+    def _put_in_place(self, aux_files: dict[str, bytes], overwrite: bool) -> None:
         replaced = None
         if os.path.lexists(self.final_dir):
             if not overwrite:
