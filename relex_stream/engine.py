@@ -36,7 +36,7 @@ from .reader import ALIGN_BYTES, Ring
 from .request import RunRequest, make_request
 from .safefs import open_root, paths_overlap, remove_tree
 from .safetensors_io import DTYPES
-from .sources import RowOrigin, RowReader
+from .sources import RowOrigin, RowReader, Sources
 from .store import TrajectoryStore, compressed_sample_fraction, stored_row_fraction
 from .store_layout import Generation, Group
 from .units import DEFAULT_MAX_MEMORY, format_bytes, step_label
@@ -231,7 +231,7 @@ def _run_on_store(request: RunRequest, ranks: Ranks, inputs: RunInputs, store: T
     summary.store_change = inputs.kind
     all_groups = gen.groups()
     summary.tensors = sum(len(g.tensors) for g in all_groups) + len(gen.aliases)
-    summary.input_bytes = _input_bytes(all_groups, len(inputs.observed))
+    summary.input_bytes = _input_bytes(all_groups, inputs.observed, inputs.sources)
     keep = _keep_budget(request, budget, gpu_bytes)
     writers, stats, reader = _write_outputs(request, ranks, inputs, store, outputs, dtypes,
                                             works, device, keep, budget, summary)
@@ -438,11 +438,20 @@ def _my_groups(gen: Generation, ranks: Ranks) -> list[Group]:
     return [g for g, owner in zip(groups, owners, strict=True) if owner == ranks.rank]
 
 
-def _input_bytes(groups: list[Group], n_observed: int) -> int:
+def _input_bytes(groups: list[Group], observed: list[int], sources: Sources | None) -> int:
+    """Bytes of the base and of the observed rows: each checkpoint's tensor in its own dtype
+    (bf16 and fp32 steps of one run differ), a row only the store holds in its row dtype."""
+    models = {c.step: c.model for c in sources.checkpoints} if sources is not None else {}
     total = 0
     for group in groups:
-        rows = DTYPES[group.row_dtype][1].itemsize * n_observed if group.has_rows else 0
-        total += sum(group.numels) * (DTYPES[group.base_dtype][1].itemsize + rows)
+        for name, numel in zip(group.tensors, group.numels, strict=True):
+            total += numel * DTYPES[group.base_dtype][1].itemsize
+            if not group.has_rows:
+                continue
+            for step in observed:
+                model = models.get(step)
+                total += numel * (model.tensors[name].itemsize if model is not None
+                                  else DTYPES[group.row_dtype][1].itemsize)
     return total
 
 

@@ -85,3 +85,26 @@ def test_base_wider_than_rows_sees_every_change(tmp_path: Path) -> None:
     run_traj(traj, out, TARGETS, "--dtype", "float32")
     got = check_against_reference(traj, out, TARGETS, dtype_flag="float32")
     assert not torch.equal(got[float(TARGETS[0])][name], base[name]), "the deltas were dropped"
+
+
+def test_input_bytes_count_each_checkpoint_in_its_own_dtype(tmp_path: Path) -> None:
+    """A bf16 base with two fp32 and two bf16 checkpoints, read once: the summary said "0.78x
+    the input", the input counted as if every checkpoint were in the rows' dtype (fp32)."""
+    import relex_stream
+
+    traj = build_trajectory(tmp_path / "traj", Spec(steps=(10, 20, 30, 40), vocab=64))
+    for step in (10, 30):
+        _retype(traj.ckpt_dirs[step], torch.float32)
+
+    def file_bytes(directory: Path, floats_only: bool) -> int:
+        tensors = load_file(str(directory / "model.safetensors"))
+        return sum(t.numel() * t.element_size() for t in tensors.values()
+                   if t.is_floating_point() or not floats_only)
+
+    expected = file_bytes(traj.base, False) + sum(
+        file_bytes(directory, True) for directory in traj.ckpt_dirs.values())
+    summary = relex_stream.extrapolate(base=traj.base, runs=traj.runs, targets=[80],
+                                       out=tmp_path / "out", device="cpu", quiet=True)
+    assert summary.input_bytes == expected
+    assert summary.bytes_from_sources == expected  # one pass: every byte read once
+    assert "(1.00x the input's" in summary.lines()[1], summary.lines()[1]
