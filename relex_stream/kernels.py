@@ -280,6 +280,21 @@ def block_deltas(
     return BlockDeltas(columns, deltas_into(picked, base64[:m], out, ws), width)
 
 
+# Deltas of float64 values may be too small to square: below 2⁻⁵³⁷ a square is 0, below 2⁻⁵¹¹
+# a subnormal that keeps few bits. A Gram entry of at least 2⁻⁹⁷⁰ keeps its 53 bits against a
+# subnormal's absolute 2⁻¹⁰⁷⁴ error, so a tensor whose largest delta is below 2⁻⁴⁸⁵ (~1e-146)
+# is refused: its Gram would be zeros or noise and its prediction, silently, the base. Only F64
+# values come that close (an F32 subnormal is 1.4e-45, its square 2e-90).
+SMALLEST_LARGEST_DELTA = 2.0**-485
+
+
+def largest_delta(block: BlockDeltas) -> float:
+    """The largest |delta| of a block (0.0 when it has none; NaN when one is NaN)."""
+    if block.deltas.numel() == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(block.deltas, float("inf")))
+
+
 def gram_panels(
     changed: torch.Tensor, block: BlockDeltas, first_row: int, ws: Workspace,
     masks: list[torch.Tensor] | None = None,

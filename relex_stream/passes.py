@@ -23,6 +23,7 @@ from .errors import RelexError
 from .fit import GAP_WARNING, fit_diagnostics
 from .kernels import (
     GRAM_BLOCK_COLS,
+    SMALLEST_LARGEST_DELTA,
     BlockDeltas,
     Workspace,
     add_panels,
@@ -30,6 +31,7 @@ from .kernels import (
     changed_columns,
     combine_block,
     gram_panels,
+    largest_delta,
     panel_masks,
     randomized_gram,
     round_to,
@@ -84,11 +86,17 @@ class TensorWork:
     dense_blocks: list[bool] | None = None
     support_stored: int = 0
     support_observed: int = 0
+    largest_delta: float = 0.0  # of the first pass's deltas; tracked for F64 values only
     first_pass_done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def is_float(self) -> bool:
         return self.row_dtype is not None
+
+    @property
+    def holds_f64(self) -> bool:
+        """Base or rows in float64: deltas may be too small to square (SMALLEST_LARGEST_DELTA)."""
+        return "F64" in (self.base_dtype, self.row_dtype)
 
     @property
     def read_once(self) -> bool:
@@ -300,6 +308,7 @@ class _GramBlock:
     block: BlockDeltas
     panels: list[tuple[int, int]]
     token: int | None
+    largest: float  # |delta|, F64 values only (else 0.0)
 
 
 def _gram_blocks(rows_t: torch.Tensor, base_t: torch.Tensor, gw: GroupWork, w: TensorWork,
@@ -326,7 +335,8 @@ def _gram_blocks(rows_t: torch.Tensor, base_t: torch.Tensor, gw: GroupWork, w: T
             block = block_deltas(rows_b, base_b, changed, ws, keep_storage if keeping else None,
                                  support)
             panels = gram_panels(changed, block, gw.first_panel_row, ws, masks)
-            return _GramBlock(block, panels, tokens[0] if tokens else None)
+            largest = largest_delta(block) if w.holds_f64 else 0.0
+            return _GramBlock(block, panels, tokens[0] if tokens else None, largest)
 
         return compute
 
@@ -335,6 +345,7 @@ def _gram_blocks(rows_t: torch.Tensor, base_t: torch.Tensor, gw: GroupWork, w: T
     for result, ws in ctx.pool.in_order(tasks):
         add_panels(w.gram, ws, result.panels)
         w.support_stored += result.block.support
+        w.largest_delta = max(w.largest_delta, result.largest)  # NaN: the Gram reports it
         if w.dense_blocks is not None:
             w.dense_blocks.append(result.block.columns is None)
         if w.kept is None:  # not kept, or the keep ring filled up at an earlier block
@@ -367,6 +378,13 @@ def _first_pass_done(gw: GroupWork, w: TensorWork, ctx: PassContext,
         if not (ctx.materialise and ctx.allow_nonfinite):
             _refuse_nonfinite(w.name, w.gram, list(gw.writer.gen.steps), stored=True)
         ctx.stats.nonfinite.append(w.name)
+    elif 0.0 < w.largest_delta < SMALLEST_LARGEST_DELTA:
+        raise RelexError(
+            f"tensor {w.name!r} moves at most {w.largest_delta:.3g} from the base over the "
+            "stored steps: the squares of float64 deltas below ~1e-146 underflow, so its "
+            "prediction would silently be the base; relex_stream cannot extrapolate it (rescale "
+            "the tensor in the checkpoints)"
+        )
     gw.pending -= 1
 
     def flushed() -> None:
