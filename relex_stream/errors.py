@@ -15,3 +15,24 @@ class StoreBusy(RelexError):
 
 class SourceChanged(RelexError):
     """A checkpoint file changed while it was read: `watch` takes the step again once settled."""
+
+
+class NonfiniteRows(RelexError):
+    """A tensor's rows hold NaN or Inf (or deltas whose squares overflow float64). `fact` says
+    which and where; `step` is the one checkpoint to blame, None when it is the base or every
+    step. The message adds `run`'s remedies; `watch` words its own and leaves `step` out."""
+
+    def __init__(self, fact: str, remedy: str, step: int | None):
+        super().__init__(f"{fact}; {remedy}")
+        self.fact, self.step = fact, step
+
+
+class NonfiniteOutput(RelexError):
+    """A prediction to be written holds NaN or Inf. `fact` says where; `cause` is 'target' (the
+    prediction overflows the output dtype), 'dtype' (a base value the output dtype cannot
+    hold) or 'base' (the base holds NaN or Inf). The message adds `run`'s remedies; `watch`
+    words its own."""
+
+    def __init__(self, fact: str, remedy: str, cause: str):
+        super().__init__(f"{fact}; {remedy}")
+        self.fact, self.cause = fact, cause

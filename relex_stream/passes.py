@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .block_pool import BlockPool
-from .errors import RelexError
+from .errors import NonfiniteOutput, NonfiniteRows, RelexError
 from .fit import GAP_WARNING, fit_diagnostics
 from .kernels import (
     GRAM_BLOCK_COLS,
@@ -436,14 +436,14 @@ def _refuse_nonfinite(name: str, gram: torch.Tensor, steps: list[int],
                       stored: bool = False) -> None:
     diagonal = torch.diagonal(gram)
     bad = [steps[k] for k in range(len(steps)) if not diagonal[k].isfinite()]
-    where = f"step {bad[0]}" if bad and len(bad) < len(steps) else "the base or every step"
+    step = bad[0] if bad and len(bad) < len(steps) else None
+    where = "the base or every step" if step is None else f"step {step}"
     fix = ("a store keeps finite values only, so it is left as it was: fix that checkpoint, or "
            "leave its step out with --steps" if stored else "fix the checkpoint, or pass "
            "--allow-nonfinite to keep the base's values for this tensor")
-    raise RelexError(
+    raise NonfiniteRows(
         f"tensor {name!r} holds NaN or Inf values at {where} (or deltas beyond ~1e150, whose "
-        f"squares overflow float64); {fix}"
-    )
+        "squares overflow float64)", fix, step)
 
 
 # --------------------------------------------------------------------------- second pass
@@ -485,9 +485,10 @@ def _materialise_chunk(chunk: Chunk, w: TensorWork, ctx: PassContext,
                 block = block_deltas(rows_t[:, a:b], base_b, changed, ws)
             if w.keep_base:
                 out = round_to(base_b, out_dtype).expand(weights.shape[0], -1).cpu()
-                return _Emitted(out, True, block.support, block.width)
+                return _Emitted(out, True, block.support, block.width, base_b)
             out = combine_block(weights, block, base_b, out_dtype, ws)  # (T, s) host
-            return _Emitted(out, bool(torch.isfinite(out).all()), block.support, block.width)
+            return _Emitted(out, bool(torch.isfinite(out).all()), block.support, block.width,
+                            base_b)
 
         return compute
 
@@ -508,23 +509,46 @@ class _Emitted:
     finite: bool
     support: int
     width: int
+    base: torch.Tensor  # (s,) the block's base, base dtype, on the compute device
 
 
 def _emit_block(w: TensorWork, ctx: PassContext, emitted: _Emitted, start: int) -> None:
-    if not emitted.finite:
-        out_dtype = ctx.out_dtypes[w.name]
-        bad = int((~torch.isfinite(emitted.out)).any(1).nonzero()[0])
-        if not ctx.allow_nonfinite:
-            raise RelexError(
-                f"the prediction of tensor {w.name!r} for {ctx.writers[bad].final_dir.name} "
-                f"holds NaN or Inf (it overflows {_dtype_name(out_dtype)}, or the base holds "
-                "them): pick a nearer --target, write --dtype float32, or pass "
-                "--allow-nonfinite to write it anyway"
-            )
+    if not emitted.finite and not ctx.allow_nonfinite:
+        _refuse_nonfinite_output(w, ctx, emitted, start)
     ctx.stats.support_observed += emitted.support
     ctx.stats.elements_observed += emitted.width
     for i in range(len(ctx.writers)):
         _write(w, ctx, i, start, _as_bits(emitted.out[i]))
+
+
+def _refuse_nonfinite_output(w: TensorWork, ctx: PassContext, emitted: _Emitted,
+                             start: int) -> None:
+    """NonfiniteOutput naming the first element of the block whose output is NaN or Inf, and
+    why: a target too far, a base value the output dtype cannot hold, or the base's own."""
+    out_dtype = ctx.out_dtypes[w.name]
+    bad = ~torch.isfinite(emitted.out)  # (T, s)
+    i = int(bad.any(1).nonzero()[0])
+    j = int(bad[i].nonzero()[0])
+    base = emitted.base[j : j + 1].to("cpu", torch.float64)  # exact
+    where = f"tensor {w.name!r} (element {start + j})"
+    output = ctx.writers[i].final_dir.name
+    dtype = _dtype_name(out_dtype)
+    if not bool(torch.isfinite(base).all()):
+        raise NonfiniteOutput(
+            f"the base of {where} holds {float(base[0])}, which its prediction for {output} "
+            "keeps", "no target changes that: fix the base, or pass --allow-nonfinite to write "
+            "it as it is", "base")
+    if not bool(torch.isfinite(round_to(base, out_dtype)).all()):
+        raise NonfiniteOutput(
+            f"the base of {where} holds {float(base[0]):g}, beyond what {dtype} holds, and so "
+            f"does its prediction for {output}", "no target changes that: write a --dtype "
+            "that holds it (auto keeps each tensor's base dtype), or pass --allow-nonfinite "
+            "to write Inf there", "dtype")
+    wider = ", write --dtype float32" if out_dtype.itemsize < 4 else ""
+    raise NonfiniteOutput(
+        f"the prediction of {where} for {output} overflows {dtype}",
+        f"pick a nearer --target{wider}, or pass --allow-nonfinite to write it anyway",
+        "target")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -51,3 +51,36 @@ def test_f64_deltas_whose_squares_hold_are_predicted(tmp_path: Path) -> None:
     assert_ok(_run(tmp_path))
     a = load_file(str(tmp_path / "out" / "step-80" / "model.safetensors"))["a"]
     assert torch.allclose(a, torch.full((4,), 1e-139, dtype=F64), rtol=1e-14, atol=0)
+
+
+def _f32_toy(root: Path, unchanged: float) -> None:
+    """An F32 base whose tensor `a` holds `unchanged` at element 2 and never moves there (its
+    other elements move by step/64), and `b` = 1 moving by step/1000."""
+    base_a = torch.tensor([0.0, 1.0, unchanged, 3.0, *([1.0] * 12)])
+    _write(root / "base", {"a": base_a, "b": torch.ones(4)})
+    for step in (8, 16):
+        moved = base_a.clone()
+        moved[:2] += step / 64
+        _write(root / "runs" / f"checkpoint-{step}", {"a": moved, "b": torch.ones(4) + step / 1e3})
+
+
+@pytest.mark.parametrize("dtype,value", [("float16", 70000.0), ("bfloat16", 3.4e38)])
+def test_a_base_value_the_output_dtype_cannot_hold_is_named_as_such(
+        tmp_path: Path, dtype: str, value: float) -> None:
+    """The message said "pick a nearer --target" for a base value that never moves and that
+    --dtype cannot hold, which no target changes."""
+    _f32_toy(tmp_path, value)
+    line = assert_error(_run(tmp_path, "--dtype", dtype), "'a' (element 2)", f"{value:g}",
+                        f"beyond what {dtype} holds", "--dtype", "--allow-nonfinite")
+    assert "--target" not in line, line
+    assert not (tmp_path / "out").exists()
+    assert_ok(_run(tmp_path, "--dtype", "float32"))
+
+
+def test_a_prediction_overflowing_the_output_dtype_names_the_target(tmp_path: Path) -> None:
+    """Element 0 of `a` moves 1/8 per 8 steps: at step 10⁷ it is 156250 > 65504 (float16)."""
+    _f32_toy(tmp_path, 2.0)
+    result = call("run", "--base", tmp_path / "base", "--runs", tmp_path / "runs", "--target",
+                  "1e7", "--dtype", "float16", "--out", tmp_path / "out", "--device", "cpu")
+    assert_error(result, "'a' (element 0) for step-10000000 overflows float16",
+                 "nearer --target", "--dtype float32")
