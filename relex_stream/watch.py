@@ -33,7 +33,7 @@ from .backtest import reach
 from .checkpoints import discover_runs, open_model
 from .diagnostics import prediction_drift, tensor_stats
 from .engine import extrapolate, update_store
-from .errors import RelexError, SourceChanged, StoreBusy
+from .errors import NonfiniteOutput, NonfiniteRows, RelexError, SourceChanged, StoreBusy
 from .jsonfile import loads_strict
 from .methods import MethodSpec, combination_weights, parse_method
 from .report import StoreGrams, load_grams
@@ -91,6 +91,8 @@ class Watcher:
     appended: int = 0
     stop_requested: bool = False
     passed_over: set[int] = field(default_factory=set)  # late steps already warned about
+    # steps holding NaN or Inf, with the files refused: taken again only once those change
+    refused: dict[int, tuple] = field(default_factory=dict)
     busy_reported: bool = False
 
     # ------------------------------------------------------------------ polling
@@ -105,13 +107,15 @@ class Watcher:
         now = self.clock()
         for step, directory in sorted(found.items()):
             if last is not None and step <= last:
-                if step not in stored and step not in self.passed_over:
+                if step not in stored and step not in self.passed_over | set(self.refused):
                     self.passed_over.add(step)  # rsync and cp deliver in name order: 100 < 30
                     log.warning("%s arrived after step %d was stored; a store grows in step "
                                 "order, so it is left out (run --rebuild takes it in)",
                                 directory, last)
                 continue
             snapshot = _snapshot(directory)
+            if self.refused.get(step) == snapshot:
+                continue  # NaN or Inf, and not rewritten since
             seen = self.seen.get(step)
             if seen is None or seen.snapshot != snapshot:
                 self.seen[step] = _Seen(snapshot, now)
@@ -152,6 +156,9 @@ class Watcher:
                                 "it is free")
                     self.busy_reported = True
                 break
+            except NonfiniteRows as exc:  # a training blow-up: the store cannot keep it
+                self._leave_out(exc, batch)
+                break
             except SourceChanged as exc:  # rewritten while read: nothing of it was kept
                 log.warning("%s; watch takes the step again once it has settled", exc)
                 for step in batch:
@@ -181,6 +188,21 @@ class Watcher:
             if self.options.until is not None and batch[-1] >= self.options.until:
                 self.stop_requested = True
         return lines
+
+    def _leave_out(self, exc: NonfiniteRows, batch: list[int]) -> None:
+        """A checkpoint holding NaN or Inf can never be appended (a store keeps finite values
+        only): it is named and left out, as a late one is, until its files change (a trainer
+        saving the step again). When no one step is to blame (the base), watch stops."""
+        if exc.step not in batch:
+            raise RelexError(
+                f"{exc.fact}; a store keeps finite values only, so watch cannot go on: fix the "
+                f"base, or move those checkpoints out of {self.options.runs}, and start watch "
+                "again") from None
+        self.refused[exc.step] = self.seen[exc.step].snapshot
+        log.warning("%s; a store keeps finite values only, so step %d is left out (taken again "
+                    "if its files change)", exc.fact, exc.step)
+        if self.options.until is not None and exc.step >= self.options.until:
+            self.stop_requested = True  # the step asked for came, and cannot be stored
 
     def _catch_up(self, stored: tuple[int, ...]) -> list[str]:
         """When the timeline's last row is not the store's last step (`stored`: a watch killed
@@ -215,9 +237,15 @@ class Watcher:
 
     def _materialise(self) -> None:
         options = self.options
-        extrapolate(cache=options.cache, targets=list(options.targets), out=options.out,
-                    method=options.method, max_memory=options.max_memory,
-                    device=options.device, overwrite=True, quiet=True)
+        try:
+            extrapolate(cache=options.cache, targets=list(options.targets), out=options.out,
+                        method=options.method, max_memory=options.max_memory,
+                        device=options.device, overwrite=True, quiet=True)
+        except NonfiniteOutput as exc:  # its remedies are run's flags, which watch lacks
+            nearer = "a nearer --target, or " if exc.cause == "target" else ""
+            raise RelexError(
+                f"{exc.fact}; watch cannot write it (the checkpoint is stored): start watch "
+                f"again with {nearer}without --out (the timeline needs no weights)") from None
 
     # ------------------------------------------------------------------ the timeline
 

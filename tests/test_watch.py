@@ -551,3 +551,76 @@ def test_a_deeply_nested_folder_in_a_step_is_just_files(tmp_path: Path) -> None:
     finally:
         remove_deep_dir(deep)
     assert [entry[0] for entry in found] == ["/".join(["a"] * 1200 + ["x"]), "model.safetensors"]
+
+
+def _poison(directory: Path) -> None:
+    """A training blow-up: NaN in one weight of the checkpoint's model file."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    name = next(n for n, t in tensors.items() if t.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_a_nan_checkpoint_is_left_out_until_it_is_saved_again(watched, tmp_path: Path,
+                                                              caplog, monkeypatch) -> None:
+    """watch ended on a NaN checkpoint ("leave its step out with --steps", a flag watch does
+    not have), and every restart read the same step and ended again: no later checkpoint was
+    ever taken. It is now named once and left out; the next one is appended, and a step saved
+    again with finite values is taken."""
+    from relex_stream import watch as watch_module
+
+    traj, store, _, _, root = watched
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    runs = _runs_beyond(traj, root, tmp_path)
+    shutil.move(runs / "checkpoint-80", tmp_path / "later")
+    _poison(runs / "checkpoint-70")
+    appends = []
+    append = watch_module.Watcher._append
+    monkeypatch.setattr(watch_module.Watcher, "_append",
+                        lambda self, steps, building: appends.append(steps) or append(
+                            self, steps, building))
+    watcher = watch_module.Watcher(watch_module.WatchOptions(
+        runs=runs, cache=copy, targets=(TARGET,), settle_s=0.0, until=80))
+    with caplog.at_level("WARNING", logger="relex_stream"):
+        watcher.ready_steps()  # first sight of checkpoint-70
+        assert watcher.poll() == [] and watcher.poll() == []
+    warned = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(warned) == 1 and "at step 70" in warned[0] and "--steps" not in warned[0]
+    assert appends == [[70]]  # read once, not at every poll
+    assert TrajectoryStore.open(copy).steps[-1] == STEPS[-1]
+
+    shutil.move(tmp_path / "later", runs / "checkpoint-80")
+    watcher.ready_steps()
+    assert len(watcher.poll()) == 1  # the next checkpoint is appended
+    assert TrajectoryStore.open(copy).steps[-6:] == [*STEPS[1:], 80]
+
+    again = tmp_path / "again.zarr"  # saved again, finite: taken
+    shutil.copytree(store, again)
+    shutil.rmtree(runs / "checkpoint-80")
+    watcher = watch_module.Watcher(watch_module.WatchOptions(
+        runs=runs, cache=again, targets=(TARGET,), settle_s=0.0))
+    watcher.ready_steps()
+    assert watcher.poll() == [] and 70 in watcher.refused
+    shutil.copy(traj.runs / "checkpoint-50" / "model.safetensors",
+                runs / "checkpoint-70" / "model.safetensors")
+    watcher.ready_steps()  # its files changed: seen anew
+    assert len(watcher.poll()) == 1 and watcher.appended == 1
+    assert TrajectoryStore.open(again).steps[-1] == 70
+
+
+def test_a_prediction_watch_cannot_write_names_watch_s_remedies(tmp_path: Path) -> None:
+    """An fp16 prediction overflowing at --target 1e12 named --dtype and --allow-nonfinite,
+    flags of run that watch does not take."""
+    from tests.untrusted import assert_error, call
+
+    traj = build_trajectory(tmp_path / "traj", Spec(steps=(10, 20), dtype=torch.float16))
+    line = assert_error(call("watch", "--runs", traj.runs, "--cache", tmp_path / "store",
+                             "--base", traj.base, "--target", "1e12", "--out", tmp_path / "out",
+                             "--interval", "0.1s", "--settle", "0s", "--until", 20,
+                             "--device", "cpu"), "overflows float16", "nearer --target",
+                        "without --out")
+    assert "--dtype" not in line and "--allow-nonfinite" not in line, line
