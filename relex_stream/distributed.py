@@ -124,11 +124,14 @@ def _join(ranks: Ranks, address: str, port: int, **options) -> None:
         )
     if failure:
         exc = failure[0]
-        if isinstance(exc, dist.DistError):  # a port in use, a refused connection, a timeout
+        # a port in use, a refused connection, a timeout; gloo's RuntimeError for a bad
+        # GLOO_SOCKET_IFNAME or GLOO_DEVICE_TRANSPORT
+        if isinstance(exc, (dist.DistError, RuntimeError)):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise RelexError(f"rank {ranks.rank} of {ranks.world_size}: could not join the job "
                              f"at {address}:{port} ({first}); check MASTER_ADDR and "
-                             f"MASTER_PORT (a free port), or {fix}") from None
+                             f"MASTER_PORT (a free port) and any GLOO_* or NCCL_* variable, "
+                             f"or {fix}") from None
         raise exc
 
 

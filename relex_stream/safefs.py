@@ -125,7 +125,17 @@ def write_atomic(dir_fd: int, name: str, data: bytes, sync: bool = True) -> None
             os.unlink(tmp, dir_fd=dir_fd)
         raise
     if sync:
+        sync_dir(dir_fd)
+
+
+def sync_dir(dir_fd: int) -> None:
+    """fsync a directory, where the file system can: some (CIFS, 9p, FUSE mounts) answer EINVAL
+    or ENOTSUP for a directory, and the entries are then as durable as it makes them."""
+    try:
         os.fsync(dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
 
 
 # The trees relex_stream makes are a few levels deep; anything deeper was put there by someone

@@ -305,10 +305,12 @@ class TrajectoryStore:
         replace: over a store that cannot be opened (is_replaceable); its files stay until the
         first commit removes what the new manifest does not name (--rebuild).
         """
+        made_dir = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(path, 0o755)
+                made_dir = True
             root_fd = open_root(path)
         except OSError as exc:
             raise RelexError(
@@ -317,8 +319,15 @@ class TrajectoryStore:
         try:
             made_lock = LOCK_NAME not in entries(root_fd)
             lock_fd = _lock(path, root_fd, exclusive=True)
-        except BaseException:
+        except BaseException as exc:
+            # a file system without locks: leave nothing (but a lock another run holds stays)
+            if made_lock and not isinstance(exc, StoreBusy):
+                with contextlib.suppress(OSError):
+                    os.unlink(LOCK_NAME, dir_fd=root_fd)
             os.close(root_fd)
+            if made_dir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
             raise
         if ROOT_META in entries(root_fd) and not replace:  # another run made it meanwhile
             os.close(lock_fd)
@@ -715,6 +724,16 @@ def _lock(path: Path, root_fd: int, exclusive: bool) -> int | None:
         raise StoreBusy(
             f"the store at {path} is in use by another process (its last writer was pid "
             f"{holder}); wait for it to finish, or give this run another --cache"
+        ) from None
+    except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP: a file system without locks
+        os.close(fd)
+        if not exclusive:
+            log.debug("the store at %s is read without a lock (%s)", path, exc.strerror)
+            return None  # what a reader reads is checked (checksums, the manifest) anyway
+        raise RelexError(
+            f"the file system of the store at {path} has no locks ({exc.strerror or exc}), "
+            "which writing a shared store needs: put --cache on one that has them (NFS v4 or "
+            "NFS with lockd, Lustre mounted with -o flock, a local disk)"
         ) from None
     if exclusive:
         os.ftruncate(fd, 0)

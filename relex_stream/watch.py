@@ -33,6 +33,7 @@ from .backtest import reach
 from .checkpoints import discover_runs, open_model
 from .diagnostics import prediction_drift, tensor_stats
 from .engine import extrapolate, update_store
+from .envvars import torchrun_env
 from .errors import NonfiniteOutput, NonfiniteRows, RelexError, SourceChanged, StoreBusy
 from .jsonfile import loads_strict
 from .methods import MethodSpec, combination_weights, parse_method
@@ -504,6 +505,10 @@ def _line(row: dict, targets: tuple[float, ...]) -> str:
 
 def run_watch(options: WatchOptions, printer: Callable[[str], None] = print) -> int:
     """The watch loop; returns the number of checkpoints appended."""
+    if torchrun_env() is not None:
+        # each poll would form and tear down a process group, and the ranks drift apart
+        raise RelexError("watch runs in one process: start it without torchrun (unset "
+                         "WORLD_SIZE, RANK and LOCAL_RANK); use torchrun for run")
     if options.every < 1:
         raise RelexError("--every must be at least 1")
     spec = parse_method(options.method)

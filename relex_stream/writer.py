@@ -33,7 +33,7 @@ import numpy as np
 from .checkpoints import ModelLayout, open_model
 from .errors import RelexError
 from .jsonfile import show
-from .safefs import open_root, remove_tree
+from .safefs import open_root, remove_tree, sync_dir
 from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME, PREDICTION_KEY, PREDICTION_VALUE
 
 log = logging.getLogger(__name__)
@@ -276,12 +276,29 @@ class ModelWriter:
             # between the two renames leaves something the next run may remove.
             replaced = self.final_dir.with_name(f".{self.final_dir.name}.replaced-{self.run_id}")
             replaced.mkdir()
-            replaced_marker = _hold_marker(replaced)
-            os.rename(self.final_dir, replaced / "previous")
+            try:
+                replaced_marker = _hold_marker(replaced)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.rmdir(replaced)
+                raise
+            try:
+                os.rename(self.final_dir, replaced / "previous")
+            except BaseException:
+                _remove_marked(replaced)
+                os.close(replaced_marker)
+                raise
         # The marker goes only once the directory has its final name: removed before the
         # rename, a run killed in between (or refused above) left a temporary directory no
         # later run may remove. Killed between these two lines, a complete output keeps it.
-        os.rename(self.tmp_dir, self.final_dir)
+        try:
+            os.rename(self.tmp_dir, self.final_dir)
+        except BaseException:
+            if replaced is not None:  # put the previous output back (a quota, an ESTALE)
+                os.rename(replaced / "previous", self.final_dir)
+                _remove_marked(replaced)
+                os.close(replaced_marker)
+            raise
         (self.final_dir / MARKER).unlink()
         self._release_marker()
         _fsync_dir(self.final_dir)
@@ -463,6 +480,6 @@ def _write_synced(path: Path, content: bytes) -> None:
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        sync_dir(fd)
     finally:
         os.close(fd)

@@ -193,3 +193,63 @@ def test_too_many_outputs_for_the_open_file_limit_leaves_nothing(tmp_path) -> No
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "too many open files" in proc.stderr and "ulimit -n" in proc.stderr
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
+
+
+def _run_main(traj, out, *extra) -> int:
+    return cli_main([str(a) for a in ["run", "--base", traj.base, "--runs", traj.runs,
+                                      "--target", 80, "--out", out, "--device", "cpu",
+                                      "--quiet", *extra]])
+
+
+def test_a_failed_rename_over_an_earlier_output_puts_it_back(tmp_path, monkeypatch, capsys):
+    """--overwrite parks the earlier prediction, then renames the new one into place; when that
+    rename fails (a quota, ESTALE on a cluster), the earlier one went missing and the next run
+    removed it as a leftover."""
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    out = tmp_path / "out"
+    assert _run_main(traj, out) == 0
+    before = {p.name: p.read_bytes() for p in (out / "step-80").iterdir()}
+    real_rename = os.rename
+
+    class _Os:
+        def __getattr__(self, attribute):
+            return getattr(os, attribute)
+
+        @staticmethod
+        def rename(src, dst):
+            if ".tmp-" in str(src) and str(dst).endswith("step-80"):
+                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+            return real_rename(src, dst)
+
+    monkeypatch.setattr(writer, "os", _Os())
+    assert _run_main(traj, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (out / "step-80").iterdir()} == before
+    assert not list(out.glob(".step-*")), "a parked or temporary output was left"
+
+
+def test_a_file_system_that_cannot_sync_a_directory_still_gets_outputs(tmp_path, monkeypatch,
+                                                                       capsys) -> None:
+    """Some CIFS, 9p and FUSE mounts answer EINVAL to fsync on a directory: every write failed
+    ("free space") and a build left an empty store."""
+    import stat as stat_module
+
+    from relex_stream import safefs
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat_module.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    out = tmp_path / "out"
+    code = _run_main(traj, out, "--cache", tmp_path / "store")
+    assert code == 0, capsys.readouterr().err
+    assert (out / "step-80" / "model.safetensors").is_file()
+    assert (tmp_path / "store" / "zarr.json").is_file()
+    assert safefs.sync_dir is not None

@@ -132,3 +132,33 @@ def test_overwrite_never_replaces_a_model_relex_stream_did_not_write(tmp_path: P
     _run(traj, out, 100, "--overwrite")
     assert (out / "step-100" / "model.safetensors").stat().st_mtime_ns != first
     assert REPO_ROOT.is_dir()
+
+
+def test_a_store_on_a_file_system_without_locks(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Lustre without -o flock, NFS without lockd: writing the store is refused in one line
+    that says why (it said "Function not implemented: check the disk") and leaves no store;
+    reading an existing store (report, a rerun from it) works without the lock."""
+    from relex_stream.cli import main as cli_main
+
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    store = tmp_path / "store"
+    assert cli_main([str(a) for a in ["run", "--base", traj.base, "--runs", traj.runs,
+                                      "--cache", store, "--target", 100, "--out",
+                                      tmp_path / "first", "--device", "cpu", "--quiet"]]) == 0
+    capsys.readouterr()
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(38, "Function not implemented")  # ENOSYS
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert cli_main(["report", str(store), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    assert (tmp_path / "rep" / "report.json").is_file()
+    assert cli_main(["run", "--cache", str(store), "--target", "200", "--out",
+                     str(tmp_path / "again"), "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+    code = cli_main([str(a) for a in ["run", "--base", traj.base, "--runs", traj.runs,
+                                      "--cache", tmp_path / "new", "--target", 100, "--out",
+                                      tmp_path / "o", "--device", "cpu", "--quiet"]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "no locks" in err, err
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())

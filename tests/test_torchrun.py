@@ -17,8 +17,9 @@ from tests.fixtures import LM_HEAD, Spec, build_trajectory
 from tests.helpers import REPO_ROOT, run_traj
 
 
-def _torchrun(*args: object, nproc: int = 2) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+def _torchrun(*args: object, nproc: int = 2, **extra_env: str
+              ) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **extra_env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -133,3 +134,33 @@ def test_a_master_port_in_use_is_one_error_line(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "MASTER_PORT" in errors[0], stderr[-2000:]
+
+
+def test_watch_refuses_torchrun(tmp_path: Path) -> None:
+    """Under torchrun each poll formed and tore down a process group; the ranks drifted apart,
+    one died with a traceback and the other hung."""
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "relex_stream", "watch", "--runs", str(traj.runs), "--base",
+         str(traj.base), "--cache", str(tmp_path / "s"), "--target", "100", "--until", "30",
+         "--quiet"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr
+    assert "without torchrun" in proc.stderr and not (tmp_path / "s").exists()
+
+
+def test_a_bad_gloo_interface_is_one_error_line(tmp_path: Path) -> None:
+    """gloo's RuntimeError for an interface that does not exist was a traceback on each rank."""
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    proc = _torchrun("run", "--base", traj.base, "--runs", traj.runs, "--target", "100",
+                     "--out", tmp_path / "o", "--device", "cpu", "--quiet",
+                     GLOO_SOCKET_IFNAME="no-such-interface0")
+    assert proc.returncode != 0
+    # torchrun's agent prints a traceback of its own (ChildFailedError); no rank does
+    assert "relex_stream/" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("GLOO_" in line for line in errors), proc.stderr[-3000:]
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("step-*"))
