@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import stat
+import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -449,6 +450,37 @@ def remove_leftovers(directory: Path) -> None:
             continue
         if _abandoned(entry / MARKER):  # not ours (no marker), or a live run's: left alone
             _remove_marked(entry)
+        elif _abandoned(entry / f"{MARKER}.new"):  # killed while writing its marker
+            _remove_unfinished(entry)
+        elif _empty_for_a_while(entry):  # killed between making it and its marker
+            with contextlib.suppress(OSError):
+                os.rmdir(entry)
+
+
+# A run makes its temporary directory, then its marker, within microseconds: an empty one
+# older than this is a killed run's, never a live run's about to mark it.
+EMPTY_LEFTOVER_AGE_S = 60.0
+
+
+def _empty_for_a_while(directory: Path) -> bool:
+    try:
+        with os.scandir(directory) as listing:
+            if any(listing):
+                return False
+        return time.time() - os.lstat(directory).st_mtime > EMPTY_LEFTOVER_AGE_S
+    except OSError:
+        return False
+
+
+def _remove_unfinished(directory: Path) -> None:
+    """A temporary directory whose run died while writing its marker: the staging name is
+    the only thing in it (the shards come after the marker)."""
+    with contextlib.suppress(OSError):
+        with os.scandir(directory) as listing:
+            names = [entry.name for entry in listing]
+        if names == [f"{MARKER}.new"]:
+            os.unlink(directory / f"{MARKER}.new")
+            os.rmdir(directory)
 
 
 def _remove_marked(directory: Path) -> None:

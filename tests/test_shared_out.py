@@ -162,3 +162,25 @@ def test_a_store_on_a_file_system_without_locks(tmp_path: Path, monkeypatch, cap
     err = capsys.readouterr().err
     assert code == 2 and err.count("error:") == 1 and "no locks" in err, err
     assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
+
+
+def test_a_run_killed_before_its_marker_was_in_place_leaves_nothing_for_long(tmp_path) -> None:
+    """Killed between making its temporary directory and renaming its marker into place: the
+    next run removes what is left (a marker's staging file nobody holds; an empty directory
+    once it is a minute old, never a live run's about to be marked)."""
+    out = tmp_path / "out"
+    staged = out / ".step-100.tmp-1-aaaa"
+    staged.mkdir(parents=True)
+    (staged / f"{writer.MARKER}.new").write_text("1\n")
+    empty_old = out / ".step-200.tmp-1-bbbb"
+    empty_old.mkdir()
+    an_hour_ago = time.time() - 3600
+    os.utime(empty_old, (an_hour_ago, an_hour_ago))
+    empty_new = out / ".step-300.tmp-1-cccc"
+    empty_new.mkdir()
+    users = out / ".step-400.tmp-1-dddd"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    writer.remove_leftovers(out)
+    assert not staged.exists() and not empty_old.exists()
+    assert empty_new.is_dir() and (users / "notes.txt").read_text() == "mine"
