@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import stat
 import time
@@ -36,6 +37,7 @@ from .errors import RelexError
 from .jsonfile import show
 from .safefs import open_root, remove_tree, sync_dir
 from .safetensors_io import DTYPES, FLOAT_CODES, INDEX_NAME, PREDICTION_KEY, PREDICTION_VALUE
+from .signals import deferred
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +90,23 @@ def _hold_marker(directory: Path) -> int:
     return fd
 
 
+# what our temporary and parked directories are named (the pid-only names of older versions too)
+_OURS_RE = re.compile(r"\.step-.+\.(?:tmp|replaced)-[0-9]+(?:-[0-9a-f]{16})?", re.ASCII)
+_MARKER_RE = re.compile(rb"[0-9]{1,10}\n")  # a marker holds the pid of the run that wrote it
+
+
 def _abandoned(marker: Path) -> bool:
     """Whether no live run holds this marker (its run is gone: the directory is a leftover).
-    False when that cannot be told: the file system has no locks, or it is not a plain file."""
+    False when that cannot be told (the file system has no locks) or it is not one of ours (not
+    a plain file holding a pid line)."""
     try:
         fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return False
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        if marker.name == MARKER and not _MARKER_RE.fullmatch(os.pread(fd, 16, 0)):
             return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -265,7 +275,6 @@ class ModelWriter:
         _fsync_dir(self.tmp_dir)
 
     def _put_in_place(self, aux_files: dict[str, bytes], overwrite: bool) -> None:
-        replaced = None
         if os.path.lexists(self.final_dir):
             if not overwrite:
                 raise RelexError(f"{self.final_dir} appeared during the run; it is left alone")
@@ -273,42 +282,49 @@ class ModelWriter:
                 raise RelexError(f"{self.final_dir} is no longer a directory of outputs; it "
                                  "is left alone")
             check_replaceable(self.final_dir, output_names(self.layout, aux_files))
-            # Park the previous output in a marked directory of ours, so that a run killed
-            # between the two renames leaves something the next run may remove.
-            replaced = self.final_dir.with_name(f".{self.final_dir.name}.replaced-{self.run_id}")
-            replaced.mkdir()
-            try:
-                replaced_marker = _hold_marker(replaced)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.rmdir(replaced)
-                raise
-            try:
-                os.rename(self.final_dir, replaced / "previous")
-            except BaseException:
-                _remove_marked(replaced)
-                os.close(replaced_marker)
-                raise
-        # The marker goes only once the directory has its final name: removed before the
-        # rename, a run killed in between (or refused above) left a temporary directory no
-        # later run may remove. Killed between these two lines, a complete output keeps it.
-        try:
-            os.rename(self.tmp_dir, self.final_dir)
-        except BaseException:
-            if replaced is not None:  # put the previous output back (a quota, an ESTALE)
-                os.rename(replaced / "previous", self.final_dir)
-                _remove_marked(replaced)
-                os.close(replaced_marker)
-            raise
-        (self.final_dir / MARKER).unlink()
-        self._release_marker()
+            with deferred():  # a Ctrl-C between the renames must not lose the earlier output
+                self._replace_earlier()
+        else:
+            with deferred():
+                self._rename_into_place()
         _fsync_dir(self.final_dir)
         _fsync_dir(self.final_dir.parent)
-        if replaced is not None:
+
+    def _rename_into_place(self) -> None:
+        # The marker goes only once the directory has its final name: removed before the
+        # rename, a run killed in between (or refused above) left a temporary directory no
+        # later run may remove. Killed between these two lines, a complete output keeps it
+        # (and check_output_dir finishes it).
+        os.rename(self.tmp_dir, self.final_dir)
+        (self.final_dir / MARKER).unlink()
+        self._release_marker()
+
+    def _replace_earlier(self) -> None:
+        """Park the earlier output in a marked directory of ours (so that a run killed between
+        the renames leaves something the next run may remove), put this one in its place, and
+        remove the parked one; on a failure the earlier output is put back."""
+        replaced = self.final_dir.with_name(f".{self.final_dir.name}.replaced-{self.run_id}")
+        replaced.mkdir()
+        try:
+            marker = _hold_marker(replaced)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(replaced)
+            raise
+        parked = replaced / "previous"
+        try:
+            os.rename(self.final_dir, parked)
             try:
+                self._rename_into_place()
+            except BaseException:
+                if not os.path.lexists(self.final_dir):  # a quota, an ESTALE: put it back
+                    os.rename(parked, self.final_dir)
+                raise
+            _remove_marked(replaced)
+        finally:
+            os.close(marker)
+            if not os.path.lexists(parked):  # never remove the earlier output while parked
                 _remove_marked(replaced)
-            finally:
-                os.close(replaced_marker)
 
     def _release_marker(self) -> None:
         if self._marker_fd is not None:
@@ -422,6 +438,8 @@ def check_output_dir(directory: Path, overwrite: bool,
             f"{directory} is a symbolic link; relex_stream will not replace it: remove it or "
             "choose another --out"
         )
+    if directory.is_dir():
+        _finish_killed_output(directory)
     if directory.exists():
         if not overwrite:
             raise RelexError(f"{directory} already exists; pass --overwrite to replace it")
@@ -436,6 +454,16 @@ def check_output_dir(directory: Path, overwrite: bool,
         raise RelexError(f"cannot write to {probe}: choose a writable --out")
 
 
+def _finish_killed_output(directory: Path) -> None:
+    """A run killed between renaming an output into place and removing its marker left a
+    complete output holding the marker: remove it, as that run would have."""
+    if _abandoned(directory / MARKER):
+        with contextlib.suppress(OSError):
+            os.unlink(directory / MARKER)
+            log.info("%s was put in place by a run that was stopped before it removed its "
+                     "marker; the marker is removed", directory)
+
+
 def remove_leftovers(directory: Path) -> None:
     """Make OUT, and remove what killed runs of ours left in it (marked temporary directories
     of processes that are gone)."""
@@ -446,7 +474,7 @@ def remove_leftovers(directory: Path) -> None:
             f"cannot create {directory}: {exc.strerror}; choose another --out"
         ) from None
     for entry in directory.iterdir():
-        if not entry.name.startswith(".step-") or entry.is_symlink() or not entry.is_dir():
+        if not _OURS_RE.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
             continue
         if _abandoned(entry / MARKER):  # not ours (no marker), or a live run's: left alone
             _remove_marked(entry)

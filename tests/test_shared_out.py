@@ -39,7 +39,7 @@ def _run(traj, out: Path, target: int, *extra: object, expect_rc: int = 0):
 
 def _fake_temporary_output(out: Path, pid: str) -> Path:
     """A marked temporary output whose marker names `pid` (another namespace's, say)."""
-    directory = out / ".step-100.tmp-elsewhere"
+    directory = out / ".step-100.tmp-77-0123456789abcdef"
     directory.mkdir(parents=True)
     (directory / writer.MARKER).write_text(f"{pid}\n")
     (directory / "model.safetensors").write_bytes(b"half written")
@@ -169,18 +169,86 @@ def test_a_run_killed_before_its_marker_was_in_place_leaves_nothing_for_long(tmp
     next run removes what is left (a marker's staging file nobody holds; an empty directory
     once it is a minute old, never a live run's about to be marked)."""
     out = tmp_path / "out"
-    staged = out / ".step-100.tmp-1-aaaa"
+    staged = out / ".step-100.tmp-1-aaaaaaaaaaaaaaaa"
     staged.mkdir(parents=True)
     (staged / f"{writer.MARKER}.new").write_text("1\n")
-    empty_old = out / ".step-200.tmp-1-bbbb"
+    empty_old = out / ".step-200.tmp-1-bbbbbbbbbbbbbbbb"
     empty_old.mkdir()
     an_hour_ago = time.time() - 3600
     os.utime(empty_old, (an_hour_ago, an_hour_ago))
-    empty_new = out / ".step-300.tmp-1-cccc"
+    empty_new = out / ".step-300.tmp-1-cccccccccccccccc"
     empty_new.mkdir()
-    users = out / ".step-400.tmp-1-dddd"
+    users = out / ".step-400.tmp-1-dddddddddddddddd"
     users.mkdir()
     (users / "notes.txt").write_text("mine")
     writer.remove_leftovers(out)
     assert not staged.exists() and not empty_old.exists()
     assert empty_new.is_dir() and (users / "notes.txt").read_text() == "mine"
+
+
+def test_folders_of_the_user_that_look_like_leftovers_stay(tmp_path: Path) -> None:
+    """Only our own names (.step-T.tmp-PID-HEX, .step-T.replaced-PID-HEX) with a marker that
+    holds a pid are leftovers; a user's .step-* folder stays, whatever it holds."""
+    out = tmp_path / "out"
+    kept = []
+    for name, files in [(".step-notes", {writer.MARKER: "hello"}),
+                        (".step-100.tmp-1-0123456789abcdef", {writer.MARKER: "hello",
+                                                               "mine.txt": "x"}),
+                        (".step-old", {}),
+                        (".step-100.tmp-elsewhere", {writer.MARKER: "12\n"}),
+                        (".step-x", {f"{writer.MARKER}.new": ""})]:
+        folder = out / name
+        folder.mkdir(parents=True)
+        for file_name, text in files.items():
+            (folder / file_name).write_text(text)
+        an_hour_ago = time.time() - 3600
+        os.utime(folder, (an_hour_ago, an_hour_ago))
+        kept.append(folder)
+    writer.remove_leftovers(out)
+    assert all(folder.is_dir() for folder in kept)
+
+
+def test_an_output_killed_before_its_marker_went_is_finished_by_the_next_run(tmp_path) -> None:
+    """Killed between the rename into place and the marker's removal: the complete output
+    kept the marker, and every later run refused it ("already exists", then "holds
+    '.relex-stream-tmp'" with --overwrite)."""
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    out = tmp_path / "out"
+    _run(traj, out, 100)
+    (out / "step-100" / writer.MARKER).write_text("4194304\n")
+    proc = _run(traj, out, 100, expect_rc=2)
+    assert "already exists" in proc.stderr and "--overwrite" in proc.stderr
+    assert not (out / "step-100" / writer.MARKER).exists()
+    _run(traj, out, 100, "--overwrite")
+
+
+def test_a_signal_while_replacing_an_output_never_loses_it(tmp_path, monkeypatch, capsys):
+    """SIGTERM right after the earlier output was parked: the parked output was removed with
+    its folder, and OUT/step-T was gone. Now the replacement finishes, then the run stops."""
+    import signal
+
+    from relex_stream.cli import main as cli_main
+
+    traj = build_trajectory(tmp_path / "traj", Spec())
+    out = tmp_path / "out"
+    args = [str(a) for a in ["run", "--base", traj.base, "--runs", traj.runs, "--target", 100,
+                             "--out", out, "--device", "cpu", "--quiet", "--overwrite"]]
+    assert cli_main(args) == 0
+    real_rename = os.rename
+
+    class _Os:
+        def __getattr__(self, attribute):
+            return getattr(os, attribute)
+
+        @staticmethod
+        def rename(src, dst):
+            real_rename(src, dst)
+            if str(dst).endswith("previous"):
+                signal.raise_signal(signal.SIGTERM)  # arrives as the rename returns
+
+    monkeypatch.setattr(writer, "os", _Os())
+    assert cli_main(args) == 143
+    monkeypatch.undo()
+    assert "SIGTERM" in capsys.readouterr().err
+    assert open_model(out / "step-100").predicted
+    assert not list(out.glob(".step-*"))
