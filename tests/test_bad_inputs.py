@@ -36,12 +36,22 @@ STEPS = (10, 20, 30, 40)
 
 
 def make_existing_output(out: Path, target: int = 100) -> dict[str, bytes]:
-    """Put a recognisable earlier output at OUT/step-T; return its files' bytes. It holds
-    only config.json, a name every output has: with a shard named for another layout (or any
-    other file) --overwrite would refuse it as a user's directory before reading anything."""
+    """Put a recognisable earlier prediction at OUT/step-T; return its files' bytes. It holds
+    config.json and a model.safetensors carrying relex_stream's prediction mark: with another
+    file, or weights relex_stream did not write, --overwrite would refuse it before reading
+    anything."""
+    from safetensors.torch import save_file
+
+    from relex_stream.safetensors_io import PREDICTION_KEY, PREDICTION_VALUE
+
     final = step_dir(out, target)
     final.mkdir(parents=True)
     (final / "config.json").write_text('{"previous": true}\n' + " " * 2000)
+    shard = "model-00001-of-00002.safetensors"  # a name of the two-shard bases used here
+    save_file({"previous": torch.zeros(2)}, str(final / shard),
+              metadata={"format": "pt", PREDICTION_KEY: PREDICTION_VALUE})
+    (final / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 8}, "weight_map": {"previous": shard}}))
     return snapshot(final)
 
 
