@@ -17,8 +17,7 @@ import torch
 from .diagnostics import heldout_error_sq, relative_error
 from .errors import RelexError
 from .methods import MethodSpec, combination_weights, parse_method
-from .report import StoreGrams, finite_values, load_grams, make_out_dir, write_json
-from .safefs import replace_file
+from .report import StoreGrams, finite_values, json_text, load_grams, make_out_dir, write_files
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +221,7 @@ def backtest(
             f"{n_steps - 2} so at least two remain to fit"
         )
     if out_dir is not None:
-        make_out_dir(Path(out_dir), data.path, BACKTEST_FILES, overwrite,
-                     writes=BACKTEST_FILES if plots else BACKTEST_FILES[:2])
+        make_out_dir(Path(out_dir), data.path, BACKTEST_FILES, overwrite)
     train = n_steps - holdout
     targets = list(range(train, n_steps))
     rows = [
@@ -243,10 +241,10 @@ BACKTEST_FILES = ("backtest.json", "backtest.txt", "backtest.png")
 
 
 def write_backtest(result: BacktestResult, out: Path, plots: bool = True) -> list[Path]:
-    """backtest.json and (if plots) backtest.png under `out` (made by make_out_dir)."""
-    files = [
-        write_json(
-            out / "backtest.json",
+    """backtest.json, backtest.txt and (if plots) backtest.png under `out` (made by
+    make_out_dir), all or none of them."""
+    files: dict[str, bytes | str] = {
+        "backtest.json": json_text(
             {
                 "store": str(result.store),
                 "steps": result.steps,
@@ -272,11 +270,11 @@ def write_backtest(result: BacktestResult, out: Path, plots: bool = True) -> lis
                 ],
             },
         )
-    ]
-    files.append(replace_file(out / "backtest.txt", "\n".join(result.lines()) + "\n"))
+    }
+    files["backtest.txt"] = "\n".join(result.lines()) + "\n"
     if plots:
         from . import plots as figures
 
         curves = [(r.method, f"window {r.window}", r.distances, r.errors) for r in result.rows]
-        files.append(figures.backtest_errors(out / "backtest.png", curves, result.threshold))
-    return files
+        files["backtest.png"] = figures.backtest_errors(curves, result.threshold)
+    return write_files(out, files, BACKTEST_FILES)

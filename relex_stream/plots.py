@@ -1,6 +1,7 @@
 """PNG figures for the report and backtest commands; matplotlib is an optional extra.
 
-Every function takes plain numbers (no store access) and writes one PNG, returning its path.
+Every function takes plain numbers (no store access) and returns one PNG's bytes: the caller
+writes a command's files together (safefs.replace_files).
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 from .errors import RelexError
-from .safefs import replace_file
 
 
 def _private_config_dir() -> None:
@@ -75,10 +74,6 @@ def _png(fig) -> bytes:
     return image.getvalue()
 
 
-def _save(fig, path: Path) -> Path:
-    return replace_file(path, _png(fig))
-
-
 def _horizontal() -> dict:
     """boxplot keyword for horizontal boxes: 'orientation' since matplotlib 3.10, 'vert' before."""
     import matplotlib
@@ -88,9 +83,8 @@ def _horizontal() -> dict:
 
 
 def coefficient_trajectories(
-    path: Path,
     panels: Sequence[tuple[str, Sequence[float], Sequence[float], float, float, float]],
-) -> Path:
+) -> bytes:
     """One panel per (title, steps, coefficients, slope, intercept, R²): c_k vs t_k and its line."""
     plt = pyplot()
     cols = min(3, len(panels))
@@ -108,16 +102,15 @@ def coefficient_trajectories(
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    return _save(fig, path)
+    return _png(fig)
 
 
 def histograms(
-    path: Path,
     explained: Sequence[float],
     r_squared: Sequence[float],
     null_ev_hi: float,
     null_r2_hi: float,
-) -> Path:
+) -> bytes:
     """Histograms of explained variance and R² over tensors, the median null 95% line dashed."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -132,16 +125,15 @@ def histograms(
             ax.legend(fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel("tensors")
-    return _save(fig, path)
+    return _png(fig)
 
 
 def by_layer(
-    path: Path,
     layers: Sequence[int | None],
     modules: Sequence[str],
     explained: Sequence[float],
     r_squared: Sequence[float],
-) -> Path:
+) -> bytes:
     """Explained variance and R² against layer index, one colour per module type."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
@@ -159,12 +151,12 @@ def by_layer(
     axes[1].xaxis.get_major_locator().set_params(integer=True)
     if kinds:
         axes[0].legend(fontsize=6, ncol=2)
-    return _save(fig, path)
+    return _png(fig)
 
 
 def by_module(
-    path: Path, modules: Sequence[str], explained: Sequence[float], r_squared: Sequence[float]
-) -> Path:
+    modules: Sequence[str], explained: Sequence[float], r_squared: Sequence[float]
+) -> bytes:
     """Box plots of explained variance and R² per module type."""
     plt = pyplot()
     kinds = sorted(set(modules))
@@ -180,14 +172,13 @@ def by_module(
         ax.boxplot(data, **_horizontal())
         ax.set_yticks(range(1, len(kinds) + 1), kinds, fontsize=7)
         ax.set_xlabel(label)
-    return _save(fig, path)
+    return _png(fig)
 
 
 def backtest_errors(
-    path: Path,
     curves: Sequence[tuple[str, str, Sequence[float], Sequence[float]]],
     threshold: float,
-) -> Path:
+) -> bytes:
     """Overall relative error against distance: (method, window, xs, errors), colour per method."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -213,7 +204,7 @@ def backtest_errors(
     ax.set_xlabel("extrapolation distance (steps past the window's last step)")
     ax.set_ylabel("‖Δ̂ − Δ‖ / ‖Δ‖ (all tensors)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return _png(fig)
 
 
 def timeline_png(rows: Sequence[dict], targets: Sequence[str]) -> bytes:

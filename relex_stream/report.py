@@ -21,7 +21,7 @@ import torch
 
 from .diagnostics import TensorStats, tensor_stats
 from .errors import RelexError
-from .safefs import replace_file
+from .safefs import replace_files
 from .store import TrajectoryStore
 
 log = logging.getLogger(__name__)
@@ -132,9 +132,9 @@ def _clean(value: object) -> object:
     return value
 
 
-def write_json(path: Path, data: dict) -> Path:
-    """Strict JSON (no NaN) at `path`."""
-    return replace_file(path, json.dumps(_clean(data), indent=1, allow_nan=False) + "\n")
+def json_text(data: dict) -> str:
+    """Strict JSON (no NaN: null instead) of `data`, as a file's text."""
+    return json.dumps(_clean(data), indent=1, allow_nan=False) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,8 +340,7 @@ def report(
         pyplot()  # fail before the work if matplotlib is missing
     data = load_grams(store_path)
     if out_dir is not None:
-        make_out_dir(Path(out_dir), data.path, REPORT_FILES, overwrite,
-                     writes=REPORT_FILES if plots else REPORT_FILES[:3])
+        make_out_dir(Path(out_dir), data.path, REPORT_FILES, overwrite)
     steps = torch.tensor(data.steps, dtype=torch.float64)
     tensors = [
         TensorReport(
@@ -371,13 +370,12 @@ REPORT_FILES = ("report.json", "report.csv", "summary.txt", "coefficients.png",
                 "histograms.png", "by_layer.png", "by_module.png")
 
 
-def make_out_dir(out: Path, store: Path, names: tuple[str, ...], overwrite: bool,
-                 writes: tuple[str, ...] | None = None) -> None:
-    """The directory report or backtest writes `writes` (of its files `names`; all by default)
-    to, made; RelexError when it is not one, lies inside the store (the store holds only what a
-    run wrote; beside it, as in a run's OUT, is fine), or already holds one of `names` and
-    `overwrite` is off (it may be the user's). With `overwrite`, a file of `names` this run
-    does not write (a PNG, with --no-plots) is removed: it would describe another store."""
+def make_out_dir(out: Path, store: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    """The directory report or backtest writes its files `names` to, made; RelexError when it
+    is not one, lies inside the store (the store holds only what a run wrote; beside it, as in
+    a run's OUT, is fine), already holds one of `names` and `overwrite` is off (it may be the
+    user's), or holds a directory under one of them (no file can replace it). Checked before
+    the work so a mistake costs nothing; the files are written later, as one set."""
     if out.resolve().is_relative_to(store.resolve()):
         raise RelexError(f"--out {out} is inside the store {store}; give --out a directory "
                          "outside the store")
@@ -391,23 +389,23 @@ def make_out_dir(out: Path, store: Path, names: tuple[str, ...], overwrite: bool
         raise RelexError(f"--out {out} already holds {', '.join(present)}; pass --overwrite to "
                          "replace them, or give another --out")
     for name in present:
-        if name not in (writes or names):
-            try:
-                os.unlink(out / name)  # a link is removed, never followed
-            except IsADirectoryError:
-                raise RelexError(f"--out {out} holds a directory {name}; move it away or give "
-                                 "another --out") from None
-            except OSError as exc:
-                raise RelexError(f"cannot remove the old {out / name}: "
-                                 f"{exc.strerror or exc}") from None
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            raise RelexError(f"--out {out} holds a directory {name}; move it away or give "
+                             "another --out")
+
+
+def write_files(out: Path, files: dict[str, bytes | str], names: tuple[str, ...]) -> list[Path]:
+    """`files` in `out` as one set (safefs.replace_files); a file of `names` the set lacks (a
+    PNG, with --no-plots) is removed with the renames: it would describe another store. Without
+    --overwrite make_out_dir found none of `names` there, so nothing of the user's is removed."""
+    return replace_files(out, files, stale=[name for name in names if name not in files])
 
 
 def write_report(result: ReportResult, out: Path, plots: bool = True) -> list[Path]:
     """report.json, report.csv, summary.txt and (if plots) PNG figures under `out` (made by
-    make_out_dir)."""
-    files = [
-        write_json(
-            out / "report.json",
+    make_out_dir), all or none of them."""
+    files: dict[str, bytes | str] = {
+        "report.json": json_text(
             {
                 "store": str(result.store),
                 "steps": result.steps,
@@ -429,16 +427,16 @@ def write_report(result: ReportResult, out: Path, plots: bool = True) -> list[Pa
                 ],
             },
         )
-    ]
+    }
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=list(result.tensors[0].row()))
     writer.writeheader()
     writer.writerows(t.row() for t in result.tensors)
-    files.append(replace_file(out / "report.csv", table.getvalue()))
-    files.append(replace_file(out / "summary.txt", "\n".join(result.lines()) + "\n"))
+    files["report.csv"] = table.getvalue()
+    files["summary.txt"] = "\n".join(result.lines()) + "\n"
     if plots:
-        files += _report_plots(result, out)
-    return files
+        files |= _report_plots(result)
+    return write_files(out, files, REPORT_FILES)
 
 
 def _representatives(result: ReportResult) -> list[TensorReport]:
@@ -463,8 +461,8 @@ def _representatives(result: ReportResult) -> list[TensorReport]:
     return list(unique.values())
 
 
-def _report_plots(result: ReportResult, out: Path) -> list[Path]:
-    """coefficients.png, histograms.png, by_layer.png and by_module.png under `out`."""
+def _report_plots(result: ReportResult) -> dict[str, bytes]:
+    """coefficients.png, histograms.png, by_layer.png and by_module.png: name -> PNG bytes."""
     from . import plots
 
     def panel(title: str, stats: TensorStats) -> tuple:
@@ -484,17 +482,16 @@ def _report_plots(result: ReportResult, out: Path) -> list[Path]:
         )
         return float(torch.tensor(tops).median()) if tops else math.nan
 
-    return [
-        plots.coefficient_trajectories(out / "coefficients.png", panels),
-        plots.histograms(
-            out / "histograms.png",
+    return {
+        "coefficients.png": plots.coefficient_trajectories(panels),
+        "histograms.png": plots.histograms(
             explained,
             r_squared,
             null_median("explained_variance"),
             null_median("r_squared"),
         ),
-        plots.by_layer(
-            out / "by_layer.png", [t.layer for t in result.tensors], modules, explained, r_squared
+        "by_layer.png": plots.by_layer(
+            [t.layer for t in result.tensors], modules, explained, r_squared
         ),
-        plots.by_module(out / "by_module.png", modules, explained, r_squared),
-    ]
+        "by_module.png": plots.by_module(modules, explained, r_squared),
+    }

@@ -13,7 +13,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import RelexError
@@ -200,6 +200,74 @@ def replace_file(path: os.PathLike | str, data: bytes | str) -> Path:
     except OSError as exc:
         raise RelexError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def replace_files(directory: os.PathLike | str, files: dict[str, bytes | str],
+                  stale: Sequence[str] = ()) -> list[Path]:
+    """`files` (name -> data) in `directory` as one set: every file is written under a
+    temporary name first, then all are renamed into place and the `stale` names (files of an
+    earlier set this one lacks) removed. A failure before the renames (a full disk, a directory
+    under one of the names) removes the temporaries and leaves the earlier set as it was.
+    RelexError names the file that could not be written."""
+    directory = Path(directory)
+    written: list[str] = []  # temporary names made so far
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RelexError(f"cannot write {directory}: {exc.strerror or exc}") from None
+    try:
+        name = ""
+        try:
+            for name, data in files.items():
+                _refuse_directory(dir_fd, name)
+                tmp = f".{name}.tmp-{os.getpid()}"
+                fd = create_file(dir_fd, tmp)
+                written.append(tmp)
+                try:
+                    write_all(fd, data.encode("utf-8", "surrogateescape")
+                              if isinstance(data, str) else data)
+                finally:
+                    os.close(fd)
+            for name in stale:
+                _refuse_directory(dir_fd, name)
+        except BaseException as exc:  # Ctrl-C too: no temporary is left behind
+            for tmp in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+            if isinstance(exc, OSError):
+                raise RelexError(f"cannot write {directory / name}: {exc.strerror or exc}; "
+                                 "the files there are left as they were") from None
+            raise
+        # past this point only a failing disk can stop a rename: the set is then mixed, and
+        # the error says which file
+        for name in files:
+            try:
+                os.replace(f".{name}.tmp-{os.getpid()}", name, src_dir_fd=dir_fd,
+                           dst_dir_fd=dir_fd)
+            except OSError as exc:
+                raise RelexError(f"cannot write {directory / name}: {exc.strerror or exc}") \
+                    from None
+        for name in stale:
+            try:
+                os.unlink(name, dir_fd=dir_fd)  # a link is removed, never followed
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise RelexError(f"cannot remove the old {directory / name}: "
+                                 f"{exc.strerror or exc}") from None
+    finally:
+        os.close(dir_fd)
+    return [directory / name for name in files]
+
+
+def _refuse_directory(dir_fd: int, name: str) -> None:
+    """OSError (EISDIR) when `name` in `dir_fd` is a directory: no file may replace it."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        raise OSError(errno.EISDIR, "Is a directory (move it away or give another --out)")
 
 
 def read_small_at(path: os.PathLike | str, max_bytes: int) -> bytes:

@@ -454,3 +454,71 @@ def test_a_method_given_twice_to_backtest_is_refused(synth_store: Path) -> None:
     """`backtest --methods relex relex` printed every row twice; run refuses a repeat."""
     with pytest.raises(RelexError, match="twice"):
         backtest(synth_store, holdout=2, methods=["relex", "raw-ols", "relex"])
+
+
+def _contents(out: Path) -> dict[str, bytes | None]:
+    """Every entry of `out`: a file's bytes, None for a directory."""
+    return {p.name: None if p.is_dir() else p.read_bytes() for p in sorted(out.iterdir())}
+
+
+COMMANDS = {  # command -> (first run's flags, a rerun's flags whose files differ)
+    "report": (["--null-samples", "5"], ["--null-samples", "6"]),
+    "backtest": (["--holdout", "2"], ["--holdout", "1"]),
+}
+
+
+@pytest.mark.parametrize("command", ["report", "backtest"])
+def test_a_directory_under_a_file_name_leaves_the_earlier_files_whole(
+        synth_store: Path, tmp_path: Path, command: str) -> None:
+    """With --overwrite and a directory where summary.txt (backtest.png) goes, report.json and
+    report.csv were replaced before the write that failed: one folder describing two stores."""
+    first, second = COMMANDS[command]
+    out = tmp_path / "out"
+    cli(command, synth_store, "--out", out, *first)
+    blocked = out / ("summary.txt" if command == "report" else "backtest.png")
+    blocked.unlink()
+    blocked.mkdir()
+    before = _contents(out)
+    proc = run_cli(command, synth_store, "--out", out, *second, "--overwrite", expect_rc=2)
+    assert proc.stderr.count("\n") == 1 and blocked.name in proc.stderr, proc.stderr
+    assert _contents(out) == before
+
+
+@pytest.mark.parametrize("command", ["report", "backtest"])
+@pytest.mark.parametrize("plots", [True, False])
+def test_a_full_disk_leaves_the_earlier_files_or_none(
+        synth_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str,
+        plots: bool) -> None:
+    """A disk that fills up at the second file kept the first replaced (a fresh --out kept 4 of
+    7 files); --overwrite --no-plots removed the old PNGs before any work. Now every file is
+    written beside its name first: a failure leaves the earlier set whole, and no temporary."""
+    from relex_stream import safefs
+
+    first, second = COMMANDS[command]
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    cli(command, synth_store, "--out", out, *first)
+    before = _contents(out)
+    real, calls = safefs.write_all, []
+
+    def fills_up(fd: int, data: bytes) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(safefs, "write_all", fills_up)
+    flags = [*second, *([] if plots else ["--no-plots"])]
+    for target, extra in ((out, ["--overwrite"]), (fresh, [])):
+        calls.clear()
+        with pytest.raises(RelexError, match="No space left on device"):
+            REPORT_HANDLERS[command](_parsed(command, synth_store, target, *flags, *extra))
+    assert _contents(out) == before
+    assert _contents(fresh) == {}
+
+
+def _parsed(command: str, *args: object) -> argparse.Namespace:
+    """The namespace the CLI parser makes of `command STORE --out OUT FLAGS`."""
+    parser = argparse.ArgumentParser()
+    add_report_parsers(parser.add_subparsers(dest="command"))
+    store, out, *flags = args
+    return parser.parse_args([command, str(store), "--out", str(out), *map(str, flags)])
