@@ -276,5 +276,6 @@ def write_backtest(result: BacktestResult, out: Path, plots: bool = True) -> lis
         from . import plots as figures
 
         curves = [(r.method, f"window {r.window}", r.distances, r.errors) for r in result.rows]
-        files["backtest.png"] = figures.backtest_errors(curves, result.threshold)
+        files |= figures.drawn("backtest.png",
+                               lambda: figures.backtest_errors(curves, result.threshold))
     return write_files(out, files, BACKTEST_FILES)

@@ -16,9 +16,11 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import RelexError
+
+log = logging.getLogger(__name__)
 
 
 def _private_config_dir() -> None:
@@ -119,13 +121,43 @@ def histograms(
         (axes[1], r_squared, null_r2_hi, "R² of the rank-1 coefficient line"),
     ):
         finite = [v for v in values if math.isfinite(v)]
-        ax.hist(finite, bins=min(40, max(5, len(finite) // 3)), color="tab:blue", alpha=0.8)
+        ax.hist(finite, bins=min(40, max(5, len(finite) // 3)), range=_bin_range(finite),
+                color="tab:blue", alpha=0.8)
         if math.isfinite(null_hi):
             ax.axvline(null_hi, color="tab:red", ls="--", lw=1, label="random-walk null, 95%")
             ax.legend(fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel("tensors")
     return _png(fig)
+
+
+def _bin_range(values: Sequence[float]) -> tuple[float, float] | None:
+    """The interval to bin `values` over: their own, widened about its middle when it is
+    narrower than a millionth of their size (values a few ulps apart, such as explained
+    variances that differ by rounding, left numpy no room for distinct bin edges: ValueError)."""
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    half_width = 1e-6 * max(1.0, abs(low), abs(high))
+    if high - low >= 2 * half_width:
+        return low, high
+    middle = low / 2 + high / 2
+    return middle - half_width, middle + half_width
+
+
+def drawn(name: str, draw: Callable[[], bytes]) -> dict[str, bytes]:
+    """{name: the PNG `draw` makes}, or {} and a warning when matplotlib fails on the numbers:
+    a figure is never worth the command's other files (nor a traceback). A missing matplotlib
+    or memory is still the command's error."""
+    try:
+        return {name: draw()}
+    except (RelexError, MemoryError):
+        raise
+    except Exception as exc:  # whatever matplotlib or numpy raise on odd data
+        log.warning("%s is left out: drawing it failed (%s: %s); the other files are written",
+                    name, type(exc).__name__, exc)
+        pyplot().close("all")  # the half-drawn figure
+        return {}
 
 
 def by_layer(

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from relex_stream.cli import main as cli_main
 from relex_stream.diagnostics import tensor_stats
 from relex_stream.errors import RelexError
 from relex_stream.methods import combination_weights, parse_method
-from relex_stream.report import load_grams, report
+from relex_stream.report import REPORT_FILES, finite_values, load_grams, report
 from relex_stream.report_cli import REPORT_HANDLERS, add_report_parsers
 from relex_stream.store import TrajectoryStore
 from relex_stream.units import parse_windows
@@ -522,3 +523,78 @@ def _parsed(command: str, *args: object) -> argparse.Namespace:
     add_report_parsers(parser.add_subparsers(dest="command"))
     store, out, *flags = args
     return parser.parse_args([command, str(store), "--out", str(out), *map(str, flags)])
+
+
+def test_weights_that_stop_moving_give_a_whole_report(tmp_path: Path) -> None:
+    """A run whose later checkpoints repeat the first (GRPO with all-equal rewards) has
+    explained variances 1.0 and 0.9999999999999999: numpy found no room for 5 bins between them
+    and report ended in a ValueError traceback (exit 1), 4 of its 7 files written."""
+    traj = tmp_path / "traj"
+    cli("synth", "--out", traj, "--steps", "10,20", "--layers", "1", "--hidden", "32",
+        "--vocab", "64")
+    shutil.rmtree(traj / "runs" / "checkpoint-20")
+    for step in (20, 30):
+        shutil.copytree(traj / "runs" / "checkpoint-10", traj / "runs" / f"checkpoint-{step}")
+    cli("run", "--base", traj / "base", "--runs", traj / "runs", "--target", 100, "--out",
+        tmp_path / "out", "--device", "cpu", "--quiet")
+    result = report(tmp_path / "out", tmp_path / "rep", null_samples=5)
+    explained = finite_values([t.stats.fit.explained_variance for t in result.tensors])
+    assert 0 < max(explained) - min(explained) < 1e-12  # the case: apart only by rounding
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == sorted(REPORT_FILES)
+
+
+NAN = math.nan
+ODD_VALUES = {  # explained variance (or R², or errors) per tensor that plots must draw
+    "ulps apart": [1.0, 1 - 2**-53, 1 - 2**-52, 1 - 2**-53],
+    "constant": [0.5] * 6,
+    "one tensor": [0.7],
+    "with NaN": [NAN, 0.9, NAN, 0.95],
+    "all NaN": [NAN, NAN],
+    "tiny": [5e-324, 1e-323, 0.0],
+}
+
+
+@pytest.mark.parametrize("case", ODD_VALUES)
+def test_every_plot_draws_degenerate_numbers(case: str) -> None:
+    """Constant values, one tensor, NaN, and values a few ulps apart each give a PNG."""
+    from relex_stream import plots
+
+    values = ODD_VALUES[case]
+    n = len(values)
+    modules = [f"kind{i % 2}" for i in range(n)]
+    layers = [i if i % 3 else None for i in range(n)]
+    steps = [10.0 * (i + 1) for i in range(n)]
+    figures = [
+        plots.coefficient_trajectories([("t", steps, values, values[0], 0.0, values[-1])]),
+        plots.histograms(values, values, values[0], NAN),
+        plots.by_layer(layers, modules, values, values),
+        plots.by_module(modules, values, values),
+        plots.backtest_errors([("relex", "window 2", steps, values)], 0.3),
+    ]
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in figures)
+
+
+@pytest.mark.parametrize("command", ["report", "backtest"])
+def test_a_plot_that_fails_is_left_out_with_a_warning(
+        synth_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, command: str) -> None:
+    """Whatever matplotlib raises on odd numbers reached the user as a traceback after part of
+    the files were written. Now that figure is left out (its old file removed: it would
+    describe another store), a warning names it, and the other files are written."""
+    from relex_stream import plots
+
+    first, second = COMMANDS[command]
+    out = tmp_path / "out"
+    cli(command, synth_store, "--out", out, *first)
+    broken = "by_layer" if command == "report" else "backtest_errors"
+
+    def fails(*args: object) -> bytes:
+        raise ValueError("Too many bins for data range")
+
+    monkeypatch.setattr(plots, broken, fails)
+    REPORT_HANDLERS[command](_parsed(command, synth_store, out, *second, "--overwrite"))
+    left_out = "by_layer.png" if command == "report" else "backtest.png"
+    assert not (out / left_out).exists()
+    assert f"{left_out} is left out" in caplog.text and "Too many bins" in caplog.text
+    names = REPORT_FILES if command == "report" else ("backtest.json", "backtest.txt")
+    assert {p.name for p in out.iterdir()} == set(names) - {left_out}
