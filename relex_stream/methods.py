@@ -44,7 +44,7 @@ class MethodSpec:
     alpha: float | None = None  # expo: extrapolation strength
 
     def __str__(self) -> str:
-        return self._spelled(None if self.alpha is None else f"{self.alpha:g}")
+        return self._spelled(None if self.alpha is None else _short(self.alpha))
 
     def exact(self) -> str:
         """The label with alpha at full precision: what tells apart two methods one label names."""
@@ -68,6 +68,14 @@ class MethodSpec:
     def extrapolates(self) -> bool:
         """True when outputs may lie at unobserved steps (not a reconstruction of observed ones)."""
         return self.name not in ("reconstruct", "fit-reconstruct")
+
+
+def _short(alpha: float) -> str:
+    """alpha as labels write it: 6 significant digits (:g) when they read back as alpha, as
+    labels always did (output folder names stay), else the shortest text that does (0.1234567,
+    not 0.123457: two alphas got one label and backtest.json named an alpha not used)."""
+    text = f"{alpha:g}"
+    return text if float(text) == alpha else repr(alpha)
 
 
 def fit_degree(fit: str) -> int:

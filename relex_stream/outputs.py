@@ -61,7 +61,8 @@ def plan_outputs(
 
 def _check_distinct(specs: list[OutputSpec]) -> None:
     """No two outputs share a directory: a target given twice, or two methods whose labels are
-    the same (alpha is written with 6 significant digits: 0.5 and 0.5000001 are one label)."""
+    the same (labels tell every two alphas apart; the check stays for whatever else might
+    not)."""
     seen: dict[Path, OutputSpec] = {}
     for spec in specs:
         first = seen.setdefault(spec.directory, spec)
@@ -71,8 +72,7 @@ def _check_distinct(specs: list[OutputSpec]) -> None:
             raise RelexError("--target lists the same step twice")
         raise RelexError(
             f"--method {first.method.exact()} and --method {spec.method.exact()} would both "
-            f"write {spec.directory.parent}; give methods that differ in their first 6 "
-            "significant digits, or run them one at a time with different --out"
+            f"write {spec.directory.parent}; run them one at a time with different --out"
         )
 
 

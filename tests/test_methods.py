@@ -222,20 +222,47 @@ def test_impossible_requests_raise(trajectory, spec: str, targets, needle: str) 
         predict(spec, trajectory, targets)
 
 
-def test_two_methods_with_one_label_are_refused_naming_them(tmp_path) -> None:
-    """expo alpha is labelled with 6 significant digits: alpha=0.5 and alpha=0.5000001 map to
-    one output folder. That was refused as "--target lists the same step twice", with a single
-    --target given; the message now names the two methods."""
+def test_two_methods_with_one_label_are_refused_naming_them(monkeypatch) -> None:
+    """Two methods that name one output folder were refused as "--target lists the same step
+    twice", with a single --target given; the message names the two methods. (Alphas no longer
+    share a label: the collision is made here by hand.)"""
     from pathlib import Path
 
-    from relex_stream.outputs import plan_outputs
+    from relex_stream import outputs
 
     methods = [parse_method("expo:alpha=0.5,from=40"), parse_method("expo:alpha=0.5000001,from=40")]
+    monkeypatch.setattr(outputs, "_label", lambda *args: "same")
     with pytest.raises(RelexError) as caught:
-        plan_outputs(Path("OUT"), [100.0], methods, [None])
+        outputs.plan_outputs(Path("OUT"), [100.0], methods, [None])
     message = str(caught.value)
     assert "--target" not in message
     assert "expo:alpha=0.5,from=40" in message and "expo:alpha=0.5000001,from=40" in message
     with pytest.raises(RelexError, match="--target lists the same step twice"):
-        plan_outputs(Path("OUT"), [100.0, 100.0], methods[:1], [None])
-    assert str(methods[1]) == "expo:alpha=0.5,from=40"  # the label itself is unchanged
+        outputs.plan_outputs(Path("OUT"), [100.0, 100.0], methods[:1], [None])
+
+
+@pytest.mark.parametrize("alpha, label", [
+    (0.5, "0.5"), (2.0, "2"), (-1.5, "-1.5"), (1e-07, "1e-07"), (1e15, "1e+15"),
+    (0.123457, "0.123457"),  # 6 digits that read back: the label of every earlier version
+    (0.1234567, "0.1234567"), (0.5000001, "0.5000001"), (1234567.0, "1234567.0"),
+    (0.1 + 0.2, "0.30000000000000004"), (2**-1074, "4.94066e-324"),  # :g reads back (subnormal)
+])
+def test_an_alpha_label_reads_back_as_that_alpha(alpha: float, label: str) -> None:
+    """expo's alpha was written with :g (6 significant digits): alpha=0.1234567 ran under the
+    label, folder and backtest row of 0.123457, and 0.1234567 and 0.1234568 shared them. :g is
+    kept where it reads back (folder names stay), the shortest exact text used elsewhere."""
+    spec = parse_method(f"expo:alpha={alpha!r}")
+    assert str(spec) == f"expo:alpha={label}"
+    assert float(label) == alpha and parse_method(str(spec)) == spec
+
+
+def test_alphas_that_differ_in_the_7th_digit_get_their_own_folders() -> None:
+    """run refused --method expo:alpha=0.1234567 --method expo:alpha=0.1234568 (one folder)."""
+    from pathlib import Path
+
+    from relex_stream.outputs import plan_outputs
+
+    methods = [parse_method("expo:alpha=0.1234567"), parse_method("expo:alpha=0.1234568")]
+    planned = plan_outputs(Path("OUT"), [100.0], methods, [None])
+    assert [p.directory for p in planned] == [Path("OUT/expo_alpha-0.1234567/step-100"),
+                                              Path("OUT/expo_alpha-0.1234568/step-100")]

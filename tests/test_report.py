@@ -598,3 +598,12 @@ def test_a_plot_that_fails_is_left_out_with_a_warning(
     assert f"{left_out} is left out" in caplog.text and "Too many bins" in caplog.text
     names = REPORT_FILES if command == "report" else ("backtest.json", "backtest.txt")
     assert {p.name for p in out.iterdir()} == set(names) - {left_out}
+
+
+def test_backtest_rows_name_the_alpha_used(synth_store: Path, tmp_path: Path) -> None:
+    """Two alphas equal to 6 digits gave two rows "expo:alpha=0.123457" with the same-looking
+    label, and backtest.json named an alpha neither run used."""
+    methods = ["expo:alpha=0.1234567", "expo:alpha=0.1234568"]
+    backtest(synth_store, holdout=2, methods=methods, out_dir=tmp_path / "bt", plots=False)
+    data = json.loads((tmp_path / "bt" / "backtest.json").read_text())
+    assert [row["method"] for row in data["rows"]] == methods
