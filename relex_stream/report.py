@@ -483,11 +483,13 @@ def _report_plots(result: ReportResult) -> dict[str, bytes]:
         return float(torch.tensor(tops).median()) if tops else math.nan
 
     layers = [t.layer for t in result.tensors]
+    numels = [t.numel for t in result.tensors]
     return (
         plots.drawn("coefficients.png", lambda: plots.coefficient_trajectories(panels))
         | plots.drawn("histograms.png", lambda: plots.histograms(
             explained, r_squared, null_median("explained_variance"), null_median("r_squared")))
         | plots.drawn("by_layer.png",
-                      lambda: plots.by_layer(layers, modules, explained, r_squared))
-        | plots.drawn("by_module.png", lambda: plots.by_module(modules, explained, r_squared))
+                      lambda: plots.by_layer(layers, modules, numels, explained, r_squared))
+        | plots.drawn("by_module.png",
+                      lambda: plots.by_module(modules, numels, explained, r_squared))
     )

@@ -567,8 +567,8 @@ def test_every_plot_draws_degenerate_numbers(case: str) -> None:
     figures = [
         plots.coefficient_trajectories([("t", steps, values, values[0], 0.0, values[-1])]),
         plots.histograms(values, values, values[0], NAN),
-        plots.by_layer(layers, modules, values, values),
-        plots.by_module(modules, values, values),
+        plots.by_layer(layers, modules, [64] * n, values, values),
+        plots.by_module(modules, [64] * n, values, values),
         plots.backtest_errors([("relex", "window 2", steps, values)], 0.3),
     ]
     assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in figures)
@@ -607,3 +607,39 @@ def test_backtest_rows_name_the_alpha_used(synth_store: Path, tmp_path: Path) ->
     backtest(synth_store, holdout=2, methods=methods, out_dir=tmp_path / "bt", plots=False)
     data = json.loads((tmp_path / "bt" / "backtest.json").read_text())
     assert [row["method"] for row in data["rows"]] == methods
+
+
+def _png_height(png: bytes) -> int:
+    """Pixel height from a PNG's IHDR chunk."""
+    return int.from_bytes(png[20:24], "big")
+
+
+def test_by_module_shows_at_most_40_module_types(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """by_module.png grew a row per module type without bound: 1,800 names outside the layer
+    pattern gave a 69,498 px PNG (1.2 GB of memory, a minute). It now shows the 40 types with
+    the most elements and says how many it leaves out."""
+    g = torch.Generator().manual_seed(0)
+    sizes = {f"t{i}.weight": 4 + i for i in range(120)}  # 120 module types, t119 the largest
+    base = {name: torch.randn(size, generator=g) for name, size in sizes.items()}
+    for directory, scale in [("base", 0.0)] + [(f"runs/checkpoint-{t}", t) for t in (10, 20, 30)]:
+        tensors = {name: value + scale * 1e-3 * torch.randn(value.shape, generator=g)
+                   for name, value in base.items()}
+        (tmp_path / directory).mkdir(parents=True)
+        save_file(tensors, str(tmp_path / directory / "model.safetensors"))
+        (tmp_path / directory / "config.json").write_text(json.dumps({"model_type": "x"}))
+    build_store(tmp_path)
+    with caplog.at_level("INFO"):
+        report(tmp_path / "out", tmp_path / "rep", null_samples=0)
+    # 40 rows of 0.35 in plus 1.8 in at 110 dpi; 120 rows made 4,818 px
+    assert _png_height((tmp_path / "rep" / "by_module.png").read_bytes()) <= 1750
+    assert "80 module type(s) with the fewest elements left out" in caplog.text
+
+
+def test_the_module_types_shown_are_those_with_the_most_elements() -> None:
+    from relex_stream.plots import largest_kinds
+
+    modules = ["a", "b", "a", "c", "d"]
+    numels = [5, 20, 5, 9, 11]  # a: 10 in all
+    assert largest_kinds(modules, numels, limit=2) == (["b", "d"], 2)
+    assert largest_kinds(modules, numels, limit=9) == (["a", "b", "c", "d"], 0)
