@@ -36,3 +36,13 @@ class NonfiniteOutput(RelexError):
     def __init__(self, fact: str, remedy: str, cause: str):
         super().__init__(f"{fact}; {remedy}")
         self.fact, self.cause = fact, cause
+
+
+class NotAStore(RelexError):
+    """A path given as a store is not one (not a directory, unreadable, or without a relex_stream
+    store's metadata). `fact` says which; the message adds `run`'s remedy (another --cache);
+    report and backtest, which have no --cache and write nothing there, word their own."""
+
+    def __init__(self, fact: str, remedy: str = "pass another --cache, or remove it"):
+        super().__init__(f"{fact}; {remedy}")
+        self.fact = fact

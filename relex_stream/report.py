@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .diagnostics import TensorStats, tensor_stats
-from .errors import RelexError
+from .errors import NotAStore, RelexError
 from .safefs import replace_files
 from .store import TrajectoryStore
 
@@ -51,19 +51,28 @@ def _store_path(path: Path) -> Path:
     return nested if not (path / "zarr.json").exists() and nested.exists() else path
 
 
+_PASS_A_STORE = "pass the trajectory.zarr that `run` wrote (by default OUT/trajectory.zarr)"
+
+
+def _open_store(path: Path) -> TrajectoryStore:
+    """The store at `path`, opened with a shared lock; RelexError worded for report and backtest
+    (the store's own says to pass another --cache, which they do not have) when it is none."""
+    try:
+        if TrajectoryStore.probe(path) != "store":
+            raise RelexError(f"no trajectory store at {path}: {_PASS_A_STORE}")
+        return TrajectoryStore.open(path, lock="shared")
+    except NotAStore as exc:
+        raise RelexError(f"{exc.fact}: {_PASS_A_STORE}") from None
+
+
 def load_grams(store_path: str | Path) -> StoreGrams:
     """Every float tensor's exact Gram matrix from the store (tied copies are stored once)."""
     path = _store_path(Path(store_path))
-    if TrajectoryStore.probe(path) != "store":
-        raise RelexError(
-            f"no trajectory store at {path}: pass the trajectory.zarr that `run` wrote "
-            "(by default OUT/trajectory.zarr)"
-        )
     grams: dict[str, torch.Tensor] = {}
     numel: dict[str, int] = {}
     support: dict[str, int] = {}
     approximate: list[str] = []
-    with TrajectoryStore.open(path, lock="shared") as store:
+    with _open_store(path) as store:
         steps = store.steps
         for group in store.groups():
             if not group.has_rows:

@@ -47,7 +47,7 @@ import torch
 
 from . import shards
 from .checkpoints import JSON_AUX
-from .errors import RelexError, StoreBusy
+from .errors import NotAStore, RelexError, StoreBusy
 from .jsonfile import JsonProblem, loads_strict, show
 from .kernels import PSD_TOLERANCE
 from .row_codec import (
@@ -263,20 +263,20 @@ class TrajectoryStore:
         except OSError as exc:
             raise RelexError(f"cannot look at {path}: {exc.strerror}") from None
         if not stat.S_ISDIR(info.st_mode):
-            raise RelexError(f"{path} exists and is not a directory; pass another --cache")
+            raise NotAStore(f"{path} exists and is not a directory", "pass another --cache")
         try:
             names = os.listdir(path)
         except OSError as exc:
-            raise RelexError(f"cannot read {path}: {exc.strerror}; pass another --cache") from None
+            raise NotAStore(f"cannot read {path}: {exc.strerror}", "pass another --cache") from None
         if ROOT_META in names:
             return "store"
         # an empty directory, or one another run is creating a store in (its lock, and the
         # temporary file of its first manifest)
         if all(n == LOCK_NAME or n.startswith(f".{ROOT_META}.tmp-") for n in names):
             return "empty"
-        raise RelexError(
-            f"{path} exists but is not a relex_stream store (no {ROOT_META}); relex_stream will "
-            "not write into it: pass another --cache, or remove it"
+        raise NotAStore(
+            f"{path} exists but is not a relex_stream store (no {ROOT_META})",
+            "relex_stream will not write into it: pass another --cache, or remove it",
         )
 
     @classmethod
@@ -745,19 +745,14 @@ def _read_manifest(path: Path, root_fd: int) -> Manifest:
     try:
         raw = read_small(root_fd, ROOT_META, MAX_ROOT_BYTES)
     except FileNotFoundError:
-        raise RelexError(
-            f"{path} exists but is not a relex_stream store (no {ROOT_META}); pass another "
-            "--cache, or remove it"
-        ) from None
+        raise NotAStore(f"{path} exists but is not a relex_stream store (no {ROOT_META})") \
+            from None
     except OSError as exc:
         raise _store_error(path, f"has unreadable metadata ({exc.strerror})") from None
     try:
         meta = _zarr_json(raw, f"{path}/{ROOT_META}")
     except RelexError as exc:
-        raise RelexError(
-            f"{path} exists but is not a relex_stream store ({exc}); pass another --cache, or "
-            "remove it"
-        ) from None
+        raise NotAStore(f"{path} exists but is not a relex_stream store ({exc})") from None
     attributes = meta["attributes"]
     found = attributes.get("format")
     if isinstance(found, str) and found.startswith(FORMAT_FAMILY):
@@ -767,9 +762,7 @@ def _read_manifest(path: Path, root_fd: int) -> Manifest:
         )
     body = attributes.get("relex_stream")
     if not isinstance(body, dict):
-        raise RelexError(
-            f"{path} exists but is not a relex_stream store; pass another --cache, or remove it"
-        )
+        raise NotAStore(f"{path} exists but is not a relex_stream store")
     if body.get("format") != STORE_FORMAT:
         raise RelexError(
             f"the store at {path} was written by another version of relex_stream "

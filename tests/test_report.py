@@ -643,3 +643,20 @@ def test_the_module_types_shown_are_those_with_the_most_elements() -> None:
     numels = [5, 20, 5, 9, 11]  # a: 10 in all
     assert largest_kinds(modules, numels, limit=2) == (["b", "d"], 2)
     assert largest_kinds(modules, numels, limit=9) == (["a", "b", "c", "d"], 0)
+
+
+def test_a_path_that_is_no_store_is_refused_in_report_and_backtest_words(tmp_path: Path) -> None:
+    """`report RUNS` said "pass another --cache, or remove it": report and backtest have no
+    --cache, and removing the runs directory is poor advice. They now ask for the store."""
+    (tmp_path / "runs" / "checkpoint-10").mkdir(parents=True)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "zarr.json").write_text("{}")
+    for path in ("runs", "a-file", "fake"):
+        for call in (lambda p: report(p, null_samples=0), lambda p: backtest(p, holdout=1)):
+            with pytest.raises(RelexError) as caught:
+                call(tmp_path / path)
+            message = str(caught.value)
+            assert "--cache" not in message and "remove it" not in message, message
+            assert "pass the trajectory.zarr that `run` wrote" in message, message
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["checkpoint-10"]
