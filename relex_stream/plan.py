@@ -18,7 +18,7 @@ from .memory import Budget, budget_too_small, chunk_cols, smallest_unit
 from .passes import GroupWork, TensorWork
 from .safetensors_io import DTYPES
 from .sources import RowOrigin
-from .store import TrajectoryStore
+from .store import GroupRecord, TrajectoryStore
 from .store_layout import PANEL_ROWS, Group
 from .units import format_bytes
 
@@ -108,6 +108,8 @@ def group_work(
                 )
         elif write and inputs.kind == "append":
             old_record = store.record(group, gen, inputs.committed_steps)
+        if not write and group.has_rows and svd != "randomized":
+            _refuse_randomized(store, store.record(group, gen, steps), svd)
         ratio = 0.0 if write else _stored_fraction(store, group, gen)
         stored_grams = None if write or not group.has_rows else store.grams(group, gen, steps)
         gram_origin = None
@@ -154,6 +156,21 @@ def group_work(
         works.append(GroupWork(group, write, first_new, first_panel, old_record, old_grams,
                                tensors))
     return works
+
+
+def _refuse_randomized(store: TrajectoryStore, record: GroupRecord, svd: str) -> None:
+    """RelexError when a group this run only reads keeps a randomized Gram matrix: a low-rank
+    approximation, which a run asking for exact results (--svd exact, or auto) would use as
+    exact (a window, --rank above 1 or a reconstruction then come out wrong, silently)."""
+    randomized = [name for name, kind in record.kinds.items() if kind != "exact"]
+    if randomized:
+        asked = "--svd exact" if svd == "exact" else f"--svd {svd} (exact)"
+        raise RelexError(
+            f"the store at {store.path} keeps randomized (approximate) Gram matrices, made with "
+            f"--svd randomized (e.g. {show(randomized[0])}), and this run asks for {asked}: "
+            "rebuild the store with --base, --runs and --rebuild for exact results, or pass "
+            "--svd randomized to use the approximate ones"
+        )
 
 
 def _cutoff() -> float:

@@ -191,3 +191,31 @@ def test_remove_tree_leaves_what_is_deeper_than_it_ever_makes(tmp_path: Path) ->
         os.close(fd)
     assert not (tree / "rows.bin").exists() and not (tmp_path / "ours").exists()
     remove_deep_dir(tree)
+
+
+def test_a_randomized_store_is_not_taken_for_an_exact_one(make_traj, tmp_path: Path):
+    """A store built with --svd randomized keeps low-rank Gram approximations; a later run from
+    it with --svd exact (or auto, which is exact) used them as exact without a word: a window
+    of 3 (or --rank 8) came out differing from the same run from the sources. It is refused;
+    --svd randomized takes them as they are; --rebuild makes the exact ones."""
+    traj = make_traj(steps=(10, 20, 30, 40, 50, 60))
+    built = tmp_path / "built"
+    run_traj(traj, built, [100], "--svd", "randomized")
+    store = built / "trajectory.zarr"
+    for svd in ("exact", "auto"):
+        out = tmp_path / svd
+        proc = run_cli("run", "--cache", store, "--target", 100, "--window", 3, "--svd", svd,
+                       "--out", out, "--device", "cpu", "--quiet", expect_rc=2)
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert "randomized" in proc.stderr and "--rebuild" in proc.stderr, proc.stderr
+        assert not out.exists()
+    proc = run_traj(traj, tmp_path / "sources", [30], "--cache", store, "--mode", "reconstruct",
+                    "--rank", 3, expect_rc=2)  # with the sources, the stored Grams serve too
+    assert "--svd randomized" in proc.stderr, proc.stderr
+    again = tmp_path / "again"
+    run_cli("run", "--cache", store, "--target", 100, "--svd", "randomized", "--out", again,
+            "--device", "cpu", "--quiet")
+    assert _shards(again, 100) == _shards(built, 100)
+    exact = tmp_path / "exact"
+    run_traj(traj, exact, [100], "--cache", store, "--window", 3, "--rebuild")
+    check_against_reference(traj, exact, [100], steps=[40, 50, 60])
