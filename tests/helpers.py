@@ -180,3 +180,17 @@ def remove_deep_dir(root: Path) -> None:
                     os.unlink(entry.path)
     for folder in reversed(folders):
         os.rmdir(folder)
+
+
+class OsWithRename:
+    """The os module, except that rename calls `rename(src, dst, real_rename)`: to fail or to
+    raise a signal at one rename of a module that imports os (monkeypatch its `os`)."""
+
+    def __init__(self, rename):
+        self._rename = rename
+
+    def __getattr__(self, attribute: str):
+        return getattr(os, attribute)
+
+    def rename(self, src, dst):
+        return self._rename(src, dst, os.rename)

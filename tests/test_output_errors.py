@@ -14,6 +14,7 @@ from relex_stream import writer
 from relex_stream.cli import main as cli_main
 
 from .fixtures import Spec, build_trajectory
+from .helpers import OsWithRename
 
 
 class _FailingOs:
@@ -209,19 +210,12 @@ def test_a_failed_rename_over_an_earlier_output_puts_it_back(tmp_path, monkeypat
     out = tmp_path / "out"
     assert _run_main(traj, out) == 0
     before = {p.name: p.read_bytes() for p in (out / "step-80").iterdir()}
-    real_rename = os.rename
+    def rename(src, dst, real_rename):
+        if ".tmp-" in str(src) and str(dst).endswith("step-80"):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        return real_rename(src, dst)
 
-    class _Os:
-        def __getattr__(self, attribute):
-            return getattr(os, attribute)
-
-        @staticmethod
-        def rename(src, dst):
-            if ".tmp-" in str(src) and str(dst).endswith("step-80"):
-                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
-            return real_rename(src, dst)
-
-    monkeypatch.setattr(writer, "os", _Os())
+    monkeypatch.setattr(writer, "os", OsWithRename(rename))
     assert _run_main(traj, out, "--overwrite") == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err, err

@@ -19,7 +19,7 @@ from relex_stream import writer
 from relex_stream.checkpoints import open_model
 
 from .fixtures import Spec, build_trajectory
-from .helpers import REPO_ROOT, run_cli
+from .helpers import REPO_ROOT, OsWithRename, run_cli
 
 # Holds an flock on argv[1] until its stdin closes: a run alive in another PID namespace or on
 # another host, whose pid (written in the marker) means nothing here.
@@ -234,19 +234,12 @@ def test_a_signal_while_replacing_an_output_never_loses_it(tmp_path, monkeypatch
     args = [str(a) for a in ["run", "--base", traj.base, "--runs", traj.runs, "--target", 100,
                              "--out", out, "--device", "cpu", "--quiet", "--overwrite"]]
     assert cli_main(args) == 0
-    real_rename = os.rename
+    def rename(src, dst, real_rename):
+        real_rename(src, dst)
+        if str(dst).endswith("previous"):
+            signal.raise_signal(signal.SIGTERM)  # arrives as the rename returns
 
-    class _Os:
-        def __getattr__(self, attribute):
-            return getattr(os, attribute)
-
-        @staticmethod
-        def rename(src, dst):
-            real_rename(src, dst)
-            if str(dst).endswith("previous"):
-                signal.raise_signal(signal.SIGTERM)  # arrives as the rename returns
-
-    monkeypatch.setattr(writer, "os", _Os())
+    monkeypatch.setattr(writer, "os", OsWithRename(rename))
     assert cli_main(args) == 143
     monkeypatch.undo()
     assert "SIGTERM" in capsys.readouterr().err
