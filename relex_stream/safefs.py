@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import RelexError
+from .signals import deferred
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -238,15 +239,10 @@ def replace_files(directory: os.PathLike | str, files: dict[str, bytes | str],
                 raise RelexError(f"cannot write {directory / name}: {exc.strerror or exc}; "
                                  "the files there are left as they were") from None
             raise
-        # past this point only a failing disk can stop a rename: the set is then mixed, and
-        # the error says which file
-        for name in files:
-            try:
-                os.replace(f".{name}.tmp-{os.getpid()}", name, src_dir_fd=dir_fd,
-                           dst_dir_fd=dir_fd)
-            except OSError as exc:
-                raise RelexError(f"cannot write {directory / name}: {exc.strerror or exc}") \
-                    from None
+        # past this point only a failing file system can stop a rename (a signal waits for
+        # the renames to end): the set is then mixed, and the error says from which file
+        with deferred():
+            _rename_all(dir_fd, directory, list(files))
         for name in stale:
             try:
                 os.unlink(name, dir_fd=dir_fd)  # a link is removed, never followed
@@ -258,6 +254,22 @@ def replace_files(directory: os.PathLike | str, files: dict[str, bytes | str],
     finally:
         os.close(dir_fd)
     return [directory / name for name in files]
+
+
+def _rename_all(dir_fd: int, directory: Path, names: list[str]) -> None:
+    """Rename each name's temporary into place; on a failure the temporaries not yet renamed
+    are removed and RelexError says which files are new."""
+    for i, name in enumerate(names):
+        try:
+            os.replace(f".{name}.tmp-{os.getpid()}", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError as exc:
+            for rest in names[i:]:
+                with contextlib.suppress(OSError):
+                    os.unlink(f".{rest}.tmp-{os.getpid()}", dir_fd=dir_fd)
+            done = f"{', '.join(names[:i])} are new, the others as they were" if i else \
+                "the files there are left as they were"
+            raise RelexError(f"cannot write {directory / name}: {exc.strerror or exc}; "
+                             f"{done}: rerun with --overwrite once it can be written") from None
 
 
 def _refuse_directory(dir_fd: int, name: str) -> None:

@@ -1,0 +1,69 @@
+"""safefs.replace_files writes a command's files as one set: a signal during the renames waits
+for them to end, and a rename that fails leaves no temporary and says which files are new."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from relex_stream import safefs
+from relex_stream.errors import RelexError
+
+from .helpers import OsWithRename
+
+
+def _earlier_set(out: Path) -> None:
+    out.mkdir()
+    for name in ("a.json", "b.csv", "c.png"):
+        (out / name).write_text("old")
+
+
+class _Os(OsWithRename):
+    """os with replace (what replace_files renames with) going through the rename hook."""
+
+    def replace(self, src, dst, **kwargs):
+        return self._rename(src, dst, lambda s, d: os.replace(s, d, **kwargs))
+
+
+def test_a_signal_between_renames_waits_for_the_set(tmp_path, monkeypatch) -> None:
+    """SIGINT after the first rename left the first file new, the others old, and their
+    temporaries in OUT."""
+    out = tmp_path / "out"
+    _earlier_set(out)
+    calls = []
+
+    def rename(src, dst, real):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(safefs, "os", _Os(rename))
+    with pytest.raises(KeyboardInterrupt):
+        safefs.replace_files(out, {"a.json": "new", "b.csv": "new", "c.png": "new"})
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "a.json": "new", "b.csv": "new", "c.png": "new"}
+
+
+def test_a_failed_rename_leaves_no_temporary_and_says_what_is_new(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _earlier_set(out)
+    calls = []
+
+    def rename(src, dst, real):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))  # chattr +i, a sticky dir
+        real(src, dst)
+
+    monkeypatch.setattr(safefs, "os", _Os(rename))
+    with pytest.raises(RelexError, match=r"b\.csv.*a\.json are new"):
+        safefs.replace_files(out, {"a.json": "new", "b.csv": "new", "c.png": "new"})
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "a.json": "new", "b.csv": "old", "c.png": "old"}
