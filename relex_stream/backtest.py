@@ -101,17 +101,17 @@ class BacktestResult:
         many = len({r.window for r in self.rows}) > 1
         labels = [r.label(many) for r in self.rows]
         width = max(len("held-out step"), *(len(x) for x in labels)) + 2
-        head = "".join(f"{s:>9d}" for s in self.holdout_steps)
-        dist = "".join(f"{'+' + format(d, 'g'):>9s}" for d in self.rows[0].distances)
+        head = "".join(f" {s:>8d}" for s in self.holdout_steps)  # a space even for wide cells
+        dist = "".join(f" {'+' + format(d, 'g'):>8s}" for d in self.rows[0].distances)
         out = [
             f"backtest of {self.store}: predict the last {len(self.holdout_steps)} observed "
             "steps from earlier ones; relative error ‖Δ̂ − Δ‖/‖Δ‖ over all tensors",
-            f"{'held-out step':{width}s}{head}{'mean':>9s}",
+            f"{'held-out step':{width}s}{head} {'mean':>8s}",
             f"{'distance':{width}s}{dist}",
         ]
         for label, row in zip(labels, self.rows, strict=True):
-            cells = "".join(f"{e:9.4f}" for e in row.errors)
-            out.append(f"{label:{width}s}{cells}{row.mean_error:9.4f}")
+            cells = "".join(f" {e:8.4f}" for e in row.errors)
+            out.append(f"{label:{width}s}{cells} {row.mean_error:8.4f}")
         out += [row.verdict for row in self.rows]
         best = self.ranking()[0]
         out.append(f"lowest mean error: {best.label(many)} ({best.mean_error:.4f})")

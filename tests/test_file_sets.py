@@ -67,3 +67,15 @@ def test_a_failed_rename_leaves_no_temporary_and_says_what_is_new(tmp_path, monk
     monkeypatch.undo()
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         "a.json": "new", "b.csv": "old", "c.png": "old"}
+
+
+def test_backtest_table_cells_stay_apart_for_large_errors() -> None:
+    """Errors of 10,000 and more ran into the next cell: 7228324703506722.00007228324703506722.0"""
+    from relex_stream.backtest import BacktestResult, BacktestRow
+
+    row = BacktestRow("relex", 3, [10, 20, 30], [40, 50], [10.0, 20.0], [12345.5, 7.25e15],
+                      {}, None, "relex: do not extrapolate")
+    table = BacktestResult(Path("S"), [10, 20, 30, 40, 50], [40, 50], 0.3, [row]).lines()
+    cells = table[3].split()
+    assert cells[1:] == ["12345.5000", "7250000000000000.0000", f"{row.mean_error:.4f}"], table
+    assert table[1].split()[-3:] == ["40", "50", "mean"]
