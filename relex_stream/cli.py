@@ -424,11 +424,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         how = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(
-            f"error: {how}; finished tensors are kept in the store, so the same command "
-            "continues where it stopped",
-            file=sys.stderr,
-        )
+        then = {
+            "run": "finished tensors are kept in the store, so the same command continues "
+                   "where it stopped",
+            "report": "files in --out are left as they were; rerun the same command",
+        }.get({"watch": "run", "backtest": "report"}.get(args.command, args.command),
+              "rerun the same command")
+        print(f"error: {how}; {then}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     return 0
 

@@ -79,3 +79,16 @@ def test_backtest_table_cells_stay_apart_for_large_errors() -> None:
     cells = table[3].split()
     assert cells[1:] == ["12345.5000", "7250000000000000.0000", f"{row.mean_error:.4f}"], table
     assert table[1].split()[-3:] == ["40", "50", "mean"]
+
+
+def test_an_interrupted_report_does_not_speak_of_a_store_it_does_not_write(tmp_path, monkeypatch,
+                                                                           capsys) -> None:
+    from relex_stream import cli
+
+    def interrupted(args) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.REPORT_HANDLERS, "report", interrupted)
+    assert cli.main(["report", str(tmp_path / "S")]) == 130
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "store" not in err and "rerun" in err, err
