@@ -424,12 +424,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         how = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        then = {
-            "run": "finished tensors are kept in the store, so the same command continues "
-                   "where it stopped",
-            "report": "files in --out are left as they were; rerun the same command",
-        }.get({"watch": "run", "backtest": "report"}.get(args.command, args.command),
-              "rerun the same command")
+        if args.command in ("run", "watch"):
+            then = "finished tensors are kept in the store, so the same command continues " \
+                   "where it stopped"
+        elif args.command in ("report", "backtest"):
+            then = "files in --out are left as they were; rerun the same command"
+        else:
+            then = "rerun the same command"
         print(f"error: {how}; {then}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     return 0
