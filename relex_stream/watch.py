@@ -41,7 +41,7 @@ from .report import StoreGrams, load_grams
 from .safefs import open_root, opened_dir, paths_overlap, read_small, write_atomic
 from .store import TrajectoryStore
 from .units import DEFAULT_MAX_MEMORY, StepSelection, step_label
-from .writer import check_output_dir
+from .writer import check_output_dir, is_prediction_dir
 
 log = logging.getLogger("relex_stream")
 
@@ -265,15 +265,10 @@ def _check_watch_output(options: WatchOptions, directory: Path) -> None:
         raise RelexError(f"--cache {options.cache} and the prediction {directory} overlap; keep "
                          "the store outside --out's step directories")
     check_output_dir(directory, overwrite=True)  # a link in its place, an unwritable OUT
-    if directory.exists():
-        try:
-            ours = open_model(directory).predicted
-        except RelexError:
-            ours = False
-        if not ours:
-            raise RelexError(f"{directory} exists and is not a prediction relex_stream wrote; "
-                             "watch replaces it at every prediction: move it away or choose "
-                             "another --out")
+    if directory.exists() and not is_prediction_dir(directory):
+        raise RelexError(f"{directory} exists and is not a prediction relex_stream wrote; "
+                         "watch replaces it at every prediction: move it away or choose "
+                         "another --out")
 
 
 def _exact(steps: list[int]) -> StepSelection:

@@ -413,7 +413,7 @@ def check_replaceable(directory: Path, own_names: Collection[str]) -> None:
             "holds; --overwrite replaces only outputs: move those files away or choose "
             "another --out"
         )
-    if entries and not _is_our_prediction(directory):
+    if entries and not is_prediction_dir(directory):
         raise RelexError(
             f"{directory} holds a model relex_stream did not write (a checkpoint saved by "
             "training, say); --overwrite replaces only predictions: move it away or choose "
@@ -421,7 +421,7 @@ def check_replaceable(directory: Path, own_names: Collection[str]) -> None:
         )
 
 
-def _is_our_prediction(directory: Path) -> bool:
+def is_prediction_dir(directory: Path) -> bool:
     """Whether `directory` holds a model whose weights carry relex_stream's prediction mark."""
     try:
         return open_model(directory).predicted
