@@ -107,11 +107,16 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[done:]
 
 
+def _tmp_name(name: str) -> str:
+    """The name a file is written under before it is renamed over `name`."""
+    return f".{name}.tmp-{os.getpid()}"
+
+
 def write_atomic(dir_fd: int, name: str, data: bytes, sync: bool = True) -> None:
     """Replace `name` in `dir_fd` with `data`: written under a temporary name (removed again if
     that fails), synced when `sync`, renamed over it, so a link planted at `name` is replaced,
     never written through."""
-    tmp = f".{name}.tmp-{os.getpid()}"
+    tmp = _tmp_name(name)
     try:
         fd = create_file(dir_fd, tmp)
         try:
@@ -221,7 +226,7 @@ def replace_files(directory: os.PathLike | str, files: dict[str, bytes | str],
         try:
             for name, data in files.items():
                 _refuse_directory(dir_fd, name)
-                tmp = f".{name}.tmp-{os.getpid()}"
+                tmp = _tmp_name(name)
                 fd = create_file(dir_fd, tmp)
                 written.append(tmp)
                 try:
@@ -261,11 +266,11 @@ def _rename_all(dir_fd: int, directory: Path, names: list[str]) -> None:
     are removed and RelexError says which files are new."""
     for i, name in enumerate(names):
         try:
-            os.replace(f".{name}.tmp-{os.getpid()}", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.replace(_tmp_name(name), name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
             for rest in names[i:]:
                 with contextlib.suppress(OSError):
-                    os.unlink(f".{rest}.tmp-{os.getpid()}", dir_fd=dir_fd)
+                    os.unlink(_tmp_name(rest), dir_fd=dir_fd)
             done = f"{', '.join(names[:i])} are new, the others as they were" if i else \
                 "the files there are left as they were"
             raise RelexError(f"cannot write {directory / name}: {exc.strerror or exc}; "
