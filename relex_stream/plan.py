@@ -101,7 +101,7 @@ def group_work(
         if write and inputs.kind == "append" and group.has_rows:
             old_record = store.record(group, gen, inputs.committed_steps)
             old_grams = store.grams(group, gen, inputs.committed_steps)
-            if any(kind != "exact" for kind in old_record.kinds.values()):
+            if _randomized(old_record):
                 raise RelexError(
                     f"the store at {store.path} keeps randomized Gram matrices (--svd randomized); "
                     "appending needs exact ones: rebuild it with --rebuild"
@@ -158,11 +158,16 @@ def group_work(
     return works
 
 
+def _randomized(record: GroupRecord) -> list[str]:
+    """The tensors of a group whose stored Gram matrix is randomized (--svd randomized)."""
+    return [name for name, kind in record.kinds.items() if kind != "exact"]
+
+
 def _refuse_randomized(store: TrajectoryStore, record: GroupRecord, svd: str) -> None:
     """RelexError when a group this run only reads keeps a randomized Gram matrix: a low-rank
     approximation, which a run asking for exact results (--svd exact, or auto) would use as
     exact (a window, --rank above 1 or a reconstruction then come out wrong, silently)."""
-    randomized = [name for name, kind in record.kinds.items() if kind != "exact"]
+    randomized = _randomized(record)
     if randomized:
         asked = "--svd exact" if svd == "exact" else f"--svd {svd} (exact)"
         raise RelexError(
